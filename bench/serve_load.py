@@ -4,10 +4,14 @@ Starts the server in this process (uvicorn on 127.0.0.1, a free port) on the def
 LoRA adapters made here (random, small B: outputs differ from the base but stay fluent enough), then
 for each concurrency level runs that many streaming clients, each picking the base or an adapter in
 turn, until `--requests` per level are done or `--seconds` pass. Reports requests/s, output tokens/s,
-p50/p95 time to first token and latency, errors and lost requests; writes
-bench/results/serve_load.json. Loopback only, bounded in time and count; never asserts on time.
+p50/p95 time to first token and latency, errors and lost requests, and the prefix cache's hit rate
+(prompt tokens whose prefill was skipped); writes bench/results/serve_load.json. With
+`--system-prompt-tokens N` every request starts with the same N-token system prompt (the case the
+prefix cache is for); compare `--prefix-cache-tokens 0` to see what it saves. Loopback only, bounded in
+time and count; never asserts on time.
 
     python bench/serve_load.py [--model smollm2-135m-instruct] [--levels 1 4 16] [--max-tokens 32]
+        [--system-prompt-tokens 300] [--prefix-cache-tokens 4096]
 """
 
 from __future__ import annotations
@@ -67,10 +71,27 @@ def pct(values: list[float], q: float) -> float | None:
     return values[k]
 
 
-async def one_request(client, url: str, model: str, prompt: str, max_tokens: int) -> dict:
+RULES = (
+    "You are the customer support assistant of Northwind Outfitters. Answer in the customer's language, "
+    "be concise and friendly, never promise refunds, escalate safety issues, and cite the policy section. "
+)
+
+
+def system_prompt(tokenizer, tokens: int) -> str:
+    """A system prompt of about `tokens` tokens (the rules repeated, cut at a token boundary)."""
+    if tokens <= 0:
+        return ""
+    ids = tokenizer(RULES * (tokens // 20 + 2), add_special_tokens=False)["input_ids"][:tokens]
+    return tokenizer.decode(ids)
+
+
+async def one_request(client, url: str, model: str, prompt: str, max_tokens: int, system: str = "") -> dict:
+    messages = [{"role": "user", "content": prompt}]
+    if system:
+        messages.insert(0, {"role": "system", "content": system})
     body = {
         "model": model,
-        "messages": [{"role": "user", "content": prompt}],
+        "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
@@ -100,7 +121,13 @@ async def one_request(client, url: str, model: str, prompt: str, max_tokens: int
 
 
 async def run_level(
-    url: str, clients: int, models: list[str], max_requests: int, seconds: float, max_tokens: int
+    url: str,
+    clients: int,
+    models: list[str],
+    max_requests: int,
+    seconds: float,
+    max_tokens: int,
+    system: str = "",
 ) -> dict:
     import httpx
 
@@ -114,7 +141,8 @@ async def run_level(
             i = issued
             issued += 1
             model = models[(i + cid) % len(models)]
-            results.append(await one_request(client, url, model, PROMPTS[i % len(PROMPTS)], max_tokens))
+            prompt = PROMPTS[i % len(PROMPTS)]
+            results.append(await one_request(client, url, model, prompt, max_tokens, system))
 
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(300.0), limits=limits) as client:
@@ -143,6 +171,17 @@ async def run_level(
     }
 
 
+def prefix_counts(metrics) -> tuple[float, float]:
+    """(hit, queried) prompt tokens so far, over all models, from the server's own counters."""
+    totals = {"prefix_cache_hits": 0.0, "prefix_cache_queries": 0.0}
+    for family in metrics.registry.collect():
+        for sample in family.samples:
+            for name in totals:
+                if sample.name.endswith(name + "_total"):
+                    totals[name] += sample.value
+    return totals["prefix_cache_hits"], totals["prefix_cache_queries"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -159,6 +198,12 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=120, help="time bound per level")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--precision", default="auto")
+    ap.add_argument(
+        "--system-prompt-tokens", type=int, default=0, help="a shared system prompt of N tokens (0: none)"
+    )
+    ap.add_argument(
+        "--prefix-cache-tokens", type=int, default=4096, help="serve.prefix_cache_tokens (0: off)"
+    )
     ap.add_argument("--out", default=str(HERE / "results" / "serve_load.json"))
     args = ap.parse_args()
 
@@ -178,6 +223,7 @@ def main() -> None:
         precision=args.precision,
         max_batch_size=16,
         max_queue=256,
+        prefix_cache_tokens=args.prefix_cache_tokens,
         host="127.0.0.1",
         port=free_port(),
         api_keys_env="LLAMAFORGE_BENCH_NO_KEYS",
@@ -193,14 +239,19 @@ def main() -> None:
     print(f"server up in {time.perf_counter() - t0:.1f} s: {engine.model_names()}")
     url = f"http://127.0.0.1:{cfg.port}"
     models = engine.model_names()
+    system = system_prompt(engine.tokenizer, args.system_prompt_tokens)
+    metrics = app.state.server.metrics
 
-    asyncio.run(run_level(url, 2, models, 2, 60, 4))  # warm-up, not reported
+    asyncio.run(run_level(url, 2, models, 2, 60, 4, system))  # warm-up, not reported
     rows = []
     for clients in args.levels:
         engine.batch_sizes.clear()
         n = args.requests or max(6, 3 * clients)
-        row = asyncio.run(run_level(url, clients, models, n, args.seconds, args.max_tokens))
+        hits0, queries0 = prefix_counts(metrics)
+        row = asyncio.run(run_level(url, clients, models, n, args.seconds, args.max_tokens, system))
         row["mean_batch_size"] = round(statistics.mean(engine.batch_sizes), 2) if engine.batch_sizes else 0
+        hits, queries = prefix_counts(metrics)
+        row["prefix_hit_rate"] = round((hits - hits0) / (queries - queries0), 3) if queries > queries0 else 0
         rows.append(row)
         print(f"  {clients:>2} clients: {row['ok']}/{row['requests']} ok, {row['output_tokens_per_s']} tok/s")
     server.should_exit = True
@@ -208,14 +259,14 @@ def main() -> None:
     base = rows[0]["output_tokens_per_s"] or float("nan")
     print(
         f"\n{'clients':>7} {'req':>4} {'err':>3} {'lost':>4} {'req/s':>6} {'out tok/s':>9} {'x1':>5} "
-        f"{'ttft p50':>8} {'ttft p95':>8} {'lat p50':>7} {'lat p95':>7} {'batch':>5}"
+        f"{'ttft p50':>8} {'ttft p95':>8} {'lat p50':>7} {'lat p95':>7} {'batch':>5} {'prefix hit':>10}"
     )
     for r in rows:
         print(
             f"{r['clients']:>7} {r['requests']:>4} {r['errors']:>3} {r['lost']:>4} {r['requests_per_s']:>6.2f} "
             f"{r['output_tokens_per_s']:>9.1f} {r['output_tokens_per_s'] / base:>5.2f} "
             f"{r['ttft_p50_s'] or 0:>8.2f} {r['ttft_p95_s'] or 0:>8.2f} {r['latency_p50_s'] or 0:>7.2f} "
-            f"{r['latency_p95_s'] or 0:>7.2f} {r['mean_batch_size']:>5}"
+            f"{r['latency_p95_s'] or 0:>7.2f} {r['mean_batch_size']:>5} {r['prefix_hit_rate']:>10.1%}"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -226,6 +277,8 @@ def main() -> None:
                 "adapters": list(adapters),
                 "max_tokens": args.max_tokens,
                 "precision": args.precision,
+                "system_prompt_tokens": args.system_prompt_tokens,
+                "prefix_cache_tokens": args.prefix_cache_tokens,
                 "torch": torch.__version__,
                 "threads": torch.get_num_threads(),
                 "machine": platform.machine(),

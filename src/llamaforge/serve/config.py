@@ -68,6 +68,15 @@ class ServeConfig(Section):
         5.0, ge=0, description="wait this long for more requests before a batch starts"
     )
     max_queue: int = Field(64, ge=1, description="waiting requests beyond this get 429 with Retry-After")
+    prefix_cache_tokens: int = Field(
+        4096,
+        ge=0,
+        description="keep the KV of this many prompt-prefix tokens (LRU) so requests starting alike (a shared "
+        "system prompt) skip its prefill; memory: tokens x layers x 2 x kv_heads x head_dim x dtype bytes; 0: off",
+    )
+    prefix_block_size: int = Field(
+        16, ge=1, le=1024, description="prefix cache granularity: prompts share cached KV in whole blocks"
+    )
     max_model_len: int | None = Field(None, ge=16, description="context limit (default: the model's)")
     default_max_tokens: int = Field(256, ge=1)
     default_temperature: float = Field(

@@ -1,17 +1,22 @@
-"""The generation engine: one base model in memory, several LoRA adapters on it, dynamic batching.
+"""The generation engine: one base model in memory, several LoRA adapters on it, continuous batching.
 
 Requests wait in a bounded queue; a single worker thread takes the waiting ones (up to
 `max_batch_size`: every adapter at once through peft's per-row `adapter_names`, or with
-`mixed_adapter_batches` off only the oldest request's adapter), prefills them together (left-padded) and
-decodes them step by step with one forward per step, so N clients cost about one client's forwards.
+`mixed_adapter_batches` off only the oldest request's adapter), prefills them together and decodes
+them step by step with one forward per step, so N clients cost about one client's forwards. Between
+two decode steps, requests that arrived meanwhile are prefilled and join the running batch
+(continuous batching, batch.py), so a newcomer never waits for the longest answer in the batch.
+Prompts that start alike (a shared system prompt) reuse their prefix's KV (prefix_cache.py).
 Each step's tokens go to the asking coroutine through its own asyncio queue (streaming); a
 cancelled request (client gone) leaves the batch at the next step. Adapters are loaded and removed
-between batches under the same lock, so a hot swap never races a forward.
+under the same lock as the forwards: a pending swap stops admissions, the batch drains, the swap
+runs, so a hot swap never races a forward and is never starved by a steady stream of requests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -25,10 +30,14 @@ import torch
 
 from llamaforge.device import autocast_context
 from llamaforge.errors import ConfigError
+from llamaforge.serve.adapters import Adapter, check_adapter_path, lora_config
+from llamaforge.serve.batch import Batch, choose_token, prefill
 from llamaforge.serve.config import ServeConfig
+from llamaforge.serve.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()
+_ANY = object()  # `_pop`: any adapter (the oldest waiting request's)
 
 
 class QueueFull(Exception):
@@ -54,18 +63,12 @@ class GenRequest:
     events: asyncio.Queue | None = None
     started: float | None = None
     first_token: float | None = None
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    generator: torch.Generator | None = None
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0  # characters of `text` already streamed
     finish_reason: str | None = None
-
-
-@dataclass
-class Adapter:
-    name: str
-    path: str
-    template: object
-    rank: int
 
 
 class Engine:
@@ -81,7 +84,12 @@ class Engine:
         self._running = 0
         self._cond = threading.Condition()
         self._model_lock = threading.Lock()
+        self._swaps = 0  # adapter loads/unloads waiting for the model: no admissions meanwhile
+        self._base_mode: contextlib.ExitStack | None = None  # peft's disable_adapter() held open
         self._stop = False
+        self.prefix_cache = (
+            PrefixCache(cfg.prefix_cache_tokens, cfg.prefix_block_size) if cfg.prefix_cache_tokens else None
+        )
         self._thread: threading.Thread | None = None
         self.batch_sizes: deque[int] = deque(maxlen=1000)  # recent batch sizes: shows batching at work
 
@@ -109,6 +117,10 @@ class Engine:
                 self.template = load_template(Path(run_weights), self.tokenizer)
             limit = getattr(self.model.config, "max_position_embeddings", None) or 2048
             self.max_model_len = min(self.cfg.max_model_len or limit, limit)
+            config = self.model.config
+            if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+                log.warning("sliding-window attention: the prefix cache is off for this model")
+                self.prefix_cache = None
             for name, path in startup.items():
                 self.load_adapter(name, path, check_dirs=False)
             self.start()
@@ -131,26 +143,6 @@ class Engine:
             self._thread.join(timeout=30)
 
     # ------------------------------------------------------------------ adapters
-    def check_adapter_path(self, path: str, *, check_dirs: bool = True) -> Path:
-        """A folder under one of `adapter_dirs` (symlinks resolved: no traversal), with safetensors weights only."""
-        real = Path(path).expanduser().resolve()
-        if check_dirs:
-            allowed = [Path(d).expanduser().resolve() for d in self.cfg.adapter_dirs]
-            if not any(real == d or real.is_relative_to(d) for d in allowed):
-                raise ConfigError(
-                    f"adapter path {path} is outside the allowed adapter directories "
-                    f"({', '.join(str(d) for d in allowed) or 'none configured'}); set serve.adapter_dirs"
-                )
-        if not (real / "adapter_config.json").is_file():
-            raise ConfigError(f"{path} is not a PEFT adapter folder (no adapter_config.json)")
-        if not (real / "adapter_model.safetensors").is_file():
-            pickles = [p.name for p in real.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
-            raise ConfigError(
-                f"{path} has no adapter_model.safetensors"
-                + (f" (only {', '.join(pickles)}: pickled weights are never loaded)" if pickles else "")
-            )
-        return real
-
     def load_adapter(self, name: str, path: str, *, check_dirs: bool = True) -> Adapter:
         from peft import PeftModel
 
@@ -158,18 +150,14 @@ class Engine:
 
         if name == self.base_name or name in self.adapters:
             raise ConfigError(f"a model named '{name}' is already loaded")
-        real = self.check_adapter_path(path, check_dirs=check_dirs)
-        config = json.loads((real / "adapter_config.json").read_text())
-        if config.get("peft_type", "LORA") not in ("LORA",):
-            raise ConfigError(
-                f"{path}: only LoRA adapters can be hot-swapped (got {config.get('peft_type')})"
-            )
+        real = check_adapter_path(path, self.cfg.adapter_dirs, check_dirs=check_dirs)
+        config = lora_config(real, path)
         template = (
             load_template(real, self.tokenizer)
             if (real / "llamaforge_template.json").is_file()
             else self.template
         )
-        with self._model_lock:
+        with self._swapping(name):
             if isinstance(self.model, PeftModel):
                 self.model.load_adapter(str(real), adapter_name=name)
             else:
@@ -184,7 +172,7 @@ class Engine:
     def unload_adapter(self, name: str) -> None:
         if name not in self.adapters:
             raise KeyError(name)
-        with self._model_lock:
+        with self._swapping(name):
             if len(self.adapters) == 1:
                 self.model = (
                     self.model.unload()
@@ -194,6 +182,22 @@ class Engine:
             del self.adapters[name]
         if self.metrics:
             self.metrics.adapters_loaded.set(len(self.adapters))
+
+    @contextlib.contextmanager
+    def _swapping(self, name: str):
+        """Hold the model for an adapter swap: admissions stop so the running batch drains; the adapter's
+        cached prefixes go (a name loaded again may be other weights)."""
+        with self._cond:
+            self._swaps += 1
+        try:
+            with self._model_lock:
+                if self.prefix_cache is not None:
+                    self.prefix_cache.drop(name)
+                yield
+        finally:
+            with self._cond:
+                self._swaps -= 1
+                self._cond.notify_all()
 
     def template_for(self, model_name: str):
         return self.adapters[model_name].template if model_name in self.adapters else self.template
@@ -229,49 +233,62 @@ class Engine:
             req.cancelled = True
 
     # ------------------------------------------------------------------ worker
+    def _pop(self, adapter, room: int) -> list[GenRequest]:
+        """Up to `room` waiting requests that may share a forward with `adapter`'s rows (under `_cond`)."""
+        while self._waiting and self._waiting[0].cancelled:
+            self._finish(self._waiting.popleft(), "cancelled")
+        if not self._waiting or room <= 0:
+            return []
+        adapter = self._waiting[0].adapter if adapter is _ANY else adapter
+        mixed = self.cfg.mixed_adapter_batches
+        taken = [r for r in self._waiting if (mixed or r.adapter == adapter) and not r.cancelled][:room]
+        for r in taken:
+            self._waiting.remove(r)
+        self._running += len(taken)
+        self._update_gauges()
+        return taken
+
     def _take_batch(self) -> list[GenRequest] | None:
         with self._cond:
-            while not self._waiting and not self._stop:
+            while (not self._waiting or self._swaps) and not self._stop:
                 self._cond.wait(timeout=1.0)
             if self._stop:
                 return None
         if self.cfg.batch_wait_ms and len(self._waiting) < self.cfg.max_batch_size:
             time.sleep(self.cfg.batch_wait_ms / 1000)  # let requests arriving together share the batch
         with self._cond:
-            while self._waiting and self._waiting[0].cancelled:
-                self._finish(self._waiting.popleft(), "cancelled")
-            if not self._waiting:
-                return []
-            adapter = self._waiting[0].adapter
-            mixed = self.cfg.mixed_adapter_batches
-            batch = [r for r in self._waiting if (mixed or r.adapter == adapter) and not r.cancelled]
-            batch = batch[: self.cfg.max_batch_size]
-            for r in batch:
-                self._waiting.remove(r)
-            self._running = len(batch)
-            self.batch_sizes.append(len(batch))
-            self._update_gauges()
-        return batch
+            return self._pop(_ANY, self.cfg.max_batch_size)
+
+    def _admit(self, batch: Batch) -> list[GenRequest]:
+        """Continuous batching: requests that arrived meanwhile join between two decode steps."""
+        if not self._waiting or self._swaps or self._stop:
+            return []
+        with self._cond:
+            adapter = batch.rows[0].adapter if batch.rows else _ANY
+            return self._pop(adapter, self.cfg.max_batch_size - len(batch))
 
     def _worker(self) -> None:
         while True:
-            batch = self._take_batch()
-            if batch is None:
+            pending = self._take_batch()
+            if pending is None:
                 return
-            if not batch:
-                continue
+            batch = Batch([])
             try:
-                with self._model_lock:
-                    gone = [r for r in batch if r.adapter is not None and r.adapter not in self.adapters]
-                    for r in gone:  # unloaded while these waited
-                        r.finish_reason = "error"
-                        self._emit(r, ("error", f"the adapter '{r.adapter}' was unloaded"))
-                    batch = [r for r in batch if r not in gone]
-                    if batch:
-                        self._run_batch(batch)
+                with self._model_lock, torch.inference_mode(), contextlib.ExitStack() as ends:
+                    ends.callback(self._base_mode_off)  # the model leaves the lock with its adapters on
+                    while pending or batch.rows:
+                        with self._cond:
+                            self._running = len(batch) + len(pending)
+                            self._update_gauges()
+                        if pending:
+                            batch = batch.merge(self._prefill(pending))
+                            self.batch_sizes.append(len(batch))
+                        if batch.rows:
+                            self._sample(batch, batch.decode(self._forward))
+                        pending = self._admit(batch)
             except Exception as exc:  # noqa: BLE001 - one bad batch must never kill the server
                 log.exception("generation failed")
-                for r in batch:
+                for r in [*batch.rows, *pending]:
                     if r.finish_reason is None:
                         r.finish_reason = "error"
                         self._emit(r, ("error", f"{type(exc).__name__}: {exc}"))
@@ -280,106 +297,80 @@ class Engine:
                     self._running = 0
                     self._update_gauges()
 
+    def _prefill(self, rows: list[GenRequest]) -> Batch:
+        """Prefill newcomers, choose their first tokens; the batch of those still going."""
+        for r in rows:
+            if r.adapter is not None and r.adapter not in self.adapters:  # unloaded while it waited
+                r.finish_reason = "error"
+                self._emit(r, ("error", f"the adapter '{r.adapter}' was unloaded"))
+        rows = [r for r in rows if r.finish_reason is None]
+        if not rows:
+            return Batch([])
+        now = time.monotonic()
+        for r in rows:
+            r.started = now
+            r.generator = torch.Generator().manual_seed(r.seed if r.seed is not None else r.id)
+            if self.metrics:
+                self.metrics.queue_time.labels(r.model_name).observe(now - r.arrival)
+        device = next(self.model.parameters()).device
+        batch, logits, hits = prefill(
+            rows, self._forward, self.tokenizer.pad_token_id, device, self.prefix_cache
+        )
+        for r, hit in zip(rows, hits):
+            r.cached_tokens = hit.tokens
+            if self.metrics and self.prefix_cache is not None:
+                self.metrics.prefix_cache(r.model_name, len(r.prompt_ids), hit.tokens)
+        self._sample(batch, logits)
+        return batch
+
+    def _sample(self, batch: Batch, logits: torch.Tensor) -> None:
+        """Choose each row's next token; finished and cancelled rows leave the batch."""
+        keep, tokens = [], []
+        for k, r in enumerate(batch.rows):
+            if r.cancelled:
+                self._finish(r, "cancelled")
+                continue
+            token = choose_token(logits[k], r.temperature, r.top_p, r.generator)
+            if self._accept(r, token):
+                keep.append(k)
+                tokens.append(token)
+        batch.keep(keep, tokens)
+
     def _finish(self, req: GenRequest, reason: str) -> None:
         req.finish_reason = reason
         self._emit(req, ("done", reason))
 
-    def _adapter_setup(self, batch: list[GenRequest]):
-        """(context, per-row adapter names or None). Rows for different adapters share one forward through
-        peft's mixed-batch inference (`adapter_names=`, "__base__" for the bare base) when there is a mix."""
-        import contextlib
+    def _forward(self, rows: list[GenRequest], **inputs):
+        extra = self._adapter_mode(rows)
+        with autocast_context(inputs["input_ids"].device, self.cfg.precision):
+            return self.model(**inputs, use_cache=True, **extra)
 
+    def _adapter_mode(self, rows: list[GenRequest]) -> dict:
+        """Set the adapters for a forward over `rows`; returns peft's per-row `adapter_names` for a mix
+        ("__base__" for the bare base). Entering and leaving peft's `disable_adapter()` walks every module
+        (~50 ms on the default model), so base-only forwards keep it entered until a forward needs an
+        adapter or the batch ends (`_base_mode_off`)."""
         from peft import PeftModel
 
         if not isinstance(self.model, PeftModel):
-            return contextlib.nullcontext(), None
-        wanted = {r.adapter for r in batch}
+            return {}
+        wanted = {r.adapter for r in rows}
+        if wanted == {None}:
+            if self._base_mode is None:
+                self._base_mode = contextlib.ExitStack()
+                self._base_mode.enter_context(self.model.disable_adapter())
+            return {}
+        self._base_mode_off()
         if len(wanted) > 1:
-            return contextlib.nullcontext(), [r.adapter or "__base__" for r in batch]
-        adapter = wanted.pop()
-        if adapter is None:
-            return self.model.disable_adapter(), None
-        self.model.set_adapter(adapter)
-        return contextlib.nullcontext(), None
+            return {"adapter_names": [r.adapter or "__base__" for r in rows]}
+        if self.model.active_adapter != (adapter := wanted.pop()):
+            self.model.set_adapter(adapter)
+        return {}
 
-    @torch.inference_mode()
-    def _run_batch(self, batch: list[GenRequest]) -> None:
-        from transformers import DynamicCache
-
-        now = time.monotonic()
-        for r in batch:
-            r.started = now
-            if self.metrics:
-                self.metrics.queue_time.labels(r.model_name).observe(now - r.arrival)
-        device = next(self.model.parameters()).device
-        pad = self.tokenizer.pad_token_id
-        longest = max(len(r.prompt_ids) for r in batch)
-        ids = torch.full((len(batch), longest), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        for row, r in enumerate(batch):
-            ids[row, longest - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-            mask[row, longest - len(r.prompt_ids) :] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        gens = [torch.Generator().manual_seed(r.seed if r.seed is not None else r.id) for r in batch]
-        cache = DynamicCache()
-        active = list(range(len(batch)))  # rows of `batch` still decoding, in cache order
-        context, names = self._adapter_setup(batch)
-        extra = {"adapter_names": names} if names else {}
-        with context, autocast_context(device, self.cfg.precision):
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-                **extra,
-            )
-            while True:
-                logits = out.logits[:, -1, :].float().cpu()
-                keep, next_tokens = [], []
-                for k, row in enumerate(active):
-                    r = batch[row]
-                    if r.cancelled:
-                        self._finish(r, "cancelled")
-                        continue
-                    token = self._choose(logits[k], r, gens[row])
-                    if self._accept(r, token):
-                        keep.append(k)
-                        next_tokens.append(token)
-                if not keep:
-                    return
-                if len(keep) < len(active):  # finished rows leave the batch: no compute spent on them
-                    index = torch.tensor(keep, device=device)
-                    cache.batch_select_indices(index)
-                    mask, positions = mask[index], positions[index]
-                    active = [active[k] for k in keep]
-                    if names:
-                        extra["adapter_names"] = [names[row] for row in active]
-                mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=device)], dim=1)
-                positions = positions[:, -1:] + 1
-                step = torch.tensor(next_tokens, device=device).unsqueeze(1)
-                out = self.model(
-                    input_ids=step,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    past_key_values=cache,
-                    use_cache=True,
-                    **extra,
-                )
-
-    @staticmethod
-    def _choose(logits: torch.Tensor, r: GenRequest, gen: torch.Generator) -> int:
-        if r.temperature <= 0:
-            return int(logits.argmax())
-        probs = torch.softmax(logits / r.temperature, dim=-1)
-        if r.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            cut = sorted_p.cumsum(0) - sorted_p > r.top_p  # keep the smallest set reaching top_p
-            sorted_p[cut] = 0
-            probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-        return int(torch.multinomial(probs, 1, generator=gen))
+    def _base_mode_off(self) -> None:
+        if self._base_mode is not None:
+            self._base_mode.close()
+            self._base_mode = None
 
     def _accept(self, r: GenRequest, token: int) -> bool:
         """Record one token, stream what text is final; False when the request is done."""

@@ -64,6 +64,12 @@ class Metrics:
             ["model_name", "stage"],
             registry=r,
         )
+        self.prefix_queries = Counter(
+            f"{p}prefix_cache_queries", "Prefix cache queries, in prompt tokens looked up", label, registry=r
+        )
+        self.prefix_hits = Counter(
+            f"{p}prefix_cache_hits", "Prefix cache hits, in prompt tokens reused", label, registry=r
+        )
         self.adapters_loaded = Gauge(f"{p}lora_adapters_loaded", "LoRA adapters in memory", registry=r)
         ProcessCollector(registry=r)  # process_resident_memory_bytes, cpu seconds, open fds
         PlatformCollector(registry=r)
@@ -71,6 +77,11 @@ class Metrics:
     def set_queue(self, running: int, waiting: int) -> None:
         self.running.set(running)
         self.waiting.set(waiting)
+
+    def prefix_cache(self, model: str, queried: int, hit: int) -> None:
+        """vLLM v1's pair: hits / queries is the fraction of prompt tokens whose prefill was skipped."""
+        self.prefix_queries.labels(model).inc(queried)
+        self.prefix_hits.labels(model).inc(hit)
 
     def finished(
         self, model: str, reason: str, prompt_tokens: int, completion_tokens: int, seconds: float
