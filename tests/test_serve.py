@@ -114,6 +114,13 @@ def test_chat_and_text_completions(client):
     assert choice["message"]["role"] == "assistant" and choice["finish_reason"] == "length"
     assert data["usage"]["completion_tokens"] == 5
     assert data["usage"]["total_tokens"] == data["usage"]["prompt_tokens"] + 5
+    # a long prompt twice: the second takes its prefix from the prefix cache, and usage says how much
+    long = chat_body(max_tokens=5, content="Tell me about the sea. " * 12)
+    first, again = (client.post("/v1/chat/completions", json=long).json() for _ in range(2))
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert 0 < cached < again["usage"]["prompt_tokens"]
+    assert again["choices"][0]["message"] == first["choices"][0]["message"]
     r = client.post(
         "/v1/completions", json={"model": "a1", "prompt": "Once upon", "max_tokens": 4, "temperature": 0}
     )

@@ -382,6 +382,8 @@ def _usage(req: GenRequest) -> dict:
         "prompt_tokens": len(req.prompt_ids),
         "completion_tokens": len(req.token_ids),
         "total_tokens": len(req.prompt_ids) + len(req.token_ids),
+        # OpenAI's (and vLLM's) field for prompt tokens served from the prefix cache
+        "prompt_tokens_details": {"cached_tokens": req.cached_tokens},
     }
 
 
