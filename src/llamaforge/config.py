@@ -58,7 +58,22 @@ class JobConfig(Section):
             raise ValueError("data.val_size must be a fraction below 1 or a whole count")
         if self.train.eval_every and self.data.val_size == 0 and not self.data.val_sources:
             raise ValueError("train.eval_every needs validation data: set data.val_size > 0 or data.val_sources")
+        self._check_monitoring()
         return self
+
+    def _check_monitoring(self) -> None:
+        """Early stopping, keep-best and generation metrics all watch validation during training."""
+        t, has_val = self.train, bool(self.data.val_size or self.data.val_sources)
+        wants = [name for name, on in (("train.early_stopping_patience", t.early_stopping_patience),
+                                       ("train.load_best_at_end", t.load_best_at_end),
+                                       ("eval.sample_size", self.eval.sample_size)) if on]
+        if wants and not has_val:
+            raise ValueError(f"{wants[0]} needs validation data: set data.val_size > 0 or data.val_sources")
+        if t.early_stopping_patience and not t.eval_every:
+            raise ValueError("train.early_stopping_patience counts evals during training: set train.eval_every "
+                             "(steps between evals)")
+        if t.mlflow_uri and "mlflow" not in t.trackers:
+            raise ValueError("train.mlflow_uri is set but 'mlflow' is not in train.trackers")
 
     @property
     def quantization(self) -> str:

@@ -134,16 +134,60 @@ def load_tokenizer(source: str, *, trust_remote_code: bool = False):
     return tokenizer
 
 
-def _quantization_config(quantization: str):
+def sharded_launch() -> bool:
+    """An accelerate launch that shards parameters (FSDP, DeepSpeed ZeRO-3), read from the variables
+    `accelerate launch` sets from its config file."""
+    env = os.environ
+    fsdp = env.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    zero3 = env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true") and \
+        env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") == "3"
+    return fsdp or zero3
+
+
+def bitsandbytes_supports(device: torch.device) -> bool:
+    """bitsandbytes imports and quantises on `device` (a 64-value probe: its backends vary by platform)."""
+    try:
+        import bitsandbytes as bnb
+
+        bnb.functional.quantize_4bit(torch.ones(64, device=device), quant_type="nf4")
+    except Exception:  # noqa: BLE001 - no library, no backend for this device, or a broken install
+        return False
+    return True
+
+
+def resolve_quantization_backend(backend: str = "auto", device: torch.device | None = None) -> str:
+    """The 4-bit backend to use: "auto" takes bitsandbytes where it runs on the device, else torchao."""
+    from llamaforge.device import default_device
+    from llamaforge.errors import ConfigError
+    from llamaforge.quant_nf4 import torchao_nf4_available
+
+    device = device or default_device()
+    if backend in ("auto", "bitsandbytes") and bitsandbytes_supports(device):
+        return "bitsandbytes"
+    if backend == "bitsandbytes":
+        raise ConfigError(f"model.quantization_backend=bitsandbytes: bitsandbytes does not run on {device.type} "
+                          "here (not installed, or no backend for this device); use torchao or auto")
+    if torchao_nf4_available():
+        return "torchao"
+    if backend == "torchao":
+        raise ConfigError("model.quantization_backend=torchao: torchao is not installed (pip install torchao)")
+    raise ConfigError("4-bit loading needs bitsandbytes or torchao, and neither runs here: "
+                      "pip install bitsandbytes (or torchao)")
+
+
+def _quantization_config(quantization: str, dtype: torch.dtype = torch.bfloat16):
     if quantization == "none":
         return None
     from transformers import BitsAndBytesConfig
 
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
+    # FSDP and ZeRO-3 flatten each unit's parameters into one tensor of one dtype: the 4-bit weights
+    # must then be stored in the dtype of the other weights (bf16), not packed in uint8.
+    storage = {"bnb_4bit_quant_storage": dtype} if sharded_launch() else {}
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype=torch.bfloat16, **storage,
     )
 
 
@@ -165,26 +209,45 @@ def load_model(
     *,
     dtype: torch.dtype = torch.float32,
     quantization: str = "none",
+    quantization_backend: str = "auto",
     attn_implementation: str = "sdpa",
     trust_remote_code: bool = False,
     revision: str | None = None,
 ):
-    """(model, tokenizer). The model is in eval mode; callers switch to train."""
+    """(model, tokenizer). The model is in eval mode; callers switch to train.
+
+    4-bit goes through bitsandbytes where it runs, else torchao's NF4 (`quantization_backend`);
+    8-bit is bitsandbytes only."""
     from transformers import AutoModelForCausalLM
 
+    from llamaforge.errors import ConfigError
+
+    backend = "none"
+    if quantization == "8bit":
+        backend = "bitsandbytes"
+        if quantization_backend == "torchao":
+            raise ConfigError("model.quantization=8bit needs bitsandbytes; torchao's fallback is 4-bit NF4 only")
+    elif quantization == "4bit":
+        backend = resolve_quantization_backend(quantization_backend)
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
     path = local_path(source)
+    if backend == "bitsandbytes" and quantization == "4bit" and sharded_launch() and dtype != torch.bfloat16:
+        log.warning("FSDP/ZeRO-3 with a 4-bit base: loading the other weights in bfloat16 to match the 4-bit storage")
+        dtype = torch.bfloat16
     kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
                   **_hub_kwargs(source))
     if revision:
         kwargs["revision"] = revision
-    qconfig = _quantization_config(quantization)
-    if qconfig is not None:
-        kwargs["quantization_config"] = qconfig
+    if backend == "bitsandbytes":
+        kwargs["quantization_config"] = _quantization_config(quantization, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as exc:  # noqa: BLE001
         raise _explain_load_failure(source, exc) from exc
+    if backend == "torchao":
+        from llamaforge.quant_nf4 import quantize_nf4
+
+        log.info("4-bit NF4 through torchao: %d linear layers quantised", quantize_nf4(model))
     keep_4bit_gradients_exact(model)  # also for folders saved already quantized
     ensure_pad_token(tokenizer, model)
     model.eval()

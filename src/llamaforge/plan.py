@@ -47,15 +47,20 @@ def parse_memory(text: str) -> float | None:
     return float(match.group(1)) if match else None
 
 
-def cpu_hardware() -> Hardware:
-    available = 0.0
+def available_ram_gib() -> float:
+    """MemAvailable (what can be allocated without swapping), 0.0 where /proc/meminfo is missing."""
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
                 if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024 / GiB
+                    return int(line.split()[1]) * 1024 / GiB
     except OSError:
         pass
+    return 0.0
+
+
+def cpu_hardware() -> Hardware:
+    available = available_ram_gib()
     rate = measure_cpu_bf16_flops()
     note = f"measured bf16 matmul rate {rate / 1e9:.0f} GFLOP/s"
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
@@ -360,3 +365,10 @@ def render(plan: dict) -> str:
     if rec.get("overrides"):
         lines.append(f"job overrides: {' '.join(rec['overrides'])}")
     return "\n".join(lines)
+
+
+def dry_run_memory_lines(cfg, hf_config) -> list[str]:
+    """`llamaforge train --dry-run`: this job's peak memory on this machine (planning/dry_run.py)."""
+    from llamaforge.planning.dry_run import memory_lines
+
+    return memory_lines(cfg, hf_config)

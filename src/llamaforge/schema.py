@@ -28,6 +28,9 @@ class ModelConfig(Section):
         "float32", description="dtype the base weights are held in; bf16 autocast still applies in training"
     )
     quantization: Literal["none", "4bit", "8bit"] = Field("none", description="load the base quantized")
+    quantization_backend: Literal["auto", "bitsandbytes", "torchao"] = Field(
+        "auto", description="4-bit (QLoRA) backend: auto = bitsandbytes where it runs on the device, else torchao NF4"
+    )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     trust_remote_code: bool = False
 
@@ -86,12 +89,45 @@ class TrainConfig(Section):
         "auto", description="auto = bf16 autocast where supported (CPU, Ampere+), else fp32"
     )
     gradient_checkpointing: bool = False
+    packing: bool = Field(
+        False, description="several examples per row (position ids restart, no attention across them); "
+        "batch_size then counts packed rows of pack_length tokens"
+    )
+    pack_length: int | None = Field(None, ge=16, description="tokens per packed row; default data.max_length")
     loss_chunk_size: int = Field(1024, ge=1, description="tokens per chunk of the chunked cross-entropy")
     eval_every: int = Field(0, ge=0, description="optimizer steps between evals; 0 = at each epoch end only")
     log_every: int = Field(1, ge=1)
     save_every: int = Field(0, ge=0, description="steps between resumable checkpoints; 0 = none")
     keep_checkpoints: int = Field(2, ge=1)
     seed: int = 42
+    early_stopping_patience: int | None = Field(
+        None, ge=0, description="stop after this many evals without an eval-loss improvement; 0/None = off"
+    )
+    early_stopping_min_delta: float = Field(
+        0.0, ge=0, description="an eval loss must beat the best by more than this to reset the patience"
+    )
+    load_best_at_end: bool | None = Field(
+        None, description="save the best-by-eval-loss weights (kept in checkpoints/best) rather than the last; "
+        "None = true when eval_every is set"
+    )
+    overfit_warning_evals: int = Field(
+        3, ge=0, description="warn when the eval loss rises this many evals in a row while the train loss falls; "
+        "0 = off"
+    )
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd"] = Field(
+        "adamw", description="adamw (torch, fused kernel); adamw_8bit / paged_adamw_8bit (bitsandbytes, "
+        "8-bit states; paging needs CUDA); sgd (momentum 0.9)"
+    )
+    deterministic: bool = Field(
+        False, description="deterministic kernels only (torch.use_deterministic_algorithms), all RNGs seeded: "
+        "a rerun gives the same losses and weights, possibly slower"
+    )
+    trackers: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list, description="besides metrics.jsonl (always): tensorboard (run_dir/tensorboard), "
+        "mlflow (train.mlflow_uri)"
+    )
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI; None = a local store in run_dir/mlruns")
+    mlflow_experiment: str = Field("llamaforge", description="MLflow experiment the run is logged under")
 
 
 class EvalConfig(Section):
@@ -100,6 +136,10 @@ class EvalConfig(Section):
     )
     max_new_tokens: int = Field(96, ge=1)
     before_after: bool = Field(True, description="eval loss and sample answers before training too")
+    sample_size: int = Field(
+        0, ge=0, description="at each eval, answer the first N validation records (greedy, max_new_tokens) "
+        "and log BLEU-4, ROUGE and exact match against their reference answers; 0 = off"
+    )
 
 
 class OutputConfig(Section):

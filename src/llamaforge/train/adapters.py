@@ -23,10 +23,10 @@ def attach_method(model, method: MethodConfig, *, gradient_checkpointing: bool =
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    from peft import LoraConfig, PrefixTuningConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 
     if method.name == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        model = _prepare_4bit(model, gradient_checkpointing)
     if method.name == "prefix":
         config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=method.num_virtual_tokens)
     else:
@@ -39,6 +39,25 @@ def attach_method(model, method: MethodConfig, *, gradient_checkpointing: bool =
     if gradient_checkpointing:
         model.enable_input_require_grads()
     return model
+
+
+def _prepare_4bit(model, gradient_checkpointing: bool):
+    """Freeze the 4-bit base. peft's prepare_model_for_kbit_training also casts the other weights to
+    fp32, which must not happen to torchao NF4 weights (it would dequantise them) nor under FSDP /
+    ZeRO-3, where a unit's weights must keep the one dtype the 4-bit storage was given."""
+    from peft import prepare_model_for_kbit_training
+
+    from llamaforge.models import keep_4bit_gradients_exact, sharded_launch
+    from llamaforge.quant_nf4 import is_nf4_model, prepare_nf4_for_training
+
+    keep_4bit_gradients_exact(model)  # again here: a caller may have loaded the model itself
+    if is_nf4_model(model):
+        return prepare_nf4_for_training(model)
+    if sharded_launch():
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
 
 
 def count_parameters(model) -> tuple[int, int]:

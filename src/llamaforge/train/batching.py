@@ -1,4 +1,5 @@
-"""Length-grouped batches, padded to the longest in the batch (never to a fixed max length)."""
+"""Length-grouped batches, padded to the longest in the batch (never to a fixed max length), and the
+collation of one micro-batch, padded or packed (packing.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import random
 import torch
 
 from llamaforge.templates import IGNORE_INDEX
+from llamaforge.train.packing import collate_packed
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, *, seed: int, epoch: int,
@@ -43,3 +45,13 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 def num_targets(batch: dict[str, torch.Tensor]) -> int:
     """Tokens that are predicted: labels shifted by one, so the first position never counts."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def collate_micro(dataset, idx: list, pad_id: int, *, flatten: bool = False) -> tuple[dict[str, torch.Tensor], int]:
+    """A micro-batch and its real (non-pad) token count. `idx` holds example indices (padded rows, one
+    example each) or bins of them (packed rows); `flatten` packs into one row (flash_attention_2)."""
+    if idx and isinstance(idx[0], list):
+        rows = [[dataset[i] for i in b] for b in idx]
+        return collate_packed(rows, pad_id, flatten=flatten), sum(len(r["input_ids"]) for row in rows for r in row)
+    batch = collate([dataset[i] for i in idx], pad_id)
+    return batch, int(batch["attention_mask"].sum())

@@ -25,6 +25,17 @@ def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tens
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
+def decoder_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Last hidden states of the decoder, for padded (attention_mask) or packed (position_ids) batches.
+
+    `use_cache=False` is load-bearing for packing: with a cache, transformers skips the detection of
+    packed sequences in position_ids and examples silently attend to each other (see packing.py).
+    """
+    decoder = _decoder_and_head(model)[0]
+    kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
+    return decoder(input_ids=batch["input_ids"], use_cache=False, **kwargs).last_hidden_state
+
+
 def token_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int = 1024) -> torch.Tensor:
     """Sum (not mean) of the cross-entropy over every target token of the batch.
 
@@ -34,9 +45,8 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int = 1024
     labels = batch["labels"]
     if getattr(model, "peft_type", None) is not None and str(model.peft_type).endswith("PREFIX_TUNING"):
         return full_logits_loss_sum(model, batch)
-    decoder, head = _decoder_and_head(model)
-    kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
-    hidden = decoder(input_ids=batch["input_ids"], use_cache=False, **kwargs).last_hidden_state
+    hidden = decoder_hidden(model, batch)
+    head = _decoder_and_head(model)[1]
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
     picked = hidden[:, :-1][mask]

@@ -10,7 +10,6 @@ import json
 import logging
 import math
 import os
-import random
 import shutil
 import time
 from contextlib import nullcontext
@@ -24,10 +23,13 @@ from llamaforge.data.types import Message
 from llamaforge.device import default_device, resolve_precision
 from llamaforge.errors import ConfigError, LlamaforgeError
 from llamaforge.train.adapters import attach_method, count_parameters
-from llamaforge.train.batching import collate, length_grouped_batches, num_targets
+from llamaforge.train.batching import collate, collate_micro, length_grouped_batches, num_targets
 from llamaforge.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from llamaforge.train.knobs import build_optimizer, check_optimizer, seed_everything
 from llamaforge.train.losses import token_loss_sum
-from llamaforge.train.tracking import MetricsLog, plot_losses
+from llamaforge.train.monitor import TrainingDiverged, ValidationWatch  # noqa: F401 - re-exported
+from llamaforge.train.packing import packed_batches, verify_packing
+from llamaforge.train.tracking import MetricsLog, check_trackers, open_trackers, plot_losses
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ def check_launch(accelerator) -> None:
         )
 
 
-class FineTuneRecipe:
+class FineTuneRecipe(ValidationWatch):
     def __init__(self, cfg: JobConfig, *, run_dir: Path | None = None, resume: bool = False):
         self.cfg, self.resume = cfg, resume
         self.run_dir = run_dir or Path(cfg.output.dir) / run_name(cfg)
@@ -70,10 +72,10 @@ class FineTuneRecipe:
         from llamaforge.train.data import prepare_data, write_rejects
 
         cfg = self.cfg
-        self._prepare_run_dir()
-        random.seed(cfg.train.seed)
-        torch.manual_seed(cfg.train.seed)
         device = default_device()
+        check_optimizer(cfg.train.optimizer, device)
+        check_trackers(cfg.train.trackers)
+        self._was_deterministic = seed_everything(cfg.train.seed, cfg.train.deterministic)
         self.precision = resolve_precision(cfg.train.precision, device)
         # accelerate keeps one process-wide state; a second recipe in the same process (tests, sweeps)
         # with another precision must start from a clean one. The distributed state is kept.
@@ -83,11 +85,12 @@ class FineTuneRecipe:
             cpu=device.type == "cpu",
         )
         check_launch(self.accelerator)
+        self._prepare_run_dir_once()
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
         model, self.tokenizer = load_model(
             cfg.model.source, dtype=dtype, quantization=cfg.quantization,
-            attn_implementation=cfg.model.attn_implementation, trust_remote_code=cfg.model.trust_remote_code,
-            revision=cfg.model.revision,
+            quantization_backend=cfg.model.quantization_backend, attn_implementation=cfg.model.attn_implementation,
+            trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
         )
         self.template = get_template(cfg.data.template, self.tokenizer)
         warn_if_chat_tokens_untrained(model, self.tokenizer, self.template)
@@ -104,7 +107,7 @@ class FineTuneRecipe:
         self.summary.update(trainable_params=trainable, total_params=total, precision=self.precision)
 
         world = self.accelerator.num_processes
-        batches = math.ceil(len(self.data.train) / cfg.train.batch_size) // world or 1
+        batches = len(self._epoch_batches(0)) // world or 1
         self.steps_per_epoch = max(1, math.ceil(batches / cfg.train.grad_accum))
         self.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * self.steps_per_epoch))
         self.optimizer = self._optimizer()
@@ -115,11 +118,28 @@ class FineTuneRecipe:
             {"constant": "constant_with_warmup"}.get(cfg.train.scheduler, cfg.train.scheduler),
             self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps,
         )
-        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        from llamaforge.train.distributed import TokenLoss
+
+        # DDP syncs (FSDP/ZeRO-3 gather) only inside the forward of what it wraps, and our chunked loss
+        # bypasses the model's forward: the wrapped module is the loss; self.model stays the plain model.
+        self.train_loss, self.optimizer = self.accelerator.prepare(
+            TokenLoss(self.model, cfg.train.loss_chunk_size), self.optimizer)
         self.progress = {"step": 0, "epoch": 0, "group": 0, "tokens": 0, "target_tokens": 0, "elapsed": 0.0}
         if self.resume:
             self._restore()
         self._write_run_json("running")
+
+    def _prepare_run_dir_once(self) -> None:
+        """Every process of a launch uses the main one's run directory, made (or wiped) once, before
+        any of them writes into it."""
+        acc = self.accelerator
+        if acc.num_processes > 1 and not self.cfg.output.name:  # timestamped names may differ by a second
+            from accelerate.utils import broadcast_object_list
+
+            self.run_dir = Path(broadcast_object_list([str(self.run_dir)])[0])
+        if acc.is_main_process:
+            self._prepare_run_dir()
+        acc.wait_for_everyone()
 
     def _prepare_run_dir(self) -> None:
         run = self.run_dir
@@ -131,13 +151,8 @@ class FineTuneRecipe:
         (run / "config.yaml").write_text(to_yaml(self.cfg))
 
     def _optimizer(self) -> torch.optim.Optimizer:
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.cfg.train.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=self.cfg.train.lr, betas=(0.9, 0.999), eps=1e-8)
+        t = self.cfg.train
+        return build_optimizer(self.model, t.optimizer, t.lr, t.weight_decay)
 
     def _restore(self) -> None:
         checkpoints = list_checkpoints(self.run_dir / "checkpoints")
@@ -166,7 +181,8 @@ class FineTuneRecipe:
             count += num_targets(batch)
         self.model.train()
         loss = total / max(count, 1)
-        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50)), "eval_tokens": count}
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50)), "eval_tokens": count,
+                **self._generation_metrics()}
 
     def sample_answers(self) -> dict[str, str]:
         from llamaforge.evaluate.generate import generate
@@ -191,18 +207,21 @@ class FineTuneRecipe:
             self.summary["before"] = {**(before or {}), "answers": self.sample_answers()}
             if before:
                 self._log(f"eval loss before training: {before['eval_loss']:.4f} (ppl {before['eval_ppl']:.2f})")
-        metrics = MetricsLog(self.run_dir / "metrics.jsonl", append=self.resume)
+        trackers = open_trackers(cfg, self.run_dir, resume=self.resume) if acc.is_main_process else []
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl", append=self.resume, trackers=trackers)
+        self.monitor = self._new_monitor()
         from tqdm.auto import tqdm
 
         bar = tqdm(total=self.total_steps, initial=self.progress["step"], desc="train", unit="step",
                    disable=not acc.is_main_process, dynamic_ncols=True)
         self.model.train()
-        lengths = list(self.data.train["length"])
+        if self._packed():  # fail before training if this model lets packed examples see each other
+            verify_packing(acc.unwrap_model(self.model), flatten=cfg.model.attn_implementation == "flash_attention_2")
         started = time.perf_counter() - self.progress["elapsed"]
         try:
-            while self.progress["step"] < self.total_steps:
+            while self.progress["step"] < self.total_steps and self.monitor.stopped_at is None:
                 epoch = self.progress["epoch"]
-                batches = length_grouped_batches(lengths, cfg.train.batch_size, seed=cfg.train.seed, epoch=epoch)
+                batches = self._epoch_batches(epoch)
                 usable = len(batches) // acc.num_processes * acc.num_processes or len(batches)
                 mine = batches[acc.process_index : usable : acc.num_processes]
                 groups = [mine[k : k + cfg.train.grad_accum] for k in range(0, len(mine), cfg.train.grad_accum)]
@@ -214,6 +233,7 @@ class FineTuneRecipe:
                     step = self.progress["step"]
                     record.update(step=step, epoch=epoch + (g + 1) / len(groups),
                                   tokens_per_s=self.progress["tokens"] / self.progress["elapsed"])
+                    self._check_finite(record, metrics, bar)
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                     if step % cfg.train.log_every == 0 and acc.is_main_process:
@@ -222,7 +242,7 @@ class FineTuneRecipe:
                         self._eval_and_log(metrics, step)
                     if cfg.train.save_every and step % cfg.train.save_every == 0:
                         self._checkpoint()
-                    if step >= self.total_steps:
+                    if step >= self.total_steps or self.monitor.stopped_at is not None:
                         break
                 else:
                     self.progress.update(epoch=epoch + 1, group=0)
@@ -232,16 +252,20 @@ class FineTuneRecipe:
             bar.close()
             path = self._checkpoint()
             self._write_run_json("interrupted")
-            metrics.close()
+            metrics.close("interrupted")
             raise TrainingInterrupted(
                 f"interrupted at step {self.progress['step']}; checkpoint saved to {path}. "
                 f"Resume with: llamaforge train {self.run_dir / 'config.yaml'} --resume {self.run_dir}"
             ) from None
+        except Exception:
+            metrics.close("failed")  # trackers record the failure (a no-op after a divergence closed them)
+            raise
         bar.close()
         elapsed = time.perf_counter() - started
         final = self.evaluate()
         if final:
             metrics.write({"step": self.progress["step"], **final})
+        final = self._finish_best(final)
         metrics.close()
         self.summary.update(
             steps=self.progress["step"], train_seconds=round(elapsed, 1),
@@ -267,39 +291,57 @@ class FineTuneRecipe:
         return {"loss": loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                 "target_tokens": global_targets}
 
-    def accumulate(self, group: list[list[int]]) -> tuple[float, int]:
+    def _packed(self) -> bool:
+        # prefix tuning feeds its virtual tokens through the cache, which turns packed-sequence masking off
+        return self.cfg.train.packing and self.cfg.method.name != "prefix"
+
+    def _epoch_batches(self, epoch: int) -> list[list]:
+        """This epoch's micro-batches, deterministic in (seed, epoch) so a resumed run replays them.
+
+        Padded: lists of example indices (length-grouped). Packed: lists of bins of example indices.
+        """
+        t = self.cfg.train
+        if not hasattr(self, "_lengths"):
+            self._lengths = list(self.data.train["length"])
+        if self._packed():
+            capacity = t.pack_length or self.cfg.data.max_length
+            return packed_batches(self._lengths, t.batch_size, capacity, seed=t.seed, epoch=epoch)
+        return length_grouped_batches(self._lengths, t.batch_size, seed=t.seed, epoch=epoch)
+
+    def _collate(self, idx: list) -> tuple[dict[str, torch.Tensor], int]:
+        flat = self.cfg.model.attn_implementation == "flash_attention_2"  # varlen needs one flat row
+        return collate_micro(self.data.train, idx, self.tokenizer.pad_token_id, flatten=flat)
+
+    def accumulate(self, group: list[list]) -> tuple[float, int]:
         """Forward/backward over the micro-batches of one optimizer step; returns (summed loss, target count).
 
         Each micro-batch's summed token loss is divided by the target count of the whole step (all
         micro-batches, all processes), so the gradient is that of the mean over every target token.
+        A micro-batch is a list of example indices (padded rows) or of bins of them (packed rows).
         """
-        cfg, acc = self.cfg, self.accelerator
-        micro = [collate([self.data.train[i] for i in idx], self.tokenizer.pad_token_id) for idx in group]
-        local_targets = sum(num_targets(b) for b in micro)
+        acc = self.accelerator
+        micro = [self._collate(idx) for idx in group]
+        local_targets = sum(num_targets(b) for b, _ in micro)
         global_targets = int(acc.reduce(torch.tensor(local_targets, device=acc.device), reduction="sum").item())
         loss_total = 0.0
-        for j, batch in enumerate(micro):
+        for j, (batch, real_tokens) in enumerate(micro):
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             sync = j == len(micro) - 1
-            with nullcontext() if sync else acc.no_sync(self.model), acc.autocast():
-                loss_sum = token_loss_sum(self.model, batch, cfg.train.loss_chunk_size)
+            with nullcontext() if sync else acc.no_sync(self.train_loss), acc.autocast():
+                loss_sum = self.train_loss(batch)  # through the DDP/FSDP wrapper (train/distributed.py)
                 # DDP averages gradients over processes; scaling by world size makes the result the
                 # sum over all target tokens divided by their global count.
                 acc.backward(loss_sum * acc.num_processes / max(global_targets, 1))
             loss_total += loss_sum.item()
-            self.progress["tokens"] += int(batch["attention_mask"].sum())
+            self.progress["tokens"] += real_tokens
         self.progress["target_tokens"] += local_targets
         return loss_total, global_targets
-
-    def _eval_and_log(self, metrics: MetricsLog, step: int) -> None:
-        result = self.evaluate()
-        if result and self.accelerator.is_main_process:
-            metrics.write({"step": step, **result})
-            self._log(f"step {step}: eval loss {result['eval_loss']:.4f}")
 
     def _checkpoint(self) -> Path | None:
         if not self.accelerator.is_main_process:
             return None
+        if self.monitor is not None:
+            self.progress["monitor"] = self.monitor.state_dict()
         return save_checkpoint(self.run_dir / "checkpoints", self.progress["step"],
                                self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler,
                                dict(self.progress), self.cfg.train.keep_checkpoints)
@@ -331,6 +373,8 @@ class FineTuneRecipe:
 
     def cleanup(self) -> None:
         self.accelerator.end_training()
+        if hasattr(self, "_was_deterministic"):  # process-wide: give the next recipe (sweep, tests) the old one
+            torch.use_deterministic_algorithms(self._was_deterministic)
 
     def _log(self, message: str) -> None:
         if self.accelerator is None or self.accelerator.is_main_process:
