@@ -161,6 +161,32 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, tiny_llama_dir, data_file
     assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
 
 
+def test_sigterm_saves_a_resumable_checkpoint(tmp_path, tiny_llama_dir, data_file):
+    import os
+    import signal
+
+    from llamaforge.train.checkpoint import list_checkpoints
+    from llamaforge.train.recipe import TrainingInterrupted, interrupt_on_sigterm
+
+    cfg = job(tmp_path, tiny_llama_dir, data_file, **{"train.max_steps": 5, "eval.before_after": "false"})
+    recipe = FineTuneRecipe(cfg)
+    recipe.setup()
+    real_step, calls = recipe._step, []
+
+    def preempted_on_second(group):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # a real signal, as a cluster scheduler sends it
+        return real_step(group)
+
+    recipe._step = preempted_on_second
+    with pytest.raises(TrainingInterrupted, match="--resume"), interrupt_on_sigterm():
+        recipe.train()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed afterwards
+    assert json.loads((recipe.run_dir / "run.json").read_text())["status"] == "interrupted"
+    assert list_checkpoints(recipe.run_dir / "checkpoints")
+
+
 def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     from llamaforge.train import checkpoint as ck
 

@@ -11,8 +11,10 @@ import logging
 import math
 import os
 import shutil
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from datetime import datetime
 from pathlib import Path
 
@@ -36,6 +38,23 @@ log = logging.getLogger(__name__)
 
 class TrainingInterrupted(LlamaforgeError):
     pass
+
+
+@contextmanager
+def interrupt_on_sigterm():
+    """SIGTERM (a scheduler's preemption, `kill`) takes the Ctrl-C path: checkpoint, then stop."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def to_interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, to_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_name(cfg: JobConfig) -> str:
@@ -389,7 +408,8 @@ def run_training(cfg: JobConfig, *, run_dir: Path | None = None, resume: bool = 
     recipe = FineTuneRecipe(cfg, run_dir=run_dir, resume=resume)
     recipe.setup()
     try:
-        summary = recipe.train()
+        with interrupt_on_sigterm():
+            summary = recipe.train()
         recipe.save()
     finally:
         recipe.cleanup()
