@@ -152,7 +152,7 @@ def test_packed_training_counts_real_tokens_and_learns(tmp_path, tiny_llama_dir,
     from llamaforge.train.recipe import FineTuneRecipe
 
     cfg = job(tmp_path, tiny_llama_dir, data_file, **{
-        "train.packing": "true", "train.pack_length": 128, "train.batch_size": 2, "train.epochs": 6,
+        "train.packing": "true", "train.pack_length": 128, "train.batch_size": 2, "train.epochs": 4,
         "train.lr": 3e-2, "method.rank": 8, "eval.before_after": "false", "eval.prompts": "[]"})
     recipe = FineTuneRecipe(cfg)
     recipe.setup()
@@ -161,26 +161,26 @@ def test_packed_training_counts_real_tokens_and_learns(tmp_path, tiny_llama_dir,
     recipe.train()
     recipe.save()
     recipe.cleanup()
-    assert recipe.progress["tokens"] == 6 * recipe.data.card["train_tokens"]  # no pad counted, nothing skipped
+    assert recipe.progress["tokens"] == 4 * recipe.data.card["train_tokens"]  # no pad counted, nothing skipped
     rows = [json.loads(r) for r in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
-    assert len(losses) == recipe.total_steps == 6 * recipe.steps_per_epoch
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1
+    assert len(losses) == recipe.total_steps == 4 * recipe.steps_per_epoch
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05  # a random 128k-vocab model: ~0.1 in 12 steps
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
-    assert evals[-1] < evals[0]
+    assert len(evals) >= 2 and evals[-1] < evals[0] - 0.01
 
 
 def test_packed_resume_continues_the_same_loss_sequence(tmp_path, tiny_llama_dir, data_file):
     from llamaforge.train.recipe import FineTuneRecipe, run_training
 
-    extra = {"train.packing": "true", "train.pack_length": 96, "train.batch_size": 2, "train.max_steps": 6,
+    extra = {"train.packing": "true", "train.pack_length": 96, "train.batch_size": 3, "train.max_steps": 4,
              "eval.before_after": "false", "eval.prompts": "[]"}
     straight_dir, _ = run_training(job(tmp_path / "a", tiny_llama_dir, data_file, **extra))
-    first = job(tmp_path / "b", tiny_llama_dir, data_file, **extra, **{"train.save_every": 3})
+    first = job(tmp_path / "b", tiny_llama_dir, data_file, **extra, **{"train.save_every": 2})
     recipe = FineTuneRecipe(first)
     recipe.setup()
-    assert recipe.steps_per_epoch < 6  # the run crosses an epoch boundary: a new packing order
-    recipe.total_steps = 3
+    assert recipe.steps_per_epoch < 4  # the run crosses an epoch boundary: a new packing order
+    recipe.total_steps = 2
     recipe.train()
     resumed_dir, _ = run_training(first, run_dir=recipe.run_dir, resume=True)
 
@@ -188,5 +188,14 @@ def test_packed_resume_continues_the_same_loss_sequence(tmp_path, tiny_llama_dir
         rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
         return [r["loss"] for r in rows if "loss" in r]
 
-    assert len(losses(resumed_dir)) == 6
+    assert len(losses(resumed_dir)) == 4
     assert losses(resumed_dir) == pytest.approx(losses(straight_dir), rel=1e-5)
+
+
+def test_packing_with_prefix_tuning_is_refused(tmp_path, tiny_llama_dir, data_file):
+    from llamaforge.errors import ConfigError
+    from llamaforge.train.recipe import FineTuneRecipe
+
+    cfg = job(tmp_path, tiny_llama_dir, data_file, **{"train.packing": "true", "method.name": "prefix"})
+    with pytest.raises(ConfigError, match="prefix"):
+        FineTuneRecipe(cfg).setup()

@@ -93,7 +93,10 @@ class TrainConfig(Section):
         False, description="several examples per row (position ids restart, no attention across them); "
         "batch_size then counts packed rows of pack_length tokens"
     )
-    pack_length: int | None = Field(None, ge=16, description="tokens per packed row; default data.max_length")
+    pack_length: int | None = Field(
+        None, ge=16, description="tokens per packed row; default data.max_length. sdpa attends over the whole "
+        "row (block-diagonal mask), so shorter rows are cheaper; longer examples get a row of their own"
+    )
     loss_chunk_size: int = Field(1024, ge=1, description="tokens per chunk of the chunked cross-entropy")
     eval_every: int = Field(0, ge=0, description="optimizer steps between evals; 0 = at each epoch end only")
     log_every: int = Field(1, ge=1)

@@ -311,21 +311,28 @@ class FineTuneRecipe(ValidationWatch):
                 "target_tokens": global_targets}
 
     def _packed(self) -> bool:
-        # prefix tuning feeds its virtual tokens through the cache, which turns packed-sequence masking off
-        return self.cfg.train.packing and self.cfg.method.name != "prefix"
+        if self.cfg.train.packing and self.cfg.method.name == "prefix":
+            raise ConfigError("train.packing does not work with method prefix: its virtual tokens come through "
+                              "the cache, which turns off the per-example attention of packed rows")
+        return self.cfg.train.packing
 
     def _epoch_batches(self, epoch: int) -> list[list]:
         """This epoch's micro-batches, deterministic in (seed, epoch) so a resumed run replays them.
 
         Padded: lists of example indices (length-grouped). Packed: lists of bins of example indices.
         """
-        t = self.cfg.train
-        if not hasattr(self, "_lengths"):
+        t, first = self.cfg.train, not hasattr(self, "_lengths")
+        if first:
             self._lengths = list(self.data.train["length"])
-        if self._packed():
-            capacity = t.pack_length or self.cfg.data.max_length
-            return packed_batches(self._lengths, t.batch_size, capacity, seed=t.seed, epoch=epoch)
-        return length_grouped_batches(self._lengths, t.batch_size, seed=t.seed, epoch=epoch)
+        if not self._packed():
+            return length_grouped_batches(self._lengths, t.batch_size, seed=t.seed, epoch=epoch)
+        capacity = t.pack_length or self.cfg.data.max_length
+        micro = packed_batches(self._lengths, t.batch_size, capacity, seed=t.seed, epoch=epoch)
+        if first:
+            rows = sum(len(m) for m in micro)
+            self._log(f"packing: {len(self._lengths)} examples into {rows} rows of <= {capacity} tokens "
+                      f"({sum(self._lengths) / (rows * capacity):.0%} full), {len(micro)} micro-batches an epoch")
+        return micro
 
     def _collate(self, idx: list) -> tuple[dict[str, torch.Tensor], int]:
         flat = self.cfg.model.attn_implementation == "flash_attention_2"  # varlen needs one flat row
