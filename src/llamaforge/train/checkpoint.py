@@ -50,15 +50,20 @@ def list_checkpoints(root: Path) -> list[Path]:
                   and (p / "progress.json").is_file())
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+def load_trainable(path: Path, model) -> None:
+    """Copy a folder's trainable.safetensors into `model`, refusing tensors the model does not have."""
     tensors = load_file(path / "trainable.safetensors")
     params = dict(model.named_parameters())
-    missing = set(tensors) - set(params)
-    if missing:
-        raise ValueError(f"checkpoint {path} does not match the model: unknown tensors {sorted(missing)[:3]}")
+    unknown = set(tensors) - set(params)
+    if unknown:
+        raise ValueError(f"weights in {path} do not match the model: unknown tensors {sorted(unknown)[:3]}")
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    load_trainable(path, model)
     state = torch.load(path / "state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -16,12 +16,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from llamaforge.data.types import Message
 from llamaforge.errors import LlamaforgeError
-from llamaforge.train.checkpoint import trainable_state
+from llamaforge.train.checkpoint import load_trainable, trainable_state
 
 log = logging.getLogger(__name__)
 
@@ -146,14 +145,7 @@ def save_best(root: Path, model, info: dict) -> Path:
 def load_best(root: Path, model) -> dict:
     """Copy the best trainable tensors into `model`; returns best.json."""
     path = root / BEST_DIR
-    tensors = load_file(path / "trainable.safetensors")
-    params = dict(model.named_parameters())
-    unknown = set(tensors) - set(params)
-    if unknown:
-        raise ValueError(f"best weights in {path} do not match the model: unknown tensors {sorted(unknown)[:3]}")
-    with torch.no_grad():
-        for name, value in tensors.items():
-            params[name].copy_(value)
+    load_trainable(path, model)
     return json.loads((path / "best.json").read_text())
 
 
