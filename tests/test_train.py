@@ -137,8 +137,13 @@ def test_bad_configs_fail_before_loading(tmp_path):
             FineTuneRecipe(cfg).setup()
 
 
-def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, tiny_llama_dir, data_file):
-    from llamaforge.train.recipe import TrainingInterrupted
+@pytest.mark.parametrize("stop", ["ctrl_c", "sigterm"])
+def test_an_interrupt_saves_a_resumable_checkpoint(tmp_path, tiny_llama_dir, data_file, stop):
+    """Ctrl-C, or SIGTERM as a cluster scheduler sends it on preemption: checkpoint, then resume."""
+    import os
+    import signal
+
+    from llamaforge.train.recipe import TrainingInterrupted, interrupt_on_sigterm
 
     cfg = job(tmp_path, tiny_llama_dir, data_file, **{"train.max_steps": 5, "eval.before_after": "false"})
     recipe = FineTuneRecipe(cfg)
@@ -148,43 +153,20 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, tiny_llama_dir, data_file
     def interrupted_on_third(group):
         calls.append(1)
         if len(calls) == 3:
-            raise KeyboardInterrupt
+            if stop == "ctrl_c":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)  # a real signal: without the handler, training would go on
         return real_step(group)
 
     recipe._step = interrupted_on_third
-    with pytest.raises(TrainingInterrupted, match="--resume"):
+    with pytest.raises(TrainingInterrupted, match="--resume"), interrupt_on_sigterm():
         recipe.train()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed afterwards
     assert json.loads((recipe.run_dir / "run.json").read_text())["status"] == "interrupted"
     assert (recipe.run_dir / "checkpoints" / "step-00000002" / "trainable.safetensors").is_file()
     run_dir, summary = run_training(cfg, run_dir=recipe.run_dir, resume=True)
     assert summary["steps"] == 5
     assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
-
-
-def test_sigterm_saves_a_resumable_checkpoint(tmp_path, tiny_llama_dir, data_file):
-    import os
-    import signal
-
-    from llamaforge.train.checkpoint import list_checkpoints
-    from llamaforge.train.recipe import TrainingInterrupted, interrupt_on_sigterm
-
-    cfg = job(tmp_path, tiny_llama_dir, data_file, **{"train.max_steps": 5, "eval.before_after": "false"})
-    recipe = FineTuneRecipe(cfg)
-    recipe.setup()
-    real_step, calls = recipe._step, []
-
-    def preempted_on_second(group):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)  # a real signal, as a cluster scheduler sends it
-        return real_step(group)
-
-    recipe._step = preempted_on_second
-    with pytest.raises(TrainingInterrupted, match="--resume"), interrupt_on_sigterm():
-        recipe.train()
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed afterwards
-    assert json.loads((recipe.run_dir / "run.json").read_text())["status"] == "interrupted"
-    assert list_checkpoints(recipe.run_dir / "checkpoints")
 
 
 def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
