@@ -155,7 +155,7 @@ def test_an_interrupt_saves_a_resumable_checkpoint(tmp_path, tiny_llama_dir, dat
         if len(calls) == 3:
             if stop == "ctrl_c":
                 raise KeyboardInterrupt
-            os.kill(os.getpid(), signal.SIGTERM)  # a real signal: without the handler, training would go on
+            os.kill(os.getpid(), signal.SIGTERM)  # a real signal (unhandled, it would kill the process)
         return real_step(group)
 
     recipe._step = interrupted_on_third
