@@ -128,7 +128,10 @@ def _build(method: str, dtype: torch.dtype, layers: int, dropout: float, tmp_pat
     if method != "full":
         from peft import LoraConfig, get_peft_model
 
+        from llamaforge.train.dropout import use_fast_dropout
+
         model = get_peft_model(model, LoraConfig(r=8, lora_dropout=dropout, target_modules="all-linear"))
+        use_fast_dropout(model)  # as attach_method does: bool masks
     return model.train()
 
 

@@ -96,6 +96,8 @@ def test_chunked_loss_equals_full_logits_loss(tmp_path, tiny_llama_dir, data_fil
     recipe = FineTuneRecipe(cfg)
     recipe.setup()
     batch = collate([recipe.data.train[i] for i in range(4)], recipe.tokenizer.pad_token_id)
+    # padded rows: the chunked path drops the (redundant) right-padding mask, the reference keeps it
+    assert not batch["attention_mask"].all()
     chunked = token_loss_sum(recipe.model, batch, chunk_size=7)
     g1 = torch.autograd.grad(chunked, [p for p in recipe.model.parameters() if p.requires_grad])
     full = full_logits_loss_sum(recipe.model, batch)
@@ -103,6 +105,17 @@ def test_chunked_loss_equals_full_logits_loss(tmp_path, tiny_llama_dir, data_fil
     torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()))  # summation order differs
+
+
+def test_only_a_right_padding_mask_is_dropped():
+    from llamaforge.train.losses import without_redundant_mask
+
+    ids = torch.ones(2, 4, dtype=torch.long)
+    right = {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])}
+    left = {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])}
+    holes = {"input_ids": ids, "attention_mask": torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]])}
+    assert "attention_mask" not in without_redundant_mask(right)
+    assert without_redundant_mask(left) is left and without_redundant_mask(holes) is holes
 
 
 def test_resume_continues_the_same_loss_sequence(tmp_path, tiny_llama_dir, data_file):

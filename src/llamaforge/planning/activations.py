@@ -19,13 +19,13 @@ c = compute bytes (2 under bf16 autocast), f = bytes of fp32 = 4, R = bytes of t
                       when autocast casts an fp32 input (q/k/v: 3 copies of c*h, gate/up: 2), shared
                       otherwise; o_proj's input is the SDPA output (already counted); down_proj: m*i
     LoRA, per module  c*in (the input cast for lora_A) + c*r (lora_A's output, kept for lora_B)
-                      + with dropout: the dropout mask (fp32 on CPU, bool on CUDA) * in
+                      + with dropout: the bool dropout mask * in (train/dropout.py on CPU, fused on CUDA)
                       QLoRA's frozen 4-bit base keeps only the packed weight (dequantised again in backward)
 
 Examples (q = h): full fine-tuning, fp32 weights under autocast: 30h + 4kv + 8i + 4n bytes, i.e.
 236 KiB per token per layer on Llama 3 8B (h=4096, kv=1024, i=14336); pure bf16: 20h + 4kv + 8i + 4n.
 LoRA on all linears, bf16 base, no dropout: 24h + 4kv + 8i + 4n + 14r (212 KiB on 8B at r=16);
-with dropout add 6h + i bytes on CUDA (bool masks), 24h + 4i on CPU (fp32 masks).
+with dropout add 6h + i bytes (bool masks; torch's own CPU dropout would keep fp32 masks: 24h + 4i).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class Precision:
     weights: int  # bytes of the (base / master) weights: 4 fp32, 2 bf16
     compute: int  # bytes of matmul inputs/outputs: 2 under bf16/fp16 autocast, 4 in fp32
     autocast: bool  # True when autocast casts fp32 tensors for the matmuls
-    device: str  # "cpu" | "cuda": dropout keeps an fp32 mask on CPU, a bool mask on CUDA
+    device: str  # "cpu" | "cuda"
 
     @property
     def resid(self) -> int:
@@ -67,7 +67,7 @@ def layer_bytes(arch: Arch, method: str, prec: Precision, *, lora_modules: list[
         per_consumer = prec.autocast and c != R
         parts["linear_inputs"] = (3 if per_consumer else 1) * c * h + (2 if per_consumer else 1) * c * h + m * i
     if lora_modules:
-        mask = (4 if prec.device == "cpu" else 1) if dropout > 0 else 0
+        mask = 1 if dropout > 0 else 0  # bool masks: train/dropout.py on CPU, torch's fused dropout on CUDA
         total = 0.0
         for module in lora_modules:
             fi, _ = arch.linears()[module]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from llamaforge.config import MethodConfig
+from llamaforge.train.dropout import use_fast_dropout
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -36,6 +37,7 @@ def attach_method(model, method: MethodConfig, *, gradient_checkpointing: bool =
             use_dora=method.name == "dora", modules_to_save=method.modules_to_save or None,
         )
     model = get_peft_model(model, config)
+    use_fast_dropout(model)
     if gradient_checkpointing:
         model.enable_input_require_grads()
     return model

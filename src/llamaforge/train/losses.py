@@ -36,6 +36,17 @@ def decoder_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return decoder(input_ids=batch["input_ids"], use_cache=False, **kwargs).last_hidden_state
 
 
+def without_redundant_mask(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the padding mask of a right-padded batch: under causal attention a real token never sees the
+    pads after it, and pad positions carry no labels, so the mask changes nothing the loss reads. Without
+    it sdpa runs its causal kernel instead of a materialised 4-D mask (~15% of a training step on CPU)."""
+    mask = batch.get("attention_mask")
+    if mask is None or "position_ids" in batch or mask.shape[1] < 2:
+        return batch
+    right_padded = bool(mask[:, 0].all()) and bool((mask[:, :-1] >= mask[:, 1:]).all())
+    return {k: v for k, v in batch.items() if k != "attention_mask"} if right_padded else batch
+
+
 def token_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int = 1024) -> torch.Tensor:
     """Sum (not mean) of the cross-entropy over every target token of the batch.
 
@@ -45,7 +56,7 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int = 1024
     labels = batch["labels"]
     if getattr(model, "peft_type", None) is not None and str(model.peft_type).endswith("PREFIX_TUNING"):
         return full_logits_loss_sum(model, batch)
-    hidden = decoder_hidden(model, batch)
+    hidden = decoder_hidden(model, without_redundant_mask(batch))
     head = _decoder_and_head(model)[1]
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
