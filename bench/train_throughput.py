@@ -324,6 +324,22 @@ def main() -> None:
     report(a, results, peak, probes, data_info)
 
 
+def speed_ratios(results: dict) -> dict[str, float]:
+    """Target tokens/s of each llamaforge variant over (b) and (c); its eval loss vs (c), in percent.
+    llamaforge_padded is the default configuration, llamaforge the packed one."""
+    tps = {n: r["target_tokens"] / r["train_seconds"] for n, r in results.items()}
+    ratios = {}
+    for mine in ("llamaforge_padded", "llamaforge"):
+        if mine not in tps:
+            continue
+        for other in ("hf", "trl"):
+            if other in tps:
+                ratios[f"{mine}_over_{other}"] = tps[mine] / tps[other]
+        if "trl" in results:
+            ratios[f"{mine}_eval_loss_vs_trl_pct"] = 100 * (results[mine]["eval_loss"] / results["trl"]["eval_loss"] - 1)
+    return ratios
+
+
 def report(a, results: dict, peak: float, probes: dict, data_info: dict) -> None:
     label = {"llamaforge": "(a) llamaforge packed", "llamaforge_padded": "(a') llamaforge padded",
              "hf": "(b) HF Trainer + peft", "trl": "(c) TRL SFTTrainer"}
@@ -334,14 +350,7 @@ def report(a, results: dict, peak: float, probes: dict, data_info: dict) -> None
         lines.append(f"| {label[name]} | {r['config']} | {r['target_tokens'] / s:.0f} | {r['all_tokens'] / s:.0f} "
                      f"| {r['examples'] / a.steps:.1f} | {r['peak_rss_mb']:.0f} | {r['final_train_loss']:.4f} "
                      f"| {r['eval_loss']:.4f} | {s:.1f} | {r['wall_seconds']:.1f} | {100 * r['mfu']:.1f}% |")
-    ratios = {}
-    tps = {n: r["target_tokens"] / r["train_seconds"] for n, r in results.items()}
-    if "llamaforge" in tps:
-        for other in ("hf", "trl", "llamaforge_padded"):
-            if other in tps:
-                ratios[f"target_tok_s_a_over_{other}"] = tps["llamaforge"] / tps[other]
-        if "trl" in results:
-            ratios["eval_loss_diff_a_vs_c_pct"] = 100 * (results["llamaforge"]["eval_loss"] / results["trl"]["eval_loss"] - 1)
+    ratios = speed_ratios(results)
     print("\n".join(lines))
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}")
