@@ -200,7 +200,7 @@ def make_plan(arch: Arch, base: Setup, hw: Hardware, *, dtypes: dict[str, str], 
                  "tokens_per_second": round(tps, 1)}
         if tokens:
             seconds = tokens / tps
-            entry.update(epoch_hours=round(seconds / 3600, 3), total_hours=round(seconds * epochs / 3600, 3))
+            entry.update(epoch_hours=round(seconds / 3600, 6), total_hours=round(seconds * epochs / 3600, 6))
             if price is not None:
                 entry["cost"] = round(seconds * epochs / 3600 * price * hw.gpus, 2)
         timing[method] = entry
