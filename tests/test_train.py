@@ -118,11 +118,14 @@ def test_only_a_right_padding_mask_is_dropped():
     assert without_redundant_mask(left) is left and without_redundant_mask(holes) is holes
 
 
-def test_resume_continues_the_same_loss_sequence(tmp_path, tiny_llama_dir, data_file):
+@pytest.mark.parametrize("dropout", ["0", "0.1"])  # 0.1: FastDropout's masks come from the restored RNG
+def test_resume_continues_the_same_loss_sequence(tmp_path, tiny_llama_dir, data_file, dropout):
     straight_dir, _ = run_training(job(tmp_path / "a", tiny_llama_dir, data_file,
-                                       **{"train.max_steps": 8, "eval.before_after": "false"}))
+                                       **{"train.max_steps": 8, "eval.before_after": "false",
+                                          "method.dropout": dropout}))
     first = job(tmp_path / "b", tiny_llama_dir, data_file,
-                **{"train.max_steps": 8, "train.save_every": 4, "eval.before_after": "false"})
+                **{"train.max_steps": 8, "train.save_every": 4, "eval.before_after": "false",
+                   "method.dropout": dropout})
     recipe = FineTuneRecipe(first)
     recipe.setup()
     recipe.total_steps = 4  # stop half-way, as an interrupted run would
