@@ -60,3 +60,12 @@ def chat_rows(n: int) -> list[dict]:
         rows.append({"instruction": f"Repeat {k} words, number {i}.", "input": "",
                      "output": " ".join(words[(i + j) % len(words)] for j in range(k))})
     return rows
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(run_dir: Path) -> list[float]:
+    """The training loss of every optimizer step, in order, from the run's metrics.jsonl."""
+    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]

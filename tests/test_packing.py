@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from conftest import chat_rows, write_jsonl
+from conftest import chat_rows, read_metrics, step_losses, write_jsonl
 from llamaforge.templates import IGNORE_INDEX
 from llamaforge.train.batching import collate, num_targets
 from llamaforge.train.packing import collate_packed, pack_bins, packed_batches, verify_packing
@@ -162,8 +160,8 @@ def test_packed_training_counts_real_tokens_and_learns(tmp_path, tiny_llama_dir,
     recipe.save()
     recipe.cleanup()
     assert recipe.progress["tokens"] == 4 * recipe.data.card["train_tokens"]  # no pad counted, nothing skipped
-    rows = [json.loads(r) for r in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in rows if "loss" in r]
+    rows = read_metrics(recipe.run_dir)
+    losses = step_losses(recipe.run_dir)
     assert len(losses) == recipe.total_steps == 4 * recipe.steps_per_epoch
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05  # a random 128k-vocab model: ~0.1 in 12 steps
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
@@ -184,12 +182,8 @@ def test_packed_resume_continues_the_same_loss_sequence(tmp_path, tiny_llama_dir
     recipe.train()
     resumed_dir, _ = run_training(first, run_dir=recipe.run_dir, resume=True)
 
-    def losses(run_dir):
-        rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-        return [r["loss"] for r in rows if "loss" in r]
-
-    assert len(losses(resumed_dir)) == 4
-    assert losses(resumed_dir) == pytest.approx(losses(straight_dir), rel=1e-5)
+    assert len(step_losses(resumed_dir)) == 4
+    assert step_losses(resumed_dir) == pytest.approx(step_losses(straight_dir), rel=1e-5)
 
 
 def test_packing_with_prefix_tuning_is_refused(tmp_path, tiny_llama_dir, data_file):

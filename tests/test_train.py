@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import chat_rows, write_jsonl
+from conftest import chat_rows, step_losses, write_jsonl
 from llamaforge.config import load_config
 from llamaforge.train.recipe import FineTuneRecipe, run_training
 
@@ -40,7 +40,7 @@ def test_lora_run_writes_a_complete_run_dir_and_loss_falls(tmp_path, tiny_llama_
     card = json.loads((run_dir / "data_card.json").read_text())
     assert len(card["sha256"]) == 64 and card["train_records"] + card["val_records"] == 24
     assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"] - 0.1
-    losses = [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    losses = step_losses(run_dir)
     assert len(losses) == 25 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1
     # the adapter is a plain PEFT adapter
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
@@ -132,12 +132,8 @@ def test_resume_continues_the_same_loss_sequence(tmp_path, tiny_llama_dir, data_
     recipe.train()
     resumed_dir, _ = run_training(first, run_dir=recipe.run_dir, resume=True)
 
-    def losses(run_dir):
-        rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-        return [r["loss"] for r in rows if "loss" in r]
-
-    assert len(losses(resumed_dir)) == 8
-    assert losses(resumed_dir) == pytest.approx(losses(straight_dir), rel=1e-5)
+    assert len(step_losses(resumed_dir)) == 8
+    assert step_losses(resumed_dir) == pytest.approx(step_losses(straight_dir), rel=1e-5)
 
 
 def test_bad_configs_fail_before_loading(tmp_path):

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import chat_rows, write_jsonl
+from conftest import chat_rows, read_metrics, step_losses, write_jsonl
 from llamaforge.config import load_config
 from llamaforge.errors import ConfigError
 from llamaforge.train.monitor import TrainingMonitor, overfitting
@@ -35,10 +35,6 @@ def job(tmp_path, model_dir, data, *extra, val=None):
         "method.rank=4", "method.dropout=0", *extra,
     ]
     return load_config(None, overrides)
-
-
-def metrics_of(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture()
@@ -118,7 +114,7 @@ def test_overfitting_run_warns_stops_early_and_saves_the_best(tmp_path, tiny_lla
               "train.scheduler=constant", "train.max_steps=40", "train.eval_every=2",
               "train.early_stopping_patience=4", val=val)
     run_dir, summary = run_training(cfg)
-    evals = [r for r in metrics_of(run_dir) if "eval_loss" in r]
+    evals = [r for r in read_metrics(run_dir) if "eval_loss" in r]
     best = min(evals, key=lambda r: r["eval_loss"])
     # early stopping: 4 evals (every 2 steps) without improving on the best
     assert summary["stopped_early_at"] == summary["steps"] == best["step"] + 4 * 2 < 40
@@ -144,7 +140,7 @@ def test_divergence_stops_with_an_error_naming_the_step(tmp_path, tiny_llama_dir
         run_training(cfg)
     run_dir = tmp_path / "runs" / "t"
     info = json.loads((run_dir / "run.json").read_text())
-    rows = metrics_of(run_dir)
+    rows = read_metrics(run_dir)
     assert info["status"] == "diverged" and rows[-1]["step"] == info["step"] < 8 and "diverged" in rows[-1]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, info["step"]))  # the metrics so far
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -164,7 +160,7 @@ def test_trackers_and_generation_metrics_during_training(tmp_path, tiny_llama_di
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best", "step-00000004"]
     progress = json.loads((run_dir / "checkpoints" / "step-00000004" / "progress.json").read_text())
     assert progress["monitor"]["best_step"] == summary["best_step"]  # a resumed run goes on counting
-    rows = metrics_of(run_dir)
+    rows = read_metrics(run_dir)
     evals = [r for r in rows if "eval_loss" in r]
     assert [r["step"] for r in evals] == [2, 4, 4]  # two during training, the final one
     for r in evals:
@@ -205,7 +201,7 @@ def test_deterministic_runs_are_bit_identical(tmp_path, tiny_llama_dir, data_fil
             recipe.save()
         finally:
             recipe.cleanup()
-        return [r["loss"] for r in metrics_of(recipe.run_dir) if "loss" in r], \
+        return step_losses(recipe.run_dir), \
             load_file(recipe.run_dir / "adapter" / "adapter_model.safetensors")
 
     losses_a, weights_a = run("a")
@@ -235,7 +231,7 @@ def test_8bit_adamw_trains_on_cpu_with_8bit_states(tmp_path, tiny_llama_dir, dat
     assert sum(p.numel() >= 4096 for p in params) >= len(params) // 2
     for p in params:  # 8-bit moments for every tensor large enough
         assert optimizer.state[p]["state1"].dtype == (torch.uint8 if p.numel() >= 4096 else torch.float32)
-    losses = [r["loss"] for r in metrics_of(recipe.run_dir) if "loss" in r]
+    losses = step_losses(recipe.run_dir)
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 0.05
 
 

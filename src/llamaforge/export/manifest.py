@@ -73,7 +73,7 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
-def _swap_into_place(tmp: Path, target: Path) -> None:
+def swap_into_place(tmp: Path, target: Path) -> None:
     """Rename `tmp` to `target`; an existing target is moved aside first and deleted only after."""
     old = None
     if target.exists() or target.is_symlink():
@@ -101,7 +101,7 @@ def atomic_file(target: Path, *, overwrite: bool = False, required_bytes: int = 
         yield tmp
         if not tmp.is_file():
             raise ExportError(f"internal error: nothing was written for {target}")
-        _swap_into_place(tmp, target)
+        swap_into_place(tmp, target)
     finally:
         _remove(tmp)
 
@@ -119,7 +119,7 @@ def atomic_dir(target: Path, *, overwrite: bool = False, required_bytes: int = 0
     tmp.mkdir()
     try:
         yield tmp
-        _swap_into_place(tmp, target)
+        swap_into_place(tmp, target)
     finally:
         _remove(tmp)
 

@@ -32,10 +32,10 @@ class _ScaleKept(torch.autograd.Function):
         return grad.mul(keep).mul_(ctx.scale), None, None
 
 
-def keep_mask(shape: torch.Size, cutoff: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def keep_mask(shape: torch.Size, cutoff: int) -> torch.Tensor:
     """Bool mask, each element True with probability 1 - cutoff / 32768, from the CPU generator."""
     n = shape.numel()
-    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(generator=generator)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_()
     return ((words.view(torch.int16)[:n] & (LEVELS - 1)) >= cutoff).view(shape)
 
 

@@ -39,7 +39,7 @@ def decoder_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def without_redundant_mask(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop the padding mask of a right-padded batch: under causal attention a real token never sees the
     pads after it, and pad positions carry no labels, so the mask changes nothing the loss reads. Without
-    it sdpa runs its causal kernel instead of a materialised 4-D mask (~15% of a training step on CPU)."""
+    it sdpa runs its causal kernel without a mask (~5% of a LoRA step on CPU, measured)."""
     mask = batch.get("attention_mask")
     if mask is None or "position_ids" in batch or mask.shape[1] < 2:
         return batch

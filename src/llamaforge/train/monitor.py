@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,17 +127,15 @@ class TrainingMonitor:
 
 def save_best(root: Path, model, info: dict) -> Path:
     """Trainable tensors + best.json, written to a temp folder and renamed into place (as checkpoints)."""
+    from llamaforge.export.manifest import swap_into_place
+
     root.mkdir(parents=True, exist_ok=True)
-    final, tmp, old = root / BEST_DIR, root / f".tmp-{BEST_DIR}", root / f".old-{BEST_DIR}"
+    final, tmp = root / BEST_DIR, root / f".tmp-{BEST_DIR}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(trainable_state(model), tmp / "trainable.safetensors")
     (tmp / "best.json").write_text(json.dumps(info, indent=2))
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_into_place(tmp, final)
     return final
 
 
