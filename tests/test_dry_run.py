@@ -44,19 +44,24 @@ def default_model():
 
 
 def test_default_job_estimate_is_sensible(capsys, default_model):
-    lora = dry_run(capsys)
+    lora = dry_run(capsys, "train.batch_size=4")
     assert "(lora, micro-batch 4 x 1024 tokens" in lora["text"] and "on cpu" in lora["text"]
+    assert "note: precision: " in lora["text"]  # the resolved precision, with its reason
     # 134.5M fp32 weights = 0.50 GiB, plus the LoRA adapter; LoRA gradients and AdamW states are tiny
     assert 0.49 <= lora["weights"] <= 0.53
     assert lora["gradients"] < 0.05 and lora["optimizer"] == pytest.approx(2 * lora["gradients"], abs=0.011)
     assert 1 < lora["activations"] < 20 and lora["peak"] > lora["weights"] + lora["activations"]
     assert ("fits" in lora["text"]) == (lora["peak"] <= lora["available"])
 
-    ckpt = estimate_lines(default_model, "train.gradient_checkpointing=true")
+    auto = dry_run(capsys)  # the default: batch_size auto plans the micro-batch within the budget
+    assert "batch_size auto, planned at rows of data.max_length: batch: micro-batch" in auto["text"]
+    assert auto["peak"] <= 0.6 * auto["available"] and "fits" in auto["text"]
+
+    ckpt = estimate_lines(default_model, "train.batch_size=4", "train.gradient_checkpointing=true")
     assert ckpt["activations"] < lora["activations"] / 3 and ckpt["peak"] < lora["peak"]
-    qlora = estimate_lines(default_model, "method.name=qlora")
+    qlora = estimate_lines(default_model, "train.batch_size=4", "method.name=qlora")
     assert qlora["weights"] < lora["weights"] / 2 and "NF4" in qlora["text"]
-    full = estimate_lines(default_model, "method.name=full")
+    full = estimate_lines(default_model, "train.batch_size=4", "method.name=full")
     assert full["optimizer"] == pytest.approx(2 * full["gradients"], abs=0.011) and full["gradients"] > 0.45
 
 

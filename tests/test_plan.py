@@ -260,7 +260,7 @@ def test_cli_8b_on_24gb(capsys):
 def test_cli_json_70b_on_80gb(capsys):
     plan = json.loads(_cli(capsys, "--model", "llama3-70b", "--gpu", "A100-80GB", "--json", "--tokens", "1e7",
                            "--batch-size", "1", "--seq-len", "2048"))
-    assert plan["hardware"]["bf16_tflops"] == 312
+    assert plan["hardware"]["tflops"] == 312 and plan["hardware"]["precision"] == "bf16"
     assert plan["recommendation"]["method"] == "qlora"
     assert not any(r["fits"] for r in plan["methods"]["lora"]["rows"])
     assert plan["methods"]["full"]["rows"][1]["min_gpus_fsdp"] > 8
@@ -297,7 +297,8 @@ def test_cli_rejects_unknown_gpu(capsys):
 
 def test_cli_on_this_cpu(capsys):
     plan = json.loads(_cli(capsys, "--model", "smollm2-135m", "--tokens", "1e5", "--json"))
-    assert plan["hardware"]["device"] == "cpu" and plan["hardware"]["bf16_tflops"] > 0
+    assert plan["hardware"]["device"] == "cpu" and plan["hardware"]["tflops"] > 0
+    assert plan["hardware"]["precision"] == plan["settings"]["precision"]  # the resolved one, with its peak
     assert set(plan["settings"]["strategies"]) == {"ddp"}
     assert plan["recommendation"]["method"] in ("lora", "qlora", "full")
     assert all(plan["time"][m]["epoch_hours"] > 0 for m in ("full", "lora", "qlora"))

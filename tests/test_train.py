@@ -149,36 +149,85 @@ def test_bad_configs_fail_before_loading(tmp_path):
             FineTuneRecipe(cfg).setup()
 
 
-@pytest.mark.parametrize("stop", ["ctrl_c", "sigterm"])
-def test_an_interrupt_saves_a_resumable_checkpoint(tmp_path, tiny_llama_dir, data_file, stop):
-    """Ctrl-C, or SIGTERM as a cluster scheduler sends it on preemption: checkpoint, then resume."""
+def _interrupted_then_resumed(tmp_path, tiny_llama_dir, data_file, send, *, patience_s=30.0):
+    """Train 5 steps with `send(signal)` called inside step 3, after its first micro-batch has drawn
+    dropout masks; resume to the end. Returns (run dir, name of the checkpoint the interrupt saved)."""
     import os
     import signal
 
-    from llamaforge.train.recipe import TrainingInterrupted, interrupt_on_sigterm
+    from llamaforge.train.recipe import TrainingInterrupted
 
-    cfg = job(tmp_path, tiny_llama_dir, data_file, **{"train.max_steps": 5, "eval.before_after": "false"})
+    extra = {"train.max_steps": 5, "eval.before_after": "false", "train.batch_size": 2, "train.grad_accum": 2,
+             "method.dropout": 0.1, "output.name": "interrupted"}
+    cfg = job(tmp_path, tiny_llama_dir, data_file, **extra)
     recipe = FineTuneRecipe(cfg)
     recipe.setup()
-    real_step, calls = recipe._step, []
+    recipe.signals.patience_s = patience_s
+    real_loss, calls = recipe.train_loss, []
 
-    def interrupted_on_third(group):
+    def loss_that_gets_signalled(batch):
         calls.append(1)
-        if len(calls) == 3:
-            if stop == "ctrl_c":
-                raise KeyboardInterrupt
-            os.kill(os.getpid(), signal.SIGTERM)  # a real signal (unhandled, it would kill the process)
-        return real_step(group)
+        out = real_loss(batch)
+        if len(calls) == 6:  # step 3, second micro-batch: the first one's dropout draws are done
+            send(lambda: os.kill(os.getpid(), signal.SIGINT))
+        return out
 
-    recipe._step = interrupted_on_third
-    with pytest.raises(TrainingInterrupted, match="--resume"), interrupt_on_sigterm():
+    recipe.train_loss = loss_that_gets_signalled
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted, match="--resume"), recipe.signals.installed():
         recipe.train()
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed afterwards
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # restored
     assert json.loads((recipe.run_dir / "run.json").read_text())["status"] == "interrupted"
-    assert (recipe.run_dir / "checkpoints" / "step-00000002" / "trainable.safetensors").is_file()
+    saved = [p.name for p in (recipe.run_dir / "checkpoints").iterdir()]
     run_dir, summary = run_training(cfg, run_dir=recipe.run_dir, resume=True)
     assert summary["steps"] == 5
     assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
+    straight, _ = run_training(job(tmp_path, tiny_llama_dir, data_file, **{**extra, "output.name": "straight"}))
+    # exact: the resumed run replays the interrupted step with the RNG of its boundary
+    assert step_losses(run_dir)[-2:] == step_losses(straight)[-2:]
+    return run_dir, saved
+
+
+def test_a_first_signal_stops_at_the_next_step_boundary(tmp_path, tiny_llama_dir, data_file):
+    _, saved = _interrupted_then_resumed(tmp_path, tiny_llama_dir, data_file, lambda kill: kill())
+    assert saved == ["step-00000003"]  # step 3 was finished, then the run stopped
+
+
+def test_a_second_signal_stops_now_keeping_the_last_boundary(tmp_path, tiny_llama_dir, data_file):
+    def twice(kill):
+        kill()
+        kill()
+
+    _, saved = _interrupted_then_resumed(tmp_path, tiny_llama_dir, data_file, twice)
+    assert saved == ["step-00000002"]  # step 3 abandoned mid-way: the checkpoint is the boundary before it
+
+
+def test_a_signal_during_a_long_step_stops_now(tmp_path, tiny_llama_dir, data_file):
+    # a step expected to take longer than the patience (30 s by default) is not waited for
+    _, saved = _interrupted_then_resumed(tmp_path, tiny_llama_dir, data_file, lambda kill: kill(), patience_s=0.0)
+    assert saved == ["step-00000002"]
+
+
+def test_sigterm_takes_the_same_path(tmp_path, tiny_llama_dir, data_file):
+    import os
+    import signal
+
+    from llamaforge.train.recipe import TrainingInterrupted
+
+    cfg = job(tmp_path, tiny_llama_dir, data_file, **{"train.max_steps": 4, "eval.before_after": "false"})
+    recipe = FineTuneRecipe(cfg)
+    recipe.setup()
+    real_step = recipe._step
+
+    def preempted_in_second(group, index):
+        if index == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # a real signal (unhandled, it would kill the process)
+        return real_step(group, index)
+
+    recipe._step = preempted_in_second
+    with pytest.raises(TrainingInterrupted), recipe.signals.installed():
+        recipe.train()
+    assert [p.name for p in (recipe.run_dir / "checkpoints").iterdir()] == ["step-00000002"]
 
 
 def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, monkeypatch):

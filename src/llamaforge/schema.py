@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 TemplateName = Literal["auto", "model", "llama3", "chatml", "alpaca", "raw"]
 DataFormat = Literal["auto", "alpaca", "sharegpt", "messages", "text"]
@@ -78,17 +78,33 @@ class MethodConfig(Section):
 class TrainConfig(Section):
     epochs: float = Field(3.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
-    batch_size: int = Field(4, ge=1, description="micro-batch size per device")
-    grad_accum: int = Field(1, ge=1)
+    batch_size: int | Literal["auto"] = Field(
+        "auto", description="micro-batch size per device; auto = the planner picks the one that fits "
+        "train.memory_fraction of the free memory at the best throughput, and train.grad_accum makes up "
+        "train.effective_batch_size"
+    )
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step (derived when batch_size is auto)")
+    effective_batch_size: int | None = Field(
+        None, ge=1, description="examples (packed rows) per optimizer step over all devices; "
+        "default batch_size x grad_accum x devices, or 8 when batch_size is auto"
+    )
+    memory_fraction: float = Field(
+        0.6, gt=0, le=1, description="share of the memory available to this process (or of the GPU's free "
+        "memory) that batch_size / gradient_checkpointing auto may plan for"
+    )
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
     precision: Literal["auto", "bf16", "fp32", "fp16"] = Field(
-        "auto", description="auto = bf16 autocast where supported (CPU, Ampere+), else fp32"
+        "auto", description="auto = what this hardware does fast: bf16 on Ampere+ GPUs (fp16 with a loss scaler "
+        "before), on CPUs bf16 only with bf16 instructions and a probe showing it faster, else fp32"
     )
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="recompute activations in backward (~30% more compute, far less memory); "
+        "auto = only when no micro-batch fits without it"
+    )
     packing: bool = Field(
         False, description="several examples per row (position ids restart, no attention across them); "
         "batch_size then counts packed rows of pack_length tokens"
@@ -131,6 +147,24 @@ class TrainConfig(Section):
     )
     mlflow_uri: str | None = Field(None, description="MLflow tracking URI; None = a local store in run_dir/mlruns")
     mlflow_experiment: str = Field("llamaforge", description="MLflow experiment the run is logged under")
+
+
+    @model_validator(mode="after")
+    def _check_batch(self) -> TrainConfig:
+        if self.batch_size == "auto":
+            if self.grad_accum != 1:
+                raise ValueError("train.grad_accum is derived when train.batch_size is auto: set "
+                                 "train.effective_batch_size instead (or a fixed train.batch_size)")
+        elif self.effective_batch_size is not None and self.effective_batch_size % (self.batch_size * self.grad_accum):
+            raise ValueError(f"train.effective_batch_size={self.effective_batch_size} is not a multiple of "
+                             f"train.batch_size x train.grad_accum = {self.batch_size * self.grad_accum}")
+        return self
+
+    def target_effective_batch(self) -> int:
+        """Examples per optimizer step over all devices that auto batch sizing keeps."""
+        if self.effective_batch_size is not None:
+            return self.effective_batch_size
+        return 8 if self.batch_size == "auto" else self.batch_size * self.grad_accum
 
 
 class EvalConfig(Section):

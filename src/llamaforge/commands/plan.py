@@ -61,8 +61,9 @@ def run(args) -> int:
         job, overrides = None, [job, *overrides]  # `llamaforge plan train.batch_size=8`
     config = load_config(job, overrides)
     arch = load_arch(args.model or _arch_spec(config.model.source))
-    hw = gpu_hardware(args.gpu, args.gpus, args.gpu_tflops) if args.gpu else cpu_hardware()
-    base = base_setup(config, device=hw.device, batch=args.batch_size, seq=args.seq_len, optimizer=args.optimizer)
+    hw = gpu_hardware(args.gpu, args.gpus, args.gpu_tflops) if args.gpu else cpu_hardware(config.train.precision)
+    base = base_setup(config, device=hw.device, batch=args.batch_size, seq=args.seq_len, optimizer=args.optimizer,
+                      precision=hw.precision if hw.device == "cpu" else None)
     if args.tokens:
         tokens, note = args.tokens, "given"
     else:

@@ -54,17 +54,29 @@ def device_memory(device) -> tuple[float, str]:
 
 
 def memory_lines(cfg, hf_config) -> list[str]:
-    from llamaforge.device import default_device, resolve_precision
+    from llamaforge.device import choose_precision, default_device
 
     device = default_device()
     try:
-        precision = resolve_precision(cfg.train.precision, device)
+        choice = choose_precision(cfg.train.precision, device)
     except ConfigError as exc:
         return [f"# memory estimate: none, this job would stop at setup on {device.type}: {exc}"]
+    precision = choice.precision
     arch = Arch.from_config(hf_config.to_dict(), name=getattr(hf_config, "name_or_path", "") or "model")
     setup, notes = job_setup(cfg, device.type, precision)
-    est = estimate(arch, setup)
+    notes.insert(0, choice.line() + (f"; warning: {choice.warning}" if choice.warning else ""))
     capacity, where = device_memory(device)
+    t = cfg.train
+    if t.batch_size == "auto":
+        from llamaforge.planning.autobatch import choose_batch
+
+        batch = choose_batch(arch, setup, per_device_batch=t.target_effective_batch(),
+                             budget_bytes=t.memory_fraction * capacity, mean_tokens=setup.seq / 2,
+                             checkpointing=None if t.gradient_checkpointing == "auto" else t.gradient_checkpointing)
+        setup = setup.with_(batch=batch.micro_batch, checkpointing=batch.checkpointing)
+        notes.append(f"batch_size auto, planned at rows of data.max_length: {batch.line()}; training decides on "
+                     "the real lengths")
+    est = estimate(arch, setup)
     fits = est.peak <= capacity
     quant = "NF4 + " if setup.method == "qlora" else ""
     lines = [
@@ -93,3 +105,31 @@ def memory_lines(cfg, hf_config) -> list[str]:
         lines.append("#   try: " + "; ".join(advice))
     lines += [f"#   note: {n}" for n in notes]
     return lines
+
+
+def batch_planning_inputs(cfg, model, device, precision: str, lengths) -> tuple[Arch, Setup, float, float, float]:
+    """What `batch_size: auto` plans with, for a loaded model and tokenized data: the planner's setup at
+    the data's longest row, the memory budget (train.memory_fraction of what this process can have),
+    the memory already resident beyond the planner's tensors, and the mean row length."""
+    import torch
+
+    from llamaforge.hardware import available_memory_bytes, process_rss_bytes
+
+    lengths = list(lengths)
+    arch = Arch.from_config(model.config.to_dict(), name=getattr(model.config, "name_or_path", "") or "model")
+    setup, _ = job_setup(cfg, device.type, precision)
+    t = cfg.train
+    if t.packing:
+        seq = t.pack_length or cfg.data.max_length
+        mean_tokens = float(seq)  # packed rows run nearly full
+    else:
+        seq = max(lengths, default=cfg.data.max_length)
+        mean_tokens = sum(lengths) / max(1, len(lengths))
+    setup = setup.with_(seq=seq)
+    fraction = t.memory_fraction
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        return arch, setup, fraction * free, 0.0, mean_tokens
+    rss = process_rss_bytes()
+    weights = estimate(arch, setup.with_(batch=1)).weights  # loaded already: in the RSS, counted once
+    return arch, setup, fraction * (available_memory_bytes() + rss), max(0.0, rss - weights), mean_tokens

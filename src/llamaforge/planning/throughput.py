@@ -8,7 +8,6 @@ is free), s = sequence length (the attention term). LoRA skips the frozen weight
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from llamaforge.planning.arch import Arch
@@ -58,27 +57,3 @@ def flops_per_token(arch: Arch, method: str, seq: int, *, checkpointing: bool = 
     if checkpointing:
         flops += 2 * n + attn / 3
     return float(flops)
-
-
-_cpu_rate: float | None = None
-
-
-def measure_cpu_bf16_flops(seconds: float = 0.5) -> float:
-    """bf16 matmul rate of this CPU (FLOP/s): the best of short bursts of 1024^3 products, so that
-    other processes on a shared machine bias it less."""
-    global _cpu_rate
-    if _cpu_rate is None:
-        import torch
-
-        a = torch.randn(1024, 1024, dtype=torch.bfloat16)
-        b = torch.randn(1024, 1024, dtype=torch.bfloat16)
-        for _ in range(2):
-            a @ b  # warm-up (kernel selection, thread pool)
-        best, deadline = 0.0, time.perf_counter() + seconds
-        while time.perf_counter() < deadline or best == 0.0:
-            start = time.perf_counter()
-            for _ in range(4):
-                a @ b
-            best = max(best, 4 * 2 * 1024**3 / (time.perf_counter() - start))
-        _cpu_rate = best
-    return _cpu_rate

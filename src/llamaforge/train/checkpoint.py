@@ -1,4 +1,5 @@
-"""Resumable checkpoints: trainable weights, optimizer, scheduler, RNG and data position.
+"""Resumable checkpoints: trainable weights, optimizer, scheduler, RNG (torch CPU and CUDA, python,
+numpy) and data position.
 
 Written to a temporary folder and renamed into place, so a process killed mid-save leaves the
 previous checkpoint intact. Only trainable tensors are stored (a LoRA checkpoint is megabytes,
@@ -13,6 +14,7 @@ import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -23,18 +25,41 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, progress: dict, keep: int) -> Path:
+def capture_rng() -> dict:
+    """Every random state a training step draws from: torch (CPU and each CUDA device), python, numpy."""
+    state = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+             "numpy_rng": _numpy_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(_as_python_rng(state["python_rng"]))
+    if "numpy_rng" in state:
+        kind, keys, pos, has_gauss, gauss = state["numpy_rng"]
+        np.random.set_state((kind, keys.numpy(), int(pos), int(has_gauss), float(gauss)))
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+def _numpy_state() -> tuple:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return (kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss)  # loadable with weights_only
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, progress: dict, keep: int,
+                    *, rng: dict | None = None) -> Path:
+    """`rng`: the random state to store (the last step boundary's); default the current one."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".tmp-{PREFIX}{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(trainable_state(model), tmp / "trainable.safetensors")
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-         "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()},
-        tmp / "state.pt",
-    )
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **(rng or capture_rng())},
+               tmp / "state.pt")
     (tmp / "progress.json").write_text(json.dumps(progress, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -67,8 +92,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     state = torch.load(path / "state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    random.setstate(_as_python_rng(state["python_rng"]))
+    restore_rng(state)
     return json.loads((path / "progress.json").read_text())
 
 

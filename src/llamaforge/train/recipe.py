@@ -6,15 +6,14 @@ tokens of the whole optimizer step), chunked loss and exact resume stay in our h
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import os
 import shutil
-import signal
-import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 
@@ -26,11 +25,12 @@ from llamaforge.device import default_device, resolve_precision
 from llamaforge.errors import ConfigError, LlamaforgeError
 from llamaforge.train.adapters import attach_method, count_parameters
 from llamaforge.train.batching import collate, collate_micro, length_grouped_batches, num_targets
-from llamaforge.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from llamaforge.train.checkpoint import capture_rng, list_checkpoints, load_checkpoint, save_checkpoint
 from llamaforge.train.knobs import build_optimizer, check_optimizer, seed_everything
 from llamaforge.train.losses import token_loss_sum
 from llamaforge.train.monitor import TrainingDiverged, ValidationWatch  # noqa: F401 - re-exported
 from llamaforge.train.packing import packed_batches, verify_packing
+from llamaforge.train.signals import StopSignals
 from llamaforge.train.tracking import MetricsLog, check_trackers, open_trackers, plot_losses
 
 log = logging.getLogger(__name__)
@@ -38,23 +38,6 @@ log = logging.getLogger(__name__)
 
 class TrainingInterrupted(LlamaforgeError):
     pass
-
-
-@contextmanager
-def interrupt_on_sigterm():
-    """SIGTERM (a scheduler's preemption, `kill`) takes the Ctrl-C path: checkpoint, then stop."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread
-        return
-
-    def to_interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, to_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def run_name(cfg: JobConfig) -> str:
@@ -77,21 +60,26 @@ def check_launch(accelerator) -> None:
 
 class FineTuneRecipe(ValidationWatch):
     def __init__(self, cfg: JobConfig, *, run_dir: Path | None = None, resume: bool = False):
-        self.cfg, self.resume = cfg, resume
+        # A copy: auto batch sizing writes the resolved micro-batch into it, never into the caller's.
+        self.cfg, self.resume = cfg.model_copy(deep=True), resume
         self.run_dir = run_dir or Path(cfg.output.dir) / run_name(cfg)
         self.summary: dict = {}
+        self.signals = StopSignals()
+        self._boundary: tuple[dict, dict] | None = None  # (progress, RNG) at the last step boundary
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
 
+        from llamaforge.hardware import configure_threads
         from llamaforge.models import load_model, warn_if_chat_tokens_untrained
         from llamaforge.templates import get_template
         from llamaforge.train.data import prepare_data, write_rejects
 
         cfg = self.cfg
         device = default_device()
+        threads = configure_threads() if device.type == "cpu" else None
         check_optimizer(cfg.train.optimizer, device)
         check_trackers(cfg.train.trackers)
         self._was_deterministic = seed_everything(cfg.train.seed, cfg.train.deterministic)
@@ -119,11 +107,15 @@ class FineTuneRecipe(ValidationWatch):
         self._log(f"data: {self.data.card['train_records']} train / {self.data.card['val_records']} val records, "
                   f"{self.data.card['rejected']} rejected, {self.data.card['train_target_tokens']} target tokens")
 
+        self._resolve_batch(model, device)
         self.model = attach_method(model, cfg.method, gradient_checkpointing=cfg.train.gradient_checkpointing)
         trainable, total = count_parameters(self.model)
         self._log(f"{cfg.method.name}: {trainable:,} trainable of {total:,} parameters "
-                  f"({100 * trainable / total:.2f}%), precision {self.precision}")
-        self.summary.update(trainable_params=trainable, total_params=total, precision=self.precision)
+                  f"({100 * trainable / total:.2f}%), precision {self.precision}"
+                  + (f", {threads} CPU threads" if threads else ""))
+        self.summary.update(trainable_params=trainable, total_params=total, precision=self.precision,
+                            threads=threads, micro_batch=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
+                            gradient_checkpointing=cfg.train.gradient_checkpointing)
 
         world = self.accelerator.num_processes
         batches = len(self._epoch_batches(0)) // world or 1
@@ -147,6 +139,45 @@ class FineTuneRecipe(ValidationWatch):
         if self.resume:
             self._restore()
         self._write_run_json("running")
+
+    def _resolve_batch(self, model, device) -> None:
+        """`batch_size: auto` / `gradient_checkpointing: auto`: the planner's choice for this data on this
+        machine (planning/autobatch.py), written into the run's config.yaml so a resume replays it."""
+        t, world = self.cfg.train, self.accelerator.num_processes
+        if self.resume and (self.run_dir / "config.yaml").is_file() and "auto" in (t.batch_size,
+                                                                                   t.gradient_checkpointing):
+            from llamaforge.config import load_config
+
+            saved = load_config(str(self.run_dir / "config.yaml")).train
+            t.batch_size, t.grad_accum = saved.batch_size, saved.grad_accum
+            t.gradient_checkpointing = saved.gradient_checkpointing
+        if t.batch_size != "auto":
+            if t.gradient_checkpointing == "auto":
+                t.gradient_checkpointing = False
+            return
+        from llamaforge.planning.autobatch import choose_batch
+        from llamaforge.planning.dry_run import batch_planning_inputs
+
+        effective = t.target_effective_batch()
+        if effective % world:
+            raise ConfigError(f"train.effective_batch_size={effective} does not split over {world} processes")
+        arch, setup, budget, resident, mean_tokens = batch_planning_inputs(
+            self.cfg, model, device, self.precision, self.data.train["length"])
+        choice = choose_batch(arch, setup, per_device_batch=effective // world, budget_bytes=budget,
+                              mean_tokens=mean_tokens, already_resident=resident,
+                              checkpointing=None if t.gradient_checkpointing == "auto" else t.gradient_checkpointing)
+        t.batch_size, t.grad_accum = choice.micro_batch, choice.grad_accum
+        t.gradient_checkpointing = choice.checkpointing
+        t.effective_batch_size = effective
+        self._log(choice.line())
+        if not choice.fits:
+            log.warning("batch: %s", choice.reason)
+        self.summary["batch_choice"] = {"micro_batch": choice.micro_batch, "grad_accum": choice.grad_accum,
+                                        "gradient_checkpointing": choice.checkpointing,
+                                        "planned_peak_gib": round(choice.peak_bytes / 2**30, 2),
+                                        "budget_gib": round(choice.budget_bytes / 2**30, 2), "reason": choice.reason}
+        if self.accelerator.is_main_process:
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
 
     def _prepare_run_dir_once(self) -> None:
         """Every process of a launch uses the main one's run directory, made (or wiped) once, before
@@ -237,6 +268,7 @@ class FineTuneRecipe(ValidationWatch):
         if self._packed():  # fail before training if this model lets packed examples see each other
             verify_packing(acc.unwrap_model(self.model), flatten=cfg.model.attn_implementation == "flash_attention_2")
         started = time.perf_counter() - self.progress["elapsed"]
+        self._mark_boundary()
         try:
             while self.progress["step"] < self.total_steps and self.monitor.stopped_at is None:
                 epoch = self.progress["epoch"]
@@ -247,8 +279,10 @@ class FineTuneRecipe(ValidationWatch):
                 if not groups:
                     raise ConfigError(f"too few training batches for {acc.num_processes} processes")
                 for g in range(self.progress["group"], len(groups)):
-                    record = self._step(groups[g])
-                    self.progress.update(group=g + 1, elapsed=time.perf_counter() - started)
+                    step_started = time.perf_counter()
+                    record = self._step(groups[g], g)
+                    self.progress.update(elapsed=time.perf_counter() - started)
+                    self.signals.expected_step_s = time.perf_counter() - step_started
                     step = self.progress["step"]
                     record.update(step=step, epoch=epoch + (g + 1) / len(groups),
                                   tokens_per_s=self.progress["tokens"] / self.progress["elapsed"])
@@ -261,6 +295,8 @@ class FineTuneRecipe(ValidationWatch):
                         self._eval_and_log(metrics, step)
                     if cfg.train.save_every and step % cfg.train.save_every == 0:
                         self._checkpoint()
+                    if self.signals.stop_requested:
+                        raise KeyboardInterrupt
                     if step >= self.total_steps or self.monitor.stopped_at is not None:
                         break
                 else:
@@ -269,7 +305,7 @@ class FineTuneRecipe(ValidationWatch):
                         self._eval_and_log(metrics, self.progress["step"])
         except KeyboardInterrupt:
             bar.close()
-            path = self._checkpoint()
+            path = self._checkpoint(at_boundary=True)
             self._write_run_json("interrupted")
             metrics.close("interrupted")
             raise TrainingInterrupted(
@@ -296,16 +332,19 @@ class FineTuneRecipe(ValidationWatch):
             self._log(f"eval loss after training: {final['eval_loss']:.4f} (ppl {final['eval_ppl']:.2f})")
         return self.summary
 
-    def _step(self, group: list[list[int]]) -> dict:
+    def _step(self, group: list[list[int]], index: int) -> dict:
         loss_total, global_targets = self.accumulate(group)
         cfg, acc = self.cfg, self.accelerator
         grad_norm = None
         if cfg.train.max_grad_norm > 0:
             grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.progress["step"] += 1
+        with self.signals.update():  # a signal now waits for the weights to be whole
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.progress["step"] += 1
+            self.progress["group"] = index + 1
+            self._mark_boundary()
         loss = acc.reduce(torch.tensor(loss_total, device=acc.device), reduction="sum").item() / max(global_targets, 1)
         return {"loss": loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                 "target_tokens": global_targets}
@@ -363,14 +402,21 @@ class FineTuneRecipe(ValidationWatch):
         self.progress["target_tokens"] += local_targets
         return loss_total, global_targets
 
-    def _checkpoint(self) -> Path | None:
+    def _mark_boundary(self) -> None:
+        """Remember progress and RNG at a step boundary: an interrupt mid-step saves these, so a resume
+        replays the interrupted step exactly (weights and optimizer only change at the boundary)."""
+        self._boundary = (copy.deepcopy(self.progress), capture_rng())
+
+    def _checkpoint(self, *, at_boundary: bool = False) -> Path | None:
         if not self.accelerator.is_main_process:
             return None
+        progress, rng = self._boundary if at_boundary and self._boundary else (self.progress, None)
+        progress = copy.deepcopy(progress)
         if self.monitor is not None:
-            self.progress["monitor"] = self.monitor.state_dict()
-        return save_checkpoint(self.run_dir / "checkpoints", self.progress["step"],
+            progress["monitor"] = self.monitor.state_dict()
+        return save_checkpoint(self.run_dir / "checkpoints", progress["step"],
                                self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler,
-                               dict(self.progress), self.cfg.train.keep_checkpoints)
+                               progress, self.cfg.train.keep_checkpoints, rng=rng)
 
     # ------------------------------------------------------------------ save / cleanup
     def save(self) -> Path:
@@ -415,7 +461,7 @@ def run_training(cfg: JobConfig, *, run_dir: Path | None = None, resume: bool = 
     recipe = FineTuneRecipe(cfg, run_dir=run_dir, resume=resume)
     recipe.setup()
     try:
-        with interrupt_on_sigterm():
+        with recipe.signals.installed():
             summary = recipe.train()
         recipe.save()
     finally:
