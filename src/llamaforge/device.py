@@ -83,7 +83,7 @@ def choose_precision(precision: str, device: torch.device) -> PrecisionChoice:
 def resolve_precision(precision: str, device: torch.device, *, announce: bool = True) -> str:
     """The precision to run in; the choice and its reason are printed once per process."""
     choice = choose_precision(precision, device)
-    if announce:
+    if announce or choice.warning:
         from llamaforge.console import say, warn
 
         say(choice.line(), once=True)
@@ -93,7 +93,8 @@ def resolve_precision(precision: str, device: torch.device, *, announce: bool = 
 
 
 def autocast_context(device: torch.device, precision: str):
-    precision = resolve_precision(precision, device)
+    """Autocast for `precision`; `auto` is resolved (and announced) here, a resolved one passes silently."""
+    precision = resolve_precision(precision, device, announce=precision == "auto")
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16

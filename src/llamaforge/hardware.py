@@ -194,10 +194,20 @@ def probe_cache_path(info: CpuInfo) -> Path:
 def probe_cpu_precision(info: CpuInfo | None = None) -> PrecisionProbe:
     """bf16 vs fp32 matmul rates, cached per machine (CPU model, ISA, torch version) under
     $LLAMAFORGE_HOME/hardware/. Well under a second when not cached."""
-    import torch
-
     info = info or cpu_info()
     path = probe_cache_path(info)
+    if path in _probes:
+        return _probes[path]
+    _probes[path] = probe = _read_or_measure(info, path)
+    return probe
+
+
+_probes: dict[Path, PrecisionProbe] = {}
+
+
+def _read_or_measure(info: CpuInfo, path: Path) -> PrecisionProbe:
+    import torch
+
     try:
         cached = json.loads(path.read_text())
         return PrecisionProbe(**{**cached, "bf16_shape": tuple(cached["bf16_shape"]),

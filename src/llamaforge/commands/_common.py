@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from llamaforge.quiet import silence_known_noise
+
 
 def add_job_arguments(parser: argparse.ArgumentParser, *, job_required: bool = False) -> None:
     parser.add_argument("job", nargs=None if job_required else "?", help="job YAML file (defaults if omitted)")
@@ -22,8 +24,9 @@ def split_job_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[
 
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
-    for noisy in ("httpx", "urllib3", "datasets", "filelock", "accelerate", "torchao"):
+    for noisy in ("httpx", "urllib3", "datasets", "filelock", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    silence_known_noise()
 
 
 def formatter() -> type[argparse.HelpFormatter]:
