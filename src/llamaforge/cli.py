@@ -12,6 +12,7 @@ from llamaforge.errors import LlamaforgeError
 # Order is the order shown in `llamaforge --help`.
 COMMANDS = ["prepare", "train", "eval", "chat", "generate", "merge", "export", "serve", "plan", "sweep",
             "config", "models"]
+COMPUTE_COMMANDS = {"train", "eval", "chat", "generate", "merge", "export", "serve", "plan"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command in COMPUTE_COMMANDS:  # torch's threads = the cores this process may use
+            from llamaforge.hardware import configure_threads
+
+            configure_threads()
         return int(args.func(args) or 0)
     except LlamaforgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
