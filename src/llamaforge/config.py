@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from llamaforge.data.curate.config import PrepareConfig
 from llamaforge.errors import ConfigError
-from llamaforge.evaluate.runner import EvaluationConfig
+from llamaforge.evaluate.config import EvaluationConfig
 from llamaforge.schema import (  # noqa: F401 - re-exported: the job's sections live in schema.py
     DataConfig,
     DataFormat,

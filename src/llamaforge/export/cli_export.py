@@ -29,24 +29,24 @@ def export_gguf_run(run_dir: str | Path, out: str | Path, *, dtype: str = "f16",
 
     if dtype not in gx.DTYPES:
         raise ExportError(f"GGUF dtype must be one of {', '.join(gx.DTYPES)}, got {dtype!r}")
-    run_dir, info, source, params = prepare(run_dir)
+    run, source, params = prepare(run_dir)
     cfg = base_config(source)
     if cfg:  # unsupported architectures are refused before anything is loaded or written
         gx.LlamaHParams.from_config(cfg, where=f"{source}/config.json")
     out = Path(out)
     bits = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q4_0": 4.5, "q4_1": 5}[dtype]
-    required = int(params * (4 + bits / 8)) + (params // 10 if info["method"] != "full" else 0)
-    name = run_dir.resolve().name
+    required = int(params * (4 + bits / 8)) + (params // 10 if run.is_adapter else 0)
+    name = run.dir.resolve().name
     with atomic_dir(out, overwrite=overwrite, required_bytes=required) as tmp:
         merged = tmp / ".merged"
-        template = write_merged(run_dir, info, merged, dtype="f32")
+        template = write_merged(run, merged, dtype="f32")
         gguf_path = gx.export_gguf(merged, tmp / f"{name}-{dtype}.gguf", dtype=dtype, name=name)
         adapter_note: dict = {"file": None}
-        if adapter and info["method"] != "full":
+        if adapter and run.is_adapter:
             try:
-                lora = gx.export_lora_gguf(run_dir / info["weights"], merged / "config.json",
+                lora = gx.export_lora_gguf(run.weights_dir, merged / "config.json",
                                            tmp / f"{name}-lora-f32.gguf", dtype="f32", name=f"{name}-lora")
-                adapter_note = {"file": lora.name, "base": info["base_model"]}
+                adapter_note = {"file": lora.name, "base": run.base_model}
             except ExportError as exc:  # DoRA, modules_to_save, tied lm_head...: the merged GGUF still stands
                 log.warning("no LoRA adapter GGUF: %s", exc)
                 adapter_note = {"file": None, "skipped": str(exc)}
@@ -57,7 +57,7 @@ def export_gguf_run(run_dir: str | Path, out: str | Path, *, dtype: str = "f16",
                                 chat_template=template.jinja, stop=stops)
         (tmp / MODELFILE_NAME).write_text(text, encoding="utf-8")
         shutil.rmtree(merged)
-        finish(tmp, export_format="gguf", run_dir=run_dir, info=info, dtype=dtype,
+        finish(tmp, export_format="gguf", run=run, dtype=dtype,
                extra={"gguf": gguf_path.name, "lora_adapter": adapter_note, "modelfile": MODELFILE_NAME})
     return out
 

@@ -8,9 +8,9 @@ checkpointing and optimizer) on the device it would train on, against that devic
 from __future__ import annotations
 
 from llamaforge.errors import ConfigError
-from llamaforge.plan import available_ram_gib, base_setup
 from llamaforge.planning.arch import Arch
 from llamaforge.planning.memory import GiB, Setup, estimate, largest_fitting
+from llamaforge.planning.plan import available_ram_gib, base_setup
 
 
 def _gib(x: float) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from llamaforge.data.types import Message
+from llamaforge.data.types import Conversation, Message
 from llamaforge.errors import LlamaforgeError
 from llamaforge.train.checkpoint import load_trainable, trainable_state
 
@@ -149,18 +149,15 @@ def load_best(root: Path, model) -> dict:
 # ---------------------------------------------------------------- generation metrics on a sample
 
 
-def validation_sample(data_cfg, size: int) -> list[tuple[list[Message], str]]:
+def validation_sample(val: list[Conversation], size: int) -> list[tuple[list[Message], str]]:
     """(prompt messages, reference) for the first `size` validation records with an assistant answer.
 
     The prompt is every message before the last assistant turn (which must follow a user turn);
-    the same records at every eval, so the scores form a curve.
+    the same records at every eval, so the scores form a curve. `val`: as prepared (system prompt on).
     """
-    from llamaforge.train.data import _split_conversations, with_system_prompt
-
-    _, val = _split_conversations(data_cfg, [])
     sample: list[tuple[list[Message], str]] = []
     for conv in val:
-        msgs = with_system_prompt(conv, data_cfg.system_prompt).messages
+        msgs = conv.messages
         last = max((i for i, m in enumerate(msgs) if m.role == "assistant" and m.content.strip()), default=0)
         if last == 0 or msgs[last - 1].role != "user":
             continue
@@ -207,7 +204,7 @@ class ValidationWatch:
         if not self.cfg.eval.sample_size or not self.accelerator.is_main_process:
             return {}
         if not hasattr(self, "_val_sample"):
-            self._val_sample = validation_sample(self.cfg.data, self.cfg.eval.sample_size)
+            self._val_sample = validation_sample(self.data.val_conversations, self.cfg.eval.sample_size)
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
         scores = generation_scores(model, self.tokenizer, self.template, self._val_sample,
