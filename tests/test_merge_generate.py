@@ -63,7 +63,7 @@ def test_merge_refuses_to_overwrite_and_non_runs(trained_run, tmp_path):
 
 def test_batched_generation_equals_one_at_a_time(trained_run):
     from llamaforge.data.types import Message
-    from llamaforge.evaluate.generate import generate
+    from llamaforge.generation import generate
     from llamaforge.runs import load_for_inference
 
     model, tokenizer, template = load_for_inference(trained_run)

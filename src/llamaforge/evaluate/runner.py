@@ -206,7 +206,7 @@ def generate_outputs(
     """Outputs in prompt order, generated in length-sorted batches with a progress bar (examples/s)."""
     from tqdm.auto import tqdm
 
-    from llamaforge.evaluate.generate import generate
+    from llamaforge.generation import generate
 
     lengths = [len(template.encode_prompt(p)) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])

@@ -171,8 +171,8 @@ def generation_scores(model, tokenizer, template, sample: list[tuple[list[Messag
                       max_new_tokens: int, batch_size: int, precision: str) -> dict[str, float]:
     """Greedy answers for the sample scored with the evaluation metrics (0-100), keys prefixed `eval_`."""
     from llamaforge.evaluate.config import EvalMetricsConfig
-    from llamaforge.evaluate.generate import generate
     from llamaforge.evaluate.metrics import compute_metrics
+    from llamaforge.generation import generate
 
     if not sample:
         return {}

@@ -199,7 +199,7 @@ class FineTuneRecipe(ValidationWatch):
                 **self._generation_metrics()}
 
     def sample_answers(self) -> dict[str, str]:
-        from llamaforge.evaluate.generate import generate
+        from llamaforge.generation import generate
 
         prompts = self.cfg.eval.prompts
         if not prompts:
