@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from llamaforge.data.types import Conversation
 from llamaforge.errors import ModelSourceError
+from llamaforge.registry import METHODS
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,8 @@ def run_status(path: str | Path) -> str | None:
 
 
 def weights_kind(method: str) -> str:
-    """The folder a method's weights are saved in: a full fine-tune saves a model, the rest an adapter."""
-    return "model" if method == "full" else "adapter"
+    """The folder a method's weights are saved in: "model" (a full fine-tune) or "adapter"."""
+    return METHODS.get(method, field="method.name").weights
 
 
 @dataclass
@@ -134,9 +135,9 @@ class Run:
     def load(self, *, dtype: Any = "float32", quantization: str = "none", merge: bool = False):
         """(model, tokenizer): a full fine-tune's own weights, or the base with the adapter on top.
 
-        `merge` folds a LoRA into an in-memory copy of its base (faster generation, same numbers up to
-        rounding); never into 4/8-bit weights (Llama 3 item 9) and never for prompt-learning adapters,
-        which have nothing to merge. The model is in eval mode."""
+        `merge` folds the adapter into an in-memory copy of its base (faster generation, same numbers up
+        to rounding) when its method is mergeable; never into 4/8-bit weights (Llama 3 item 9). A method
+        this process has not registered is merged unless it is prompt learning. The model is in eval mode."""
         from llamaforge.models import load_model
 
         if not self.is_adapter:
@@ -146,7 +147,8 @@ class Run:
         base, _ = load_model(self.base_model, dtype=dtype, quantization=quantization)
         model = PeftModel.from_pretrained(base, self.weights_dir)
         prompt_learning = getattr(model.active_peft_config, "is_prompt_learning", False)
-        if merge and quantization == "none" and not prompt_learning:
+        mergeable = METHODS.get(self.method).mergeable if self.method in METHODS else not prompt_learning
+        if merge and quantization == "none" and mergeable:
             model = model.merge_and_unload()
         model.eval()
         return model, self.tokenizer()

@@ -14,24 +14,13 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from llamaforge.evaluate.rules import parse_rule
+from llamaforge.registry import METRICS
 from llamaforge.schema import Section, TemplateName
 
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
-MetricGroup = Literal["bleu", "rouge", "bertscore", "exact_match", "accuracy", "llamafactory"]
-
-# The columns each group adds to results and tables (all on a 0-100 scale).
-METRIC_GROUPS: dict[str, tuple[str, ...]] = {
-    "bleu": ("bleu",),
-    "rouge": ("rouge1", "rouge2", "rougeL", "rougeLsum"),
-    "bertscore": ("bertscore",),
-    "exact_match": ("exact_match",),
-    "accuracy": ("accuracy",),
-    "llamafactory": ("lf_bleu4", "lf_rouge1", "lf_rouge2", "lf_rougeL"),
-}
 # Not generation metrics, but they may sit in the same table (computed from per-example token losses).
 LOSS_METRICS: tuple[str, ...] = ("loss", "perplexity")
-ALL_METRIC_NAMES: tuple[str, ...] = tuple(n for names in METRIC_GROUPS.values() for n in names) + LOSS_METRICS
 
 
 class AnswerNormalization(Section):
@@ -77,9 +66,9 @@ class BertScoreConfig(Section):
 
 
 class EvalMetricsConfig(Section):
-    metrics: list[MetricGroup] = Field(
+    metrics: list[str] = Field(
         default_factory=lambda: ["bleu", "rouge", "exact_match"],
-        description="metric groups: bleu, rouge (1/2/L/Lsum), bertscore, exact_match, accuracy, llamafactory",
+        description="registered metrics: bleu, rouge (1/2/L/Lsum), bertscore, exact_match, accuracy, llamafactory, ...",
     )
     normalization: AnswerNormalization = Field(default_factory=AnswerNormalization)
     bertscore: BertScoreConfig = Field(default_factory=BertScoreConfig)
@@ -95,8 +84,8 @@ class EvalMetricsConfig(Section):
     @classmethod
     def _unique(cls, value: list[str]) -> list[str]:
         if not value:
-            raise ValueError("choose at least one metric group")
-        return list(dict.fromkeys(value))
+            raise ValueError("choose at least one metric")
+        return [METRICS.check(name) for name in dict.fromkeys(value)]
 
     @model_validator(mode="after")
     def _rules_parse(self) -> EvalMetricsConfig:
@@ -115,7 +104,7 @@ class EvalMetricsConfig(Section):
         return self
 
     def metric_names(self) -> list[str]:
-        return [name for group in self.metrics for name in METRIC_GROUPS[group]]
+        return [column for name in self.metrics for column in METRICS.get(name).columns]
 
 
 # ---------------------------------------------------------------- the task set

