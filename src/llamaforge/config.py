@@ -57,6 +57,9 @@ class JobConfig(Section):
                              f"model.quantization={quant} contradicts it")
         if not method.modules_to_save and self.method.modules_to_save:
             raise ValueError(f"method.modules_to_save is not supported with method.name={name}")
+        if not method.packing and self.train.packing:
+            raise ValueError(f"train.packing does not work with method.name={name} (e.g. prefix tuning's virtual "
+                             "tokens come through the cache, which turns off the per-example attention of packed rows)")
         if self.data.val_size >= 1 and self.data.val_size != int(self.data.val_size):
             raise ValueError("data.val_size must be a fraction below 1 or a whole count")
         if self.train.eval_every and self.data.val_size == 0 and not self.data.val_sources:

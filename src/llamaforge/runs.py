@@ -54,7 +54,7 @@ class Run:
     base_model: str
     method: str
     weights: str  # "adapter" | "model": the folder under dir
-    status: str | None = None  # None: written before llamaforge recorded it
+    status: Status | None = None  # None: written before llamaforge recorded it
     template_name: str | None = None  # "template" in run.json
     dataset_sha256: str | None = None
     step: int | None = None
@@ -171,7 +171,7 @@ class Run:
         return convs
 
     # ------------------------------------------------------------------ writing (training)
-    def write_status(self, status: str, **changes: Any) -> None:
+    def write_status(self, status: Status, **changes: Any) -> None:
         """Record the status (and any changed fields, e.g. step) in run.json."""
         if status not in STATUSES:
             raise ValueError(f"unknown run status {status!r}")
