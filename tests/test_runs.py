@@ -80,3 +80,15 @@ def test_val_conversations_round_trip_and_name_a_bad_line(tmp_path):
         fh.write('{"messages": [{"role": "user"}]}\n')
     with pytest.raises(ModelSourceError, match=r"val.jsonl:2: not a conversation record"):
         run.val_conversations()
+
+
+def test_the_gateway_refuses_a_run_whose_method_cannot_hot_swap(tmp_path):
+    from llamaforge.errors import ConfigError
+    from llamaforge.serve.config import ServeConfig
+    from llamaforge.serve.engine import Engine
+
+    run = make_run(tmp_path, method="prefix")
+    engine = Engine(ServeConfig(model=str(run)))
+    with pytest.raises(ConfigError, match="a prefix adapter cannot be hot-loaded"):
+        engine.load()
+    assert engine.load_error and not engine.ready

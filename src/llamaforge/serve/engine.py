@@ -97,6 +97,7 @@ class Engine:
     def load(self) -> None:
         """Load the base (and the run's or configured adapters); then start the worker."""
         from llamaforge.models import load_model
+        from llamaforge.registry import METHODS
         from llamaforge.runs import Run, is_run_dir
         from llamaforge.templates import get_template, load_template
 
@@ -105,6 +106,9 @@ class Engine:
             source, startup, run_weights = self.cfg.model, dict(self.cfg.adapters), None
             if is_run_dir(source):
                 run = Run.open(source)
+                if run.is_adapter and not METHODS.get(run.method).hot_swappable:
+                    raise ConfigError(f"{run.dir}: a {run.method} adapter cannot be hot-loaded beside others; "
+                                      "serve a run trained with a hot-swappable method (lora, qlora, dora)")
                 if run.is_adapter:  # the base loads below; the run's adapter hot-loads like any other
                     startup.setdefault(run.dir.resolve().name, str(run.weights_dir))
                     source = run.base_model
