@@ -18,9 +18,12 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from llamaforge.config import load_config
 from llamaforge.data.types import Conversation
 from llamaforge.errors import ModelSourceError
+from llamaforge.padding import ensure_pad_token
 from llamaforge.registry import METHODS
+from llamaforge.templates import get_template, load_template
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +114,6 @@ class Run:
 
     def config(self):
         """The resolved job config the run was trained with (config.yaml)."""
-        from llamaforge.config import load_config
-
         return load_config(self.dir / "config.yaml")
 
     # ------------------------------------------------------------------ loading
@@ -120,16 +121,12 @@ class Run:
         """The tokenizer saved with the weights (pad set as in training)."""
         from transformers import AutoTokenizer
 
-        from llamaforge.padding import ensure_pad_token
-
         tokenizer = AutoTokenizer.from_pretrained(self.weights_dir)
         ensure_pad_token(tokenizer)
         return tokenizer
 
     def template(self, tokenizer=None):
         """The chat template training used (it travels with the weights, Llama 3 item 4)."""
-        from llamaforge.templates import load_template
-
         return load_template(self.weights_dir, tokenizer if tokenizer is not None else self.tokenizer())
 
     def load(self, *, dtype: Any = "float32", quantization: str = "none", merge: bool = False):
@@ -138,7 +135,7 @@ class Run:
         `merge` folds the adapter into an in-memory copy of its base (faster generation, same numbers up
         to rounding) when its method is mergeable; never into 4/8-bit weights (Llama 3 item 9). A method
         this process has not registered is merged unless it is prompt learning. The model is in eval mode."""
-        from llamaforge.models import load_model
+        from llamaforge.models import load_model  # torch: reading a run's status needs none
 
         if not self.is_adapter:
             return load_model(str(self.weights_dir), dtype=dtype, quantization=quantization)
@@ -198,7 +195,6 @@ def write_val_conversations(run_dir: Path, convs: list[Conversation]) -> None:
 def load_for_inference(source: str, *, template_name: str = "auto", dtype: Any = "float32"):
     """(model, tokenizer, template) of a run directory or any model source, ready to generate."""
     from llamaforge.models import load_model
-    from llamaforge.templates import get_template
 
     if is_run_dir(source):
         run = Run.open(source)
