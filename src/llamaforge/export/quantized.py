@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from llamaforge.errors import ConfigError
+from llamaforge.errors import ConfigError, ModelSourceError
 from llamaforge.export.manifest import ExportError, atomic_dir
 from llamaforge.export.safetensors import finish, prepare, write_merged
 from llamaforge.losses import held_out_loss
@@ -66,7 +66,10 @@ def load_quantized(folder: Path):
 def held_out_conversations(run: Run, eval_data: str | Path | None, limit: int):
     """Up to `limit` conversations the run did not train on: `eval_data`, else its validation set."""
     if eval_data is None:
-        return run.val_conversations()[:limit], "the run's validation split"  # system prompt applied
+        try:
+            return run.val_conversations()[:limit], "the run's validation split"  # system prompt applied
+        except ModelSourceError as exc:
+            raise ModelSourceError(f"{exc} (llamaforge export --eval-data FILE, or --no-eval)") from None
     from llamaforge.data.formats import read_source
     from llamaforge.data.types import Conversation, with_system_prompt
 
