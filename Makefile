@@ -31,6 +31,7 @@ test-slow: setup
 
 lint: setup
 	$(BIN)/ruff check src tests bench
+	PYTHONPATH=src $(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

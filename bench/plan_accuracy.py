@@ -89,9 +89,9 @@ def chunked_cross_entropy(hidden, labels, weight, chunk: int):
 
 
 def loss_sum(model, ids, chunk: int):
-    """The recipe's chunked loss (llamaforge.train.losses) when it is there, else the fallback above."""
+    """The recipe's chunked loss (llamaforge.losses) when it is there, else the fallback above."""
     try:
-        from llamaforge.train.losses import token_loss_sum
+        from llamaforge.losses import token_loss_sum
     except ImportError:
         import torch
 
@@ -206,8 +206,8 @@ def child(spec: dict) -> dict:
     peak = _status("VmHWM") - base_rss
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     try:
+        import llamaforge.losses  # noqa: F401
         import llamaforge.train.adapters  # noqa: F401
-        import llamaforge.train.losses  # noqa: F401
 
         code = "recipe"
     except ImportError:

@@ -237,9 +237,8 @@ def eval_loss(model_source: str, adapter: str, rows: list[dict], batch_size: int
     import torch
     from peft import PeftModel
 
+    from llamaforge.losses import collate, num_targets, token_loss_sum
     from llamaforge.models import load_model
-    from llamaforge.train.batching import collate, num_targets
-    from llamaforge.train.losses import token_loss_sum
 
     base, tokenizer = load_model(model_source)
     model = PeftModel.from_pretrained(base, adapter).eval()

@@ -12,14 +12,10 @@ import sacrebleu
 from llamaforge.data.types import Message
 from llamaforge.errors import LlamaforgeError
 from llamaforge.evaluate import compare as C
+from llamaforge.evaluate import rules as R
 from llamaforge.evaluate.config import EvalMetricsConfig
-from llamaforge.evaluate.metrics import (
-    EvalScores,
-    MetricScores,
-    aggregate,
-    compute_metrics,
-    token_loss_scores,
-)
+from llamaforge.evaluate.metrics import compute_metrics
+from llamaforge.evaluate.scores import EvalScores, MetricScores, aggregate, token_loss_scores
 
 REFS = [
     "A man has been arrested after a woman was stabbed in Leeds.",
@@ -154,7 +150,7 @@ def test_missing_metric_shows_as_dash(scored):
     ],
 )
 def test_rule_parsing(text, lhs, op, rhs):
-    rule = C.parse_rule(text)
+    rule = R.parse_rule(text)
     assert (rule.lhs, rule.op, rule.rhs) == (lhs, op, rhs)
 
 
@@ -172,14 +168,14 @@ def test_rule_parsing(text, lhs, op, rhs):
     ],
 )
 def test_rule_errors(text, message):
-    with pytest.raises(C.RuleError, match=message):
-        C.parse_rule(text)
+    with pytest.raises(R.RuleError, match=message):
+        R.parse_rule(text)
 
 
 def test_gate(scored):
     table = C.compare(scored, bootstrap_samples=0)
     rl_base, rl_tuned = table.value("base", "rougeL"), table.value("tuned", "rougeL")
-    results = C.evaluate_rules(
+    results = R.evaluate_rules(
         [
             "tuned.rougeL < base.rougeL - 1",  # tuned is far better: holds not
             "base.rougeL < tuned.rougeL - 1",  # base is far worse: holds -> fails the gate
@@ -190,14 +186,14 @@ def test_gate(scored):
     )
     assert [r.failed for r in results] == [False, True, True, False]
     assert results[1].lhs == pytest.approx(rl_base) and results[1].rhs == pytest.approx(rl_tuned - 1)
-    assert [r.rule for r in C.failed_rules(["base.rougeL < tuned.rougeL - 1"], table)] == [
+    assert [r.rule for r in R.failed_rules(["base.rougeL < tuned.rougeL - 1"], table)] == [
         "base.rougeL < tuned.rougeL - 1"
     ]
     assert "FAILED: base.rougeL" in results[1].describe()
     with pytest.raises(LlamaforgeError, match="unknown candidate 'merged'; candidates: base, tuned"):
-        C.evaluate_rules(["merged.rougeL < 1"], table)
+        R.evaluate_rules(["merged.rougeL < 1"], table)
     with pytest.raises(LlamaforgeError, match="unknown metric 'rogueL'"):
-        C.evaluate_rules(["base.rogueL < 1"], table)
+        R.evaluate_rules(["base.rogueL < 1"], table)
 
 
 # ---------------------------------------------------------------- renderers
@@ -205,7 +201,7 @@ def test_gate(scored):
 
 def test_renderers(scored):
     table = C.compare(scored, bootstrap_samples=100)
-    gate = C.evaluate_rules(["tuned.rougeL < base.rougeL"], table)
+    gate = R.evaluate_rules(["tuned.rougeL < base.rougeL"], table)
     text = table.to_text(gate)
     assert text.splitlines()[0].split() == ["metric", "base", "tuned"]
     assert "Δ vs base" in text and "ok: tuned.rougeL < base.rougeL" in text and "tok:13a" in text

@@ -28,9 +28,9 @@ def estimate_lines(model_dir, *overrides) -> dict:
     from transformers import AutoConfig
 
     from llamaforge.config import load_config
-    from llamaforge.plan import dry_run_memory_lines
+    from llamaforge.planning.dry_run import memory_lines
 
-    return parse("\n".join(dry_run_memory_lines(load_config(None, list(overrides)), AutoConfig.from_pretrained(model_dir))))
+    return parse("\n".join(memory_lines(load_config(None, list(overrides)), AutoConfig.from_pretrained(model_dir))))
 
 
 @pytest.fixture(scope="module")

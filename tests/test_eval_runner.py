@@ -76,10 +76,9 @@ def _eval_cfg(candidates, task, **extra) -> EvaluationConfig:
 
 
 def test_side_by_side_table_loss_and_per_example_files(tmp_path, run_dir, task_file, tiny_llama_dir):
+    from llamaforge.losses import collate, full_logits_loss_sum, num_targets
     from llamaforge.models import load_model
     from llamaforge.templates import load_template
-    from llamaforge.train.batching import collate, num_targets
-    from llamaforge.train.losses import full_logits_loss_sum
 
     result = run_evaluation(_eval_cfg([f"base:{run_dir}", str(run_dir)], task_file), tmp_path / "out")
     table = result.table

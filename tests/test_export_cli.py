@@ -59,9 +59,9 @@ def reference(run):
     """Input ids and the logits of base + adapter through PEFT (what every export must reproduce)."""
     from transformers import AutoModelForCausalLM
 
-    from llamaforge.models import load_run
+    from llamaforge.runs import load_for_inference
 
-    model, tokenizer, template = load_run(run)
+    model, tokenizer, template = load_for_inference(run)
     from llamaforge.data.types import Message
 
     ids = torch.tensor([template.encode_prompt([Message("user", "Repeat five words, number 3.")])])

@@ -29,11 +29,11 @@ def test_merged_model_matches_base_plus_adapter(trained_run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llamaforge.export.merge import merge_run
-    from llamaforge.models import load_run
+    from llamaforge.runs import load_for_inference
 
     out = merge_run(trained_run, tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers
-    peft_model, tokenizer, template = load_run(trained_run)
+    peft_model, tokenizer, template = load_for_inference(trained_run)
     ids = torch.tensor([template.encode_prompt([])[:1] + tokenizer.encode("merge me please", add_special_tokens=False)])
     with torch.no_grad():
         expected = peft_model(input_ids=ids).logits
@@ -63,10 +63,10 @@ def test_merge_refuses_to_overwrite_and_non_runs(trained_run, tmp_path):
 
 def test_batched_generation_equals_one_at_a_time(trained_run):
     from llamaforge.data.types import Message
-    from llamaforge.evaluate.generate import generate
-    from llamaforge.models import load_run
+    from llamaforge.generation import generate
+    from llamaforge.runs import load_for_inference
 
-    model, tokenizer, template = load_run(trained_run)
+    model, tokenizer, template = load_for_inference(trained_run)
     prompts = [[Message("user", p)] for p in ("Hi", "Repeat seven words, number three.", "a b c d e f g h i j", "x")]
     batched = generate(model, tokenizer, template, prompts, max_new_tokens=6, batch_size=4, precision="fp32")
     single = [generate(model, tokenizer, template, [p], max_new_tokens=6, batch_size=1, precision="fp32")[0]

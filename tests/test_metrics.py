@@ -12,6 +12,7 @@ from rouge_score import rouge_scorer
 
 from llamaforge.errors import LlamaforgeError
 from llamaforge.evaluate import metrics as M
+from llamaforge.evaluate import scores as S
 from llamaforge.evaluate.config import AnswerNormalization, EvalMetricsConfig
 from llamaforge.evaluate.llamafactory_metrics import LLAMAFACTORY_GENERATION, llamafactory_scores
 
@@ -52,7 +53,7 @@ def test_vectorised_bleu_equals_sacrebleu_compute_bleu(seed):
         correct = np.array([rng.integers(0, t + 1) if rng.random() > 0.3 else 0 for t in totals])
         sys_len, ref_len = int(totals[0]), int(rng.integers(0, 40))
         rows.append([sys_len, ref_len, *correct, *totals])
-    ours = M.bleu_from_stats(np.array(rows))
+    ours = S.bleu_from_stats(np.array(rows))
     for row, got in zip(rows, ours, strict=True):
         ref = sacrebleu.BLEU.compute_bleu(
             correct=list(row[2:6]), total=list(row[6:10]), sys_len=row[0], ref_len=row[1], smooth_method="exp"
@@ -156,9 +157,9 @@ def test_mismatched_lengths_and_bad_outputs():
 
 
 def test_token_loss_is_token_weighted():
-    scores = M.token_loss_scores([10.0, 2.0], [5, 1])  # per-example means 2.0 and 2.0; then 6.0 vs 4.0
+    scores = S.token_loss_scores([10.0, 2.0], [5, 1])  # per-example means 2.0 and 2.0; then 6.0 vs 4.0
     assert scores["loss"].value() == pytest.approx(12 / 6)
-    scores = M.token_loss_scores([10.0, 6.0], [5, 1])
+    scores = S.token_loss_scores([10.0, 6.0], [5, 1])
     assert scores["loss"].value() == pytest.approx(16 / 6)  # not the mean of per-example means (4.0)
     assert scores["perplexity"].value() == pytest.approx(math.exp(16 / 6))
     assert not scores["loss"].higher_is_better

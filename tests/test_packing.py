@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import chat_rows, read_metrics, step_losses, write_jsonl
+from llamaforge.losses import collate, num_targets
 from llamaforge.templates import IGNORE_INDEX
-from llamaforge.train.batching import collate, num_targets
 from llamaforge.train.packing import collate_packed, pack_bins, packed_batches, verify_packing
 from test_train import job
 
@@ -88,7 +88,7 @@ def test_packing_keeps_examples_apart_and_the_use_cache_pitfall_is_caught(tiny_l
     """Per-example log-probs packed == alone; with the cache on, transformers would mix them silently."""
     from transformers import AutoModelForCausalLM
 
-    from llamaforge.train import losses
+    from llamaforge import losses
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     assert model.config.use_cache  # the default a real checkpoint ships with
@@ -187,9 +187,8 @@ def test_packed_resume_continues_the_same_loss_sequence(tmp_path, tiny_llama_dir
 
 
 def test_packing_with_prefix_tuning_is_refused(tmp_path, tiny_llama_dir, data_file):
+    """Refused when the job loads, before any model: prefix's registered method does not pack."""
     from llamaforge.errors import ConfigError
-    from llamaforge.train.recipe import FineTuneRecipe
 
-    cfg = job(tmp_path, tiny_llama_dir, data_file, **{"train.packing": "true", "method.name": "prefix"})
-    with pytest.raises(ConfigError, match="prefix"):
-        FineTuneRecipe(cfg).setup()
+    with pytest.raises(ConfigError, match="train.packing does not work with method.name=prefix"):
+        job(tmp_path, tiny_llama_dir, data_file, **{"train.packing": "true", "method.name": "prefix"})

@@ -17,10 +17,9 @@ import torch.nn.functional as F
 
 from conftest import chat_rows, write_jsonl
 from llamaforge.config import MethodConfig, load_config
+from llamaforge.losses import collate, token_loss_sum
 from llamaforge.models import bitsandbytes_supports, load_model
 from llamaforge.train.adapters import attach_method
-from llamaforge.train.batching import collate
-from llamaforge.train.losses import token_loss_sum
 
 CPU = torch.device("cpu")
 needs_bnb = pytest.mark.skipif(not bitsandbytes_supports(CPU), reason="bitsandbytes does not run on this CPU")

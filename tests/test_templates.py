@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from llamaforge.data.types import Conversation, Message
+from llamaforge.losses import collate
 from llamaforge.templates import IGNORE_INDEX, get_template
-from llamaforge.train.batching import collate
 
 BOT, EOT, EOS_TEXT, EOM = 128000, 128009, 128001, 128008
 

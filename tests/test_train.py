@@ -49,11 +49,11 @@ def test_lora_run_writes_a_complete_run_dir_and_loss_falls(tmp_path, tiny_llama_
 
 
 def test_same_template_at_inference_as_in_training(tmp_path, tiny_llama_dir, data_file):
-    from llamaforge.models import load_run
+    from llamaforge.runs import load_for_inference
 
     cfg = job(tmp_path, tiny_llama_dir, data_file, **{"train.max_steps": 1})
     run_dir, _ = run_training(cfg)
-    _, tokenizer, template = load_run(run_dir)
+    _, tokenizer, template = load_for_inference(run_dir)
     saved = json.loads((run_dir / "adapter" / "llamaforge_template.json").read_text())
     assert template.name == "llama3" and template.jinja == saved["jinja"] == tokenizer.chat_template
 
@@ -89,8 +89,7 @@ def test_gradient_accumulation_normalises_by_all_target_tokens(tmp_path, tiny_ll
 
 
 def test_chunked_loss_equals_full_logits_loss(tmp_path, tiny_llama_dir, data_file):
-    from llamaforge.train.batching import collate
-    from llamaforge.train.losses import full_logits_loss_sum, token_loss_sum
+    from llamaforge.losses import collate, full_logits_loss_sum, token_loss_sum
 
     cfg = job(tmp_path, tiny_llama_dir, data_file, **{"train.max_steps": 1})
     recipe = FineTuneRecipe(cfg)
@@ -108,7 +107,7 @@ def test_chunked_loss_equals_full_logits_loss(tmp_path, tiny_llama_dir, data_fil
 
 
 def test_only_a_right_padding_mask_is_dropped():
-    from llamaforge.train.losses import without_redundant_mask
+    from llamaforge.losses import without_redundant_mask
 
     ids = torch.ones(2, 4, dtype=torch.long)
     right = {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -21,6 +22,9 @@ from pathlib import Path
 from typing import Literal
 
 from llamaforge.errors import ModelSourceError
+from llamaforge.padding import ensure_pad_token
+
+log = logging.getLogger(__name__)
 
 Kind = Literal["model", "dataset", "tokenizer"]
 
@@ -151,8 +155,6 @@ def resolve(name: str) -> Path:
             return ready
         raw = fetch_file(name)
         if entry.kind == "model":
-            from llamaforge.models import convert_gguf_to_folder
-
             convert_gguf_to_folder(raw, ready)
         else:
             _build_llama3_tokenizer(raw, ready)
@@ -178,6 +180,32 @@ def _exclusive(lock_path: Path):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def convert_gguf_to_folder(gguf: Path, out: Path) -> Path:
+    """Dequantize a GGUF once into a safetensors folder (reload ~0.4 s instead of ~15 s)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    log.info("converting %s to a safetensors cache at %s (once)", gguf.name, out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+            quantization_config=GgufConfig(gguf_file=gguf.name, dequantize=True),
+        )
+    except Exception as exc:  # noqa: BLE001 - any parse failure means an unreadable file
+        raise ModelSourceError(f"{gguf}: not a loadable GGUF model: {type(exc).__name__}: {exc}") from exc
+    ensure_pad_token(tokenizer, model)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "llamaforge_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": sha256_file(gguf)}))
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    return out
 
 
 def _build_llama3_tokenizer(tokenizer_json: Path, out: Path) -> None:

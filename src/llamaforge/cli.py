@@ -23,13 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"llamaforge.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"llamaforge.commands.{name}":
-                continue  # command not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f"llamaforge.commands.{name}").register(sub)
     return parser
 
 

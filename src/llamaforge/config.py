@@ -15,7 +15,8 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from llamaforge.data.curate.config import PrepareConfig
 from llamaforge.errors import ConfigError
-from llamaforge.evaluate.runner import EvaluationConfig
+from llamaforge.evaluate.config import EvaluationConfig
+from llamaforge.registry import METHODS
 from llamaforge.schema import (  # noqa: F401 - re-exported: the job's sections live in schema.py
     DataConfig,
     DataFormat,
@@ -44,16 +45,21 @@ class JobConfig(Section):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> JobConfig:
-        method, quant = self.method.name, self.model.quantization
-        if method == "full" and quant != "none":
+        name, quant = self.method.name, self.model.quantization
+        method = METHODS.get(name, field="method.name")
+        if not method.quantized_base and quant != "none":
             raise ValueError(
-                f"method.name=full cannot train {quant} quantized weights; use method.name=qlora "
+                f"method.name={name} cannot train {quant} quantized weights; use method.name=qlora "
                 "(LoRA on a 4-bit base) or model.quantization=none"
             )
-        if method == "qlora" and quant == "8bit":
-            raise ValueError("method.name=qlora loads the base in 4-bit; model.quantization=8bit contradicts it")
-        if method == "prefix" and self.method.modules_to_save:
-            raise ValueError("method.modules_to_save is not supported with prefix tuning")
+        if method.base_quantization and quant not in ("none", method.base_quantization):
+            raise ValueError(f"method.name={name} loads the base in {method.base_quantization}; "
+                             f"model.quantization={quant} contradicts it")
+        if not method.modules_to_save and self.method.modules_to_save:
+            raise ValueError(f"method.modules_to_save is not supported with method.name={name}")
+        if not method.packing and self.train.packing:
+            raise ValueError(f"train.packing does not work with method.name={name} (e.g. prefix tuning's virtual "
+                             "tokens come through the cache, which turns off the per-example attention of packed rows)")
         if self.data.val_size >= 1 and self.data.val_size != int(self.data.val_size):
             raise ValueError("data.val_size must be a fraction below 1 or a whole count")
         if self.train.eval_every and self.data.val_size == 0 and not self.data.val_sources:
@@ -77,7 +83,7 @@ class JobConfig(Section):
 
     @property
     def quantization(self) -> str:
-        return "4bit" if self.method.name == "qlora" else self.model.quantization
+        return METHODS.get(self.method.name).base_quantization or self.model.quantization
 
 
 # ---------------------------------------------------------------- loading and overrides

@@ -1,25 +1,22 @@
 """Load a base model and tokenizer from a catalog name, a local folder, a GGUF file or a hub id;
-load a finished run (base + adapter, with the template it was trained with)."""
+a finished run is read through runs.py."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from llamaforge import catalog
+from llamaforge.dtypes import torch_dtype
 from llamaforge.errors import ModelSourceError
 from llamaforge.offline import is_offline
+from llamaforge.padding import PAD_CANDIDATES, ensure_pad_token  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
-
-PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|pad|>", "<pad>", "[PAD]", "<|endoftext|>", "<unk>")
-
 
 @dataclass
 class Source:
@@ -54,7 +51,7 @@ def local_path(source: str) -> Path | str:
         gguf = Path(src.path)
         out = catalog.home() / "gguf" / catalog.sha256_file(gguf)[:16]
         if not (out / "config.json").is_file():
-            convert_gguf_to_folder(gguf, out)
+            catalog.convert_gguf_to_folder(gguf, out)
         return out
     if src.kind == "folder":
         folder = Path(src.path)
@@ -77,49 +74,6 @@ def _explain_load_failure(source: str, exc: Exception) -> ModelSourceError:
             f"the local cache. Use a local folder, a .gguf file, or a catalog name ({', '.join(catalog.CATALOG)})."
         )
     return ModelSourceError(f"could not load model '{source}': {type(exc).__name__}: {exc}")
-
-
-def convert_gguf_to_folder(gguf: Path, out: Path) -> Path:
-    """Dequantize a GGUF once into a safetensors folder (reload ~0.4 s instead of ~15 s)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    log.info("converting %s to a safetensors cache at %s (once)", gguf.name, out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-            quantization_config=GgufConfig(gguf_file=gguf.name, dequantize=True),
-        )
-    except Exception as exc:  # noqa: BLE001 - any parse failure means an unreadable file
-        raise ModelSourceError(f"{gguf}: not a loadable GGUF model: {type(exc).__name__}: {exc}") from exc
-    ensure_pad_token(tokenizer, model)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "llamaforge_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": catalog.sha256_file(gguf)}))
-    shutil.rmtree(out, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
-    return out
-
-
-def ensure_pad_token(tokenizer, model=None) -> None:
-    """Pad must never be an end token, or masking pad labels erases real end tokens (Llama 3 item 2)."""
-    vocab = tokenizer.get_vocab()
-    ends = {tokenizer.eos_token, "<|eot_id|>", "<|end_of_text|>", "<|eom_id|>", "<|im_end|>"}
-    if tokenizer.pad_token is None or tokenizer.pad_token in ends:
-        choice = next((t for t in PAD_CANDIDATES if t in vocab and t not in ends), None)
-        if choice is None:
-            tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
-            if model is not None:
-                model.resize_token_embeddings(len(tokenizer))
-        else:
-            tokenizer.pad_token = choice
-    if model is not None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
 def load_tokenizer(source: str, *, trust_remote_code: bool = False):
@@ -207,7 +161,7 @@ def keep_4bit_gradients_exact(model) -> None:
 def load_model(
     source: str,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     quantization: str = "none",
     quantization_backend: str = "auto",
     attn_implementation: str = "sdpa",
@@ -222,6 +176,7 @@ def load_model(
 
     from llamaforge.errors import ConfigError
 
+    dtype = torch_dtype(dtype)
     backend = "none"
     if quantization == "8bit":
         backend = "bitsandbytes"
@@ -270,48 +225,3 @@ def warn_if_chat_tokens_untrained(model, tokenizer, template) -> list[str]:
             ", ".join(weak),
         )
     return weak
-
-
-# ---------------------------------------------------------------------------- runs
-
-
-def is_run_dir(path: str | Path) -> bool:
-    path = Path(path)
-    return (path / "run.json").is_file()
-
-
-def load_run(run_dir: str | Path, *, dtype: torch.dtype = torch.float32, merge: bool = False):
-    """(model, tokenizer, template) of a finished run: its base with its adapter, or its full weights."""
-    from peft import PeftModel
-
-    from llamaforge.templates import load_template
-
-    run_dir = Path(run_dir)
-    info = json.loads((run_dir / "run.json").read_text())
-    weights = run_dir / info["weights"]
-    if info["method"] == "full":
-        model, tokenizer = load_model(str(weights), dtype=dtype)
-    else:
-        if not (weights / "adapter_config.json").is_file():
-            raise ModelSourceError(f"{run_dir} has no adapter at {weights} (was training interrupted before saving?)")
-        model, _ = load_model(info["base_model"], dtype=dtype)
-        model = PeftModel.from_pretrained(model, weights)
-        if merge:
-            model = model.merge_and_unload()
-        model.eval()
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(weights)
-        ensure_pad_token(tokenizer)
-    template = load_template(weights, tokenizer)
-    return model, tokenizer, template
-
-
-def load_for_inference(source: str, *, template_name: str = "auto", dtype: torch.dtype = torch.float32):
-    """A run directory or any model source, ready to generate with the right template."""
-    from llamaforge.templates import get_template
-
-    if is_run_dir(source):
-        return load_run(source, dtype=dtype)
-    model, tokenizer = load_model(source, dtype=dtype)
-    return model, tokenizer, get_template(template_name, tokenizer)

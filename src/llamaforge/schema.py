@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from llamaforge.registry import METHODS, OPTIMIZERS
 
 TemplateName = Literal["auto", "model", "llama3", "chatml", "alpaca", "raw"]
 DataFormat = Literal["auto", "alpaca", "sharegpt", "messages", "text"]
@@ -63,7 +65,7 @@ class DataConfig(Section):
 
 
 class MethodConfig(Section):
-    name: Literal["lora", "qlora", "dora", "full", "prefix"] = "lora"
+    name: str = Field("lora", description="a registered training method: lora, qlora, dora, full, prefix, ...")
     rank: int = Field(16, ge=1)
     alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
@@ -73,6 +75,11 @@ class MethodConfig(Section):
         default_factory=list, description="also train these fully, e.g. [embed_tokens, lm_head] for base models"
     )
     num_virtual_tokens: int = Field(20, ge=1, description="prefix tuning only")
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        return METHODS.check(value)
 
 
 class TrainConfig(Section):
@@ -133,9 +140,9 @@ class TrainConfig(Section):
         3, ge=0, description="warn when the eval loss rises this many evals in a row while the train loss falls; "
         "0 = off"
     )
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd"] = Field(
-        "adamw", description="adamw (torch, fused kernel); adamw_8bit / paged_adamw_8bit (bitsandbytes, "
-        "8-bit states; paging needs CUDA); sgd (momentum 0.9)"
+    optimizer: str = Field(
+        "adamw", description="a registered optimizer: adamw (torch, fused kernel); adamw_8bit / paged_adamw_8bit "
+        "(bitsandbytes, 8-bit states; paging needs CUDA); sgd (momentum 0.9)"
     )
     deterministic: bool = Field(
         False, description="deterministic kernels only (torch.use_deterministic_algorithms), all RNGs seeded: "
@@ -148,6 +155,10 @@ class TrainConfig(Section):
     mlflow_uri: str | None = Field(None, description="MLflow tracking URI; None = a local store in run_dir/mlruns")
     mlflow_experiment: str = Field("llamaforge", description="MLflow experiment the run is logged under")
 
+    @field_validator("optimizer")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        return OPTIMIZERS.check(value)
 
     @model_validator(mode="after")
     def _check_batch(self) -> TrainConfig:

@@ -26,8 +26,8 @@ def register(sub) -> None:
 def run(args) -> int:
     from llamaforge.commands._common import setup_logging
     from llamaforge.data.types import Message
-    from llamaforge.evaluate.generate import generate
-    from llamaforge.models import load_for_inference
+    from llamaforge.generation import generate
+    from llamaforge.runs import load_for_inference
 
     setup_logging()
     model, tokenizer, template = load_for_inference(args.source, template_name=args.template)

@@ -56,57 +56,12 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _format_errors(exc, origin: str) -> str:
-    from pydantic import BaseModel
-
-    from llamaforge.evaluate.runner import EvaluationConfig
-
-    lines = [f"invalid evaluation config ({origin}):"]
-    for err in exc.errors():
-        loc = tuple(str(p) for p in err["loc"] if not isinstance(p, int))
-        dotted = ".".join(("evaluation", *loc))
-        if err["type"] == "extra_forbidden":
-            cls: type[BaseModel] = EvaluationConfig
-            for part in loc[:-1]:
-                ann = getattr(cls.model_fields.get(part), "annotation", None)
-                nested = [
-                    a
-                    for a in (ann, *getattr(ann, "__args__", ()))
-                    if isinstance(a, type) and issubclass(a, BaseModel)
-                ]
-                if not nested:
-                    break
-                cls = nested[0]
-            lines.append(f"  {dotted}: unknown key. Valid keys here: {', '.join(cls.model_fields)}")
-        else:
-            lines.append(f"  {dotted}: {err['msg']} (got {err.get('input')!r})")
-    return "\n".join(lines)
-
-
 def load_eval_config(job: str | None, overrides: list[str]):
     """(EvaluationConfig, output.dir, output.name) from the job file's `evaluation:` section + overrides."""
-    from pydantic import ValidationError
+    from llamaforge.config import load_config
 
-    from llamaforge.config import JobConfig, apply_overrides, load_config, load_yaml
-    from llamaforge.errors import ConfigError
-    from llamaforge.evaluate.runner import EvaluationConfig
-
-    if "evaluation" in JobConfig.model_fields:  # wired into the job schema
-        cfg = load_config(job, overrides)
-        return cfg.evaluation, cfg.output.dir, cfg.output.name
-    data = apply_overrides(load_yaml(job) if job else {}, overrides)
-    raw = data.pop("evaluation", None) or {}
-    try:
-        evaluation = EvaluationConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, str(job or "defaults"))) from None
-    try:
-        cfg = JobConfig.model_validate(data)
-    except ValidationError as exc:
-        from llamaforge.config import _format_validation_error
-
-        raise ConfigError(_format_validation_error(exc, str(job or "defaults"))) from None
-    return evaluation, cfg.output.dir, cfg.output.name
+    cfg = load_config(job, overrides)
+    return cfg.evaluation, cfg.output.dir, cfg.output.name
 
 
 def run(args) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from llamaforge.commands._common import formatter
+from llamaforge.registry import EXPORTERS
 
 EPILOG = """examples:
   llamaforge export runs/quickstart --format safetensors --dtype bf16 --shard-size 2GB --out exports/qs
@@ -24,7 +25,7 @@ def register(sub) -> None:
                        "safetensors, as a GGUF file (plus the adapter as a llama.cpp LoRA GGUF and an Ollama "
                        "Modelfile), or quantized with bitsandbytes (with a merged-vs-quantized quality table).")
     p.add_argument("run", help="run directory (with run.json)")
-    p.add_argument("--format", required=True, choices=["safetensors", "gguf", "quantized"], dest="export_format")
+    p.add_argument("--format", required=True, choices=EXPORTERS.names(), dest="export_format")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="safetensors: f32 (default) | f16 | bf16; gguf: f32 | f16 (default) | bf16 | q8_0 | q4_0 | q4_1")
     p.add_argument("--bits", type=int, choices=[8, 4], default=None, help="quantized: 8 (LLM.int8, default) or 4 (NF4)")

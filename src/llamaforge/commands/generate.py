@@ -69,8 +69,8 @@ def read_prompts(path: str, system: str | None):
 def run(args) -> int:
     from llamaforge.commands._common import setup_logging
     from llamaforge.data.types import Message
-    from llamaforge.evaluate.generate import generate
-    from llamaforge.models import load_for_inference
+    from llamaforge.generation import generate
+    from llamaforge.runs import load_for_inference
 
     setup_logging()
     if args.input:

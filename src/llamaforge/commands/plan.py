@@ -42,7 +42,9 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from llamaforge.config import load_config
     from llamaforge.errors import ConfigError
-    from llamaforge.plan import (
+    from llamaforge.planning.arch import load_arch
+    from llamaforge.planning.data_tokens import job_tokens
+    from llamaforge.planning.plan import (
         base_setup,
         cpu_hardware,
         gpu_hardware,
@@ -51,8 +53,6 @@ def run(args) -> int:
         render,
         weights_dtypes,
     )
-    from llamaforge.planning.arch import load_arch
-    from llamaforge.planning.data_tokens import job_tokens
 
     if args.gpus < 1:
         raise ConfigError("--gpus must be at least 1")

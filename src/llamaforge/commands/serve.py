@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from llamaforge.commands._common import formatter, setup_logging
+from llamaforge.registry import ENGINES
 
 EPILOG = """examples:
   llamaforge serve runs/try2                                  # the run's base + its adapter, on 127.0.0.1:8000
@@ -39,7 +40,7 @@ def register(sub) -> None:
     p.add_argument("--api-keys-file", help="file with one API key (or name:key) per line")
     p.add_argument(
         "--engine",
-        choices=["llamaforge", "vllm"],
+        choices=ENGINES.names(),
         default="llamaforge",
         help="vllm: start vLLM's OpenAI server with the equivalent arguments (GPU)",
     )
@@ -99,14 +100,4 @@ def run(args) -> int:
 
         print(command_line(cfg))
         return 0
-    if args.engine == "vllm":
-        from llamaforge.serve.vllm import launch
-
-        return launch(cfg)
-    import uvicorn
-
-    from llamaforge.serve.app import create_app
-
-    app = create_app(cfg)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", timeout_graceful_shutdown=5)
-    return 0
+    return ENGINES.get(args.engine, field="--engine").serve(cfg)

@@ -65,9 +65,9 @@ def dry_run_report(cfg) -> str:
     trainable, total = count_parameters(model)
     lines = [f"# {cfg.method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"]
     try:
-        from llamaforge.plan import dry_run_memory_lines
+        from llamaforge.planning.dry_run import memory_lines
 
-        lines += dry_run_memory_lines(cfg, config)
+        lines += memory_lines(cfg, config)
     except ImportError:
         pass
     return "\n".join(lines)

@@ -56,3 +56,10 @@ class Rejected:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def with_system_prompt(conv: Conversation, system_prompt: str | None) -> Conversation:
+    """The conversation with the job's system prompt first, unless it has one (or is raw text)."""
+    if not system_prompt or conv.raw_text or (conv.messages and conv.messages[0].role == "system"):
+        return conv
+    return Conversation([Message("system", system_prompt), *conv.messages], conv.source, conv.line, conv.meta)

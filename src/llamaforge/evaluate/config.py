@@ -1,7 +1,8 @@
-"""The metrics part of an eval job: which metrics, answer normalisation, BERTScore, bootstrap, gate.
+"""The `evaluation:` section of a job file: candidates, the task set, generation, metrics, the gate.
 
-Meant to be nested in the job schema (e.g. `eval.scoring`), so every default shows in
-`llamaforge config show` and `eval.scoring.fail_if=[...]` works as an override.
+Config only (pydantic and the rule language, no model code), so that the job schema can hold it
+without importing the evaluation runtime; every default shows in `llamaforge config show` and
+`evaluation.scoring.fail_if=[...]` works as an override.
 """
 
 from __future__ import annotations
@@ -12,22 +13,14 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from llamaforge.schema import Section
+from llamaforge.evaluate.rules import parse_rule
+from llamaforge.registry import METRICS
+from llamaforge.schema import Section, TemplateName
 
-MetricGroup = Literal["bleu", "rouge", "bertscore", "exact_match", "accuracy", "llamafactory"]
+PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
-# The columns each group adds to results and tables (all on a 0-100 scale).
-METRIC_GROUPS: dict[str, tuple[str, ...]] = {
-    "bleu": ("bleu",),
-    "rouge": ("rouge1", "rouge2", "rougeL", "rougeLsum"),
-    "bertscore": ("bertscore",),
-    "exact_match": ("exact_match",),
-    "accuracy": ("accuracy",),
-    "llamafactory": ("lf_bleu4", "lf_rouge1", "lf_rouge2", "lf_rougeL"),
-}
 # Not generation metrics, but they may sit in the same table (computed from per-example token losses).
 LOSS_METRICS: tuple[str, ...] = ("loss", "perplexity")
-ALL_METRIC_NAMES: tuple[str, ...] = tuple(n for names in METRIC_GROUPS.values() for n in names) + LOSS_METRICS
 
 
 class AnswerNormalization(Section):
@@ -73,9 +66,9 @@ class BertScoreConfig(Section):
 
 
 class EvalMetricsConfig(Section):
-    metrics: list[MetricGroup] = Field(
+    metrics: list[str] = Field(
         default_factory=lambda: ["bleu", "rouge", "exact_match"],
-        description="metric groups: bleu, rouge (1/2/L/Lsum), bertscore, exact_match, accuracy, llamafactory",
+        description="registered metrics: bleu, rouge (1/2/L/Lsum), bertscore, exact_match, accuracy, llamafactory, ...",
     )
     normalization: AnswerNormalization = Field(default_factory=AnswerNormalization)
     bertscore: BertScoreConfig = Field(default_factory=BertScoreConfig)
@@ -91,13 +84,11 @@ class EvalMetricsConfig(Section):
     @classmethod
     def _unique(cls, value: list[str]) -> list[str]:
         if not value:
-            raise ValueError("choose at least one metric group")
-        return list(dict.fromkeys(value))
+            raise ValueError("choose at least one metric")
+        return [METRICS.check(name) for name in dict.fromkeys(value)]
 
     @model_validator(mode="after")
     def _rules_parse(self) -> EvalMetricsConfig:
-        from llamaforge.evaluate.compare import parse_rule  # lazy: compare imports metrics, which imports us
-
         measured = set(self.metric_names()) | set(LOSS_METRICS)
         for text in self.fail_if:
             for _, metric in parse_rule(
@@ -113,4 +104,86 @@ class EvalMetricsConfig(Section):
         return self
 
     def metric_names(self) -> list[str]:
-        return [name for group in self.metrics for name in METRIC_GROUPS[group]]
+        return [column for name in self.metrics for column in METRICS.get(name).columns]
+
+
+# ---------------------------------------------------------------- the task set
+
+
+class ColumnMapping(Section):
+    """Which columns of a table make the prompt and the reference."""
+
+    prompt: str | None = Field(None, description="column holding the whole prompt (or use prompt_template)")
+    reference: str = Field(description="column holding the reference answer")
+    prompt_template: str | None = Field(
+        None, description="prompt built from columns, e.g. 'Summarize in one sentence:\\n{document}'"
+    )
+    system: str | None = Field(None, description="column holding a system prompt, if any")
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> ColumnMapping:
+        if (self.prompt is None) == (self.prompt_template is None):
+            raise ValueError("columns: set exactly one of 'prompt' (a column) or 'prompt_template'")
+        if self.prompt_template is not None and not PLACEHOLDER.search(self.prompt_template):
+            raise ValueError("columns.prompt_template names no column: write e.g. 'Summarize:\\n{document}'")
+        return self
+
+
+class TaskConfig(Section):
+    path: str | None = Field(None, description="task file (.json/.jsonl/.csv/.parquet) or a catalog dataset")
+    format: Literal["auto", "alpaca", "sharegpt", "messages"] = Field(
+        "auto", description="record format when no column mapping is given"
+    )
+    columns: ColumnMapping | None = Field(None, description="read a table through this mapping")
+    system_prompt: str | None = Field(None, description="system turn added to prompts that have none")
+    holdout: float = Field(
+        0, ge=0, description="evaluate on a held-out part only: a count (>=1) or a fraction; 0 = all records"
+    )
+    split_seed: int = Field(0, description="seed of the shuffle that picks the held-out records")
+    max_prompt_chars: int | None = Field(
+        None, ge=1, description="skip examples whose prompt is longer (counted and reported)"
+    )
+    limit: int | None = Field(None, ge=1, description="evaluate only the first N examples")
+
+    @model_validator(mode="after")
+    def _whole_count(self) -> TaskConfig:
+        if self.holdout >= 1 and self.holdout != int(self.holdout):
+            raise ValueError("holdout must be a fraction below 1 or a whole count")
+        return self
+
+
+# ---------------------------------------------------------------- the whole section
+
+
+class GenerationSettings(Section):
+    max_new_tokens: int = Field(128, ge=1)
+    batch_size: int = Field(8, ge=1, description="prompts generated together (left padding)")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = Field(0, description="sampling seed (batch k uses seed + k)")
+    precision: Literal["auto", "bf16", "fp32", "fp16"] = Field(
+        "auto", description="auto = bf16 autocast where supported, as in training"
+    )
+
+
+class EvaluationConfig(Section):
+    """The top-level `evaluation:` section of a job file (read by `llamaforge eval`)."""
+
+    candidates: list[str] = Field(
+        default_factory=list,
+        description="[name=][quant4:|quant8:][base:]SOURCE; the first is the baseline of the deltas. "
+        "Empty = base:RUN and RUN for the job's run (output.dir/output.name)",
+    )
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    scoring: EvalMetricsConfig = Field(default_factory=EvalMetricsConfig)
+    loss: bool = Field(True, description="also measure loss/perplexity of the references (training masks)")
+    loss_chunk_size: int = Field(1024, ge=1)
+    merge_adapters: bool = Field(
+        True,
+        description="merge a run's LoRA into an in-memory copy of its base before evaluating (2-3x faster "
+        "generation on CPU, same numbers up to rounding); never for quant4/quant8 bases; false = through PEFT",
+    )
+    template: TemplateName = Field("auto", description="template for candidates that carry none (not runs)")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    output_dir: str | None = Field(None, description="default: <output.dir>/eval-<output.name>")

@@ -21,7 +21,7 @@ from functools import lru_cache
 import numpy as np
 
 from llamaforge.errors import LlamaforgeError
-from llamaforge.evaluate.metrics import MetricScores
+from llamaforge.evaluate.scores import MetricScores
 
 # LLaMA-Factory's default decoding (GeneratingArguments): sampling is ON by default there, so a
 # published LLaMA-Factory table was usually produced with these unless the authors said otherwise.

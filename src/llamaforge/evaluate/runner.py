@@ -18,16 +18,15 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
-
-from pydantic import Field
 
 from llamaforge.data.types import Message
 from llamaforge.errors import ConfigError, LlamaforgeError
-from llamaforge.evaluate.compare import NAME, Comparison, RuleResult, compare, evaluate_rules, parse_rule
-from llamaforge.evaluate.config import LOSS_METRICS, EvalMetricsConfig
-from llamaforge.evaluate.tasks import Task, TaskConfig, load_task
-from llamaforge.schema import Section, TemplateName
+from llamaforge.evaluate.compare import Comparison, compare
+from llamaforge.evaluate.config import LOSS_METRICS, EvalMetricsConfig, EvaluationConfig, GenerationSettings
+from llamaforge.evaluate.rules import NAME, RuleResult, evaluate_rules, parse_rule
+from llamaforge.evaluate.tasks import Task, load_task
+from llamaforge.losses import held_out_loss
+from llamaforge.runs import Run, is_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -36,40 +35,6 @@ PROBE = (
     "Hello world! Ünïcödé café 1234.5 — 你好，世界 <|eot_id|><|im_end|> def f(x):\n\treturn x ** 2  # done"
 )
 QUANT_PREFIXES = {"quant4:": "4bit", "quant8:": "8bit"}
-
-
-class GenerationSettings(Section):
-    max_new_tokens: int = Field(128, ge=1)
-    batch_size: int = Field(8, ge=1, description="prompts generated together (left padding)")
-    temperature: float = Field(0.0, ge=0, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: int = Field(0, description="sampling seed (batch k uses seed + k)")
-    precision: Literal["auto", "bf16", "fp32", "fp16"] = Field(
-        "auto", description="auto = bf16 autocast where supported, as in training"
-    )
-
-
-class EvaluationConfig(Section):
-    """The top-level `evaluation:` section of a job file (read by `llamaforge eval`)."""
-
-    candidates: list[str] = Field(
-        default_factory=list,
-        description="[name=][quant4:|quant8:][base:]SOURCE; the first is the baseline of the deltas. "
-        "Empty = base:RUN and RUN for the job's run (output.dir/output.name)",
-    )
-    task: TaskConfig = Field(default_factory=TaskConfig)
-    generation: GenerationSettings = Field(default_factory=GenerationSettings)
-    scoring: EvalMetricsConfig = Field(default_factory=EvalMetricsConfig)
-    loss: bool = Field(True, description="also measure loss/perplexity of the references (training masks)")
-    loss_chunk_size: int = Field(1024, ge=1)
-    merge_adapters: bool = Field(
-        True,
-        description="merge a run's LoRA into an in-memory copy of its base before evaluating (2-3x faster "
-        "generation on CPU, same numbers up to rounding); never for quant4/quant8 bases; false = through PEFT",
-    )
-    template: TemplateName = Field("auto", description="template for candidates that carry none (not runs)")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    output_dir: str | None = Field(None, description="default: <output.dir>/eval-<output.name>")
 
 
 # ---------------------------------------------------------------- candidates
@@ -114,8 +79,6 @@ def parse_candidate(text: str) -> Candidate:
             quant = QUANT_PREFIXES[prefix]
     if not rest:
         raise ConfigError(f"candidate '{text}' names no model source")
-    from llamaforge.models import is_run_dir
-
     if kind == "run_base" and not is_run_dir(rest):
         raise ConfigError(f"candidate '{text}': base: needs a run directory (with run.json), got '{rest}'")
     if kind == "model" and is_run_dir(rest):
@@ -143,27 +106,14 @@ def parse_candidates(texts: list[str]) -> list[Candidate]:
     return cands
 
 
-def _run_info(run_dir: str) -> dict:
-    info = json.loads((Path(run_dir) / "run.json").read_text())
-    if info.get("status") not in (None, "completed"):
-        log.warning("run %s has status '%s': evaluating what it saved", run_dir, info.get("status"))
-    return info
-
-
 def load_candidate_tokenizer(c: Candidate):
     """The tokenizer a candidate generates with (cheap: no weights)."""
-    from llamaforge.models import ensure_pad_token, load_tokenizer
+    from llamaforge.models import load_tokenizer
 
     if c.kind == "model":
         return load_tokenizer(c.source)
-    info = _run_info(c.source)
-    if c.kind == "run_base":
-        return load_tokenizer(info["base_model"])
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(Path(c.source) / info["weights"])
-    ensure_pad_token(tokenizer)
-    return tokenizer
+    run = Run.open(c.source)
+    return load_tokenizer(run.base_model) if c.kind == "run_base" else run.tokenizer()
 
 
 def tokenizer_fingerprint(tokenizer) -> tuple[int, list[int]]:
@@ -187,41 +137,27 @@ def check_same_tokenizers(cands: list[Candidate], tokenizers: list) -> None:
             )
 
 
-def load_candidate(c: Candidate, cfg: EvaluationConfig, tokenizer=None):
-    """(model, tokenizer, template) ready to evaluate; runs keep the template they were trained with.
-    `tokenizer`: the one load_candidate_tokenizer gave, reused for runs with an adapter."""
+def load_candidate(c: Candidate, cfg: EvaluationConfig):
+    """(model, tokenizer, template) ready to evaluate; runs keep the template they were trained with."""
     import torch
 
     from llamaforge.models import load_model
     from llamaforge.templates import get_template, load_template
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
     if c.kind == "model":
-        model, tokenizer = load_model(c.source, dtype=dtype, quantization=c.quantization)
+        model, tokenizer = load_model(c.source, dtype=cfg.dtype, quantization=c.quantization)
         folder = Path(c.source)
         if (folder / "llamaforge_template.json").is_file():
             template = load_template(folder, tokenizer)
         else:
             template = get_template(cfg.template, tokenizer)
     else:
-        info = _run_info(c.source)
-        weights = Path(c.source) / info["weights"]
-        if c.kind == "run" and info["method"] == "full":
-            model, tokenizer = load_model(str(weights), dtype=dtype, quantization=c.quantization)
+        run = Run.open(c.source)
+        if c.kind == "run":  # a LoRA is merged into a float copy in memory, never into 4/8-bit weights
+            model, tokenizer = run.load(dtype=cfg.dtype, quantization=c.quantization, merge=cfg.merge_adapters)
         else:
-            given = tokenizer
-            model, tokenizer = load_model(info["base_model"], dtype=dtype, quantization=c.quantization)
-            if c.kind == "run":
-                from peft import PeftModel
-
-                model = PeftModel.from_pretrained(model, weights)
-                prompt_learning = getattr(model.active_peft_config, "is_prompt_learning", False)
-                if cfg.merge_adapters and c.quantization == "none" and not prompt_learning:
-                    model = (
-                        model.merge_and_unload()
-                    )  # a float copy in memory: never merged into 4/8-bit weights
-                tokenizer = given if given is not None else load_candidate_tokenizer(c)
-        template = load_template(weights, tokenizer)
+            model, tokenizer = load_model(run.base_model, dtype=cfg.dtype, quantization=c.quantization)
+        template = run.template(tokenizer)
     if torch.cuda.is_available() and c.quantization == "none":
         model = model.to("cuda")
     model.eval()
@@ -241,25 +177,21 @@ def example_losses(
     chunk_size: int = 1024,
     desc: str = "loss",
 ) -> tuple[list[float], list[int]]:
-    """Per example: summed NLL of the reference tokens and their count, masked exactly as in training."""
-    import torch
+    """Per example: summed NLL of the reference tokens and their count, masked exactly as in training
+    (one example per forward: per-example sums for the bootstrap, and no padding to compute)."""
     from tqdm.auto import tqdm
 
     from llamaforge.device import autocast_context
-    from llamaforge.train.batching import collate, num_targets
-    from llamaforge.train.losses import token_loss_sum
 
     device = next(model.parameters()).device
-    nll, counts = [], []
-    for ex in tqdm(task.examples, desc=desc, unit="ex", dynamic_ncols=True, leave=False):
+    rows = []
+    for ex in task.examples:
         enc = template.encode(ex.conversation())
-        # one example per forward: per-example sums for the bootstrap, and no padding to compute
-        batch = collate([{"input_ids": enc.input_ids, "labels": enc.labels}], tokenizer.pad_token_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with torch.no_grad(), autocast_context(device, precision):
-            nll.append(float(token_loss_sum(model, batch, chunk_size)))
-        counts.append(num_targets(batch))
-    return nll, counts
+        rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
+    with tqdm(total=len(rows), desc=desc, unit="ex", dynamic_ncols=True, leave=False) as bar:
+        held = held_out_loss(model, rows, tokenizer.pad_token_id, chunk_size=chunk_size,
+                             autocast=lambda: autocast_context(device, precision), progress=bar)
+    return held.nll, held.targets
 
 
 def generate_outputs(
@@ -274,7 +206,7 @@ def generate_outputs(
     """Outputs in prompt order, generated in length-sorted batches with a progress bar (examples/s)."""
     from tqdm.auto import tqdm
 
-    from llamaforge.evaluate.generate import generate
+    from llamaforge.generation import generate
 
     lengths = [len(template.encode_prompt(p)) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
@@ -372,7 +304,8 @@ def run_evaluation(
     import torch
 
     from llamaforge.evaluate.compare import write_examples_jsonl
-    from llamaforge.evaluate.metrics import compute_metrics, token_loss_scores
+    from llamaforge.evaluate.metrics import compute_metrics
+    from llamaforge.evaluate.scores import token_loss_scores
 
     scoring = EvalMetricsConfig.model_validate(
         {**cfg.scoring.model_dump(), "fail_if": [*cfg.scoring.fail_if, *(extra_rules or [])]}
@@ -380,9 +313,8 @@ def run_evaluation(
     cands = parse_candidates(cfg.candidates)
     check_rules(scoring.fail_if, [c.name for c in cands], cfg.loss)
     task = load_task(cfg.task)
-    tokenizers = [load_candidate_tokenizer(c) for c in cands] if len(cands) > 1 else [None]
     if len(cands) > 1:
-        check_same_tokenizers(cands, tokenizers)
+        check_same_tokenizers(cands, [load_candidate_tokenizer(c) for c in cands])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info(
@@ -395,9 +327,9 @@ def run_evaluation(
     prompts = [ex.prompt for ex in task.examples]
     references = task.references
     scored, reports = {}, []
-    for c, checked in zip(cands, tokenizers, strict=True):
+    for c in cands:
         started = time.perf_counter()
-        model, tokenizer, template = load_candidate(c, cfg, checked if c.kind == "run" else None)
+        model, tokenizer, template = load_candidate(c, cfg)
         load_s = time.perf_counter() - started
         stats: dict[str, float] = {}
         losses = None

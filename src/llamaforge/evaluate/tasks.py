@@ -12,60 +12,13 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import Field, model_validator
+from typing import Any
 
 from llamaforge.data.types import Conversation, Message, Rejected
 from llamaforge.errors import ConfigError, DataError
-from llamaforge.schema import Section
-
-PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-class ColumnMapping(Section):
-    """Which columns of a table make the prompt and the reference."""
-
-    prompt: str | None = Field(None, description="column holding the whole prompt (or use prompt_template)")
-    reference: str = Field(description="column holding the reference answer")
-    prompt_template: str | None = Field(
-        None, description="prompt built from columns, e.g. 'Summarize in one sentence:\\n{document}'"
-    )
-    system: str | None = Field(None, description="column holding a system prompt, if any")
-
-    @model_validator(mode="after")
-    def _one_prompt(self) -> ColumnMapping:
-        if (self.prompt is None) == (self.prompt_template is None):
-            raise ValueError("columns: set exactly one of 'prompt' (a column) or 'prompt_template'")
-        if self.prompt_template is not None and not PLACEHOLDER.search(self.prompt_template):
-            raise ValueError("columns.prompt_template names no column: write e.g. 'Summarize:\\n{document}'")
-        return self
-
-
-class TaskConfig(Section):
-    path: str | None = Field(None, description="task file (.json/.jsonl/.csv/.parquet) or a catalog dataset")
-    format: Literal["auto", "alpaca", "sharegpt", "messages"] = Field(
-        "auto", description="record format when no column mapping is given"
-    )
-    columns: ColumnMapping | None = Field(None, description="read a table through this mapping")
-    system_prompt: str | None = Field(None, description="system turn added to prompts that have none")
-    holdout: float = Field(
-        0, ge=0, description="evaluate on a held-out part only: a count (>=1) or a fraction; 0 = all records"
-    )
-    split_seed: int = Field(0, description="seed of the shuffle that picks the held-out records")
-    max_prompt_chars: int | None = Field(
-        None, ge=1, description="skip examples whose prompt is longer (counted and reported)"
-    )
-    limit: int | None = Field(None, ge=1, description="evaluate only the first N examples")
-
-    @model_validator(mode="after")
-    def _whole_count(self) -> TaskConfig:
-        if self.holdout >= 1 and self.holdout != int(self.holdout):
-            raise ValueError("holdout must be a fraction below 1 or a whole count")
-        return self
+from llamaforge.evaluate.config import PLACEHOLDER, ColumnMapping, TaskConfig  # noqa: F401 - ColumnMapping re-exported
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Merge a run's adapter into a full-precision copy of its base and save it as safetensors.
 
 QLoRA adapters are merged into the base loaded unquantized (never into 4-bit weights, Llama 3 item 9);
-the base's config (RoPE scaling included) is saved as it came. `read_run`, `merged_model` and
-`save_merged` are shared with `llamaforge export`.
+the base's config (RoPE scaling included) is saved as it came. `merged_model` and `save_merged`
+are shared with `llamaforge export`.
 """
 
 from __future__ import annotations
@@ -12,53 +12,23 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
-
-from llamaforge.errors import ConfigError, ModelSourceError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def read_run(run_dir: str | Path) -> dict:
-    """run.json of a finished run, checked: its weights (adapter or full model) must be there."""
-    run_dir = Path(run_dir)
-    info_path = run_dir / "run.json"
-    if not info_path.is_file():
-        raise ModelSourceError(f"{run_dir} is not a llamaforge run (no run.json)")
-    info = json.loads(info_path.read_text())
-    weights = run_dir / info["weights"]
-    if info["method"] == "full":
-        if not (weights / "config.json").is_file():
-            raise ModelSourceError(f"{run_dir} has no model weights at {weights} (was training interrupted?)")
-    elif not (weights / "adapter_config.json").is_file():
-        raise ModelSourceError(f"{run_dir} has no adapter at {weights} (was training interrupted before saving?)")
-    return info
+from llamaforge.dtypes import torch_dtype
+from llamaforge.errors import ConfigError
+from llamaforge.padding import ensure_pad_token
+from llamaforge.runs import Run
 
 
-def merged_model(run_dir: str | Path, info: dict | None = None, *, dtype: str = "float32"):
+def merged_model(run: Run, *, dtype: str = "float32"):
     """(model, tokenizer, template): the run's adapter merged into its fp32 base, cast once to `dtype`;
     a full fine-tune's own weights. Generation config: the template's stop tokens, pad, bos."""
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    from llamaforge.models import ensure_pad_token, load_model
-    from llamaforge.templates import load_template
-
-    run_dir = Path(run_dir)
-    info = info or read_run(run_dir)
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}")
-    weights = run_dir / info["weights"]
+    torch_dtype(dtype)  # an unknown name fails here, before any weights load
     # Merge in float32 whatever the target dtype, then cast once: no rounding of the delta.
-    if info["method"] == "full":
-        model, _ = load_model(str(weights), dtype=torch.float32, quantization="none")
-    else:
-        base, _ = load_model(info["base_model"], dtype=torch.float32, quantization="none")
-        model = PeftModel.from_pretrained(base, weights).merge_and_unload()
-    model = model.to(DTYPES[dtype])
-    tokenizer = AutoTokenizer.from_pretrained(weights)
+    model, tokenizer = run.load(dtype="float32", merge=True)
+    if hasattr(model, "peft_config"):
+        raise ConfigError(f"{run.dir}: a {run.method} adapter has no weights to merge into its base")
+    model = model.to(torch_dtype(dtype))
     ensure_pad_token(tokenizer, model)
-    template = load_template(weights, tokenizer)
+    template = run.template(tokenizer)
     tokenizer.chat_template = template.jinja
     gen = model.generation_config
     gen.eos_token_id = template.stop_token_ids
@@ -77,22 +47,21 @@ def save_merged(model, tokenizer, template, folder: Path, *, max_shard_size: str
 
 
 def merge_run(run_dir: str | Path, out: str | Path, *, dtype: str = "float32", overwrite: bool = False) -> Path:
-    run_dir, out = Path(run_dir), Path(out)
-    info = read_run(run_dir)
-    if info["method"] == "full":
-        raise ConfigError(f"{run_dir} is a full fine-tune: its weights in {run_dir / 'model'} are already merged")
+    out = Path(out)
+    run = Run.open(run_dir)
+    if not run.is_adapter:
+        raise ConfigError(f"{run.dir} is a full fine-tune: its weights in {run.weights_dir} are already merged")
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} exists; pass --overwrite to replace it")
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}")
+    torch_dtype(dtype)  # an unknown name fails here, before any weights load
 
-    model, tokenizer, template = merged_model(run_dir, info, dtype=dtype)
+    model, tokenizer, template = merged_model(run, dtype=dtype)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_merged(model, tokenizer, template, tmp)
     (tmp / "llamaforge_merge.json").write_text(json.dumps(
-        {"run": str(run_dir), "base_model": info["base_model"], "method": info["method"], "dtype": dtype,
-         "dataset_sha256": info.get("dataset_sha256")}, indent=2))
+        {"run": str(run.dir), "base_model": run.base_model, "method": run.method, "dtype": dtype,
+         "dataset_sha256": run.dataset_sha256}, indent=2))
     if out.exists():
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import time
 from pathlib import Path
@@ -26,9 +25,11 @@ from typing import Any
 
 import torch
 
-from llamaforge.errors import ConfigError
+from llamaforge.errors import ConfigError, ModelSourceError
 from llamaforge.export.manifest import ExportError, atomic_dir
 from llamaforge.export.safetensors import finish, prepare, write_merged
+from llamaforge.losses import held_out_loss
+from llamaforge.runs import Run
 
 log = logging.getLogger(__name__)
 
@@ -62,45 +63,33 @@ def load_quantized(folder: Path):
 # the held-out sample and the loss comparison
 
 
-def held_out_conversations(run_dir: Path, eval_data: str | Path | None, limit: int):
-    """Up to `limit` conversations the run did not train on: `eval_data`, else its validation split."""
-    from llamaforge.config import load_config
-    from llamaforge.train.data import _split_conversations, with_system_prompt
+def held_out_conversations(run: Run, eval_data: str | Path | None, limit: int):
+    """Up to `limit` conversations the run did not train on: `eval_data`, else its validation set."""
+    if eval_data is None:
+        try:
+            return run.val_conversations()[:limit], "the run's validation split"  # system prompt applied
+        except ModelSourceError as exc:
+            raise ModelSourceError(f"{exc} (llamaforge export --eval-data FILE, or --no-eval)") from None
+    from llamaforge.data.formats import read_source
+    from llamaforge.data.types import Conversation, with_system_prompt
 
-    cfg = load_config(str(run_dir / "config.yaml"), [])
-    if eval_data is not None:
-        from llamaforge.data.formats import read_source
-        from llamaforge.data.types import Conversation
-
-        convs = [c for c in read_source(Path(eval_data), "auto", strict=False) if isinstance(c, Conversation)]
-        where = str(eval_data)
-    else:
-        _, convs = _split_conversations(cfg.data, [])
-        where = "the run's validation split"
-    convs = [with_system_prompt(c, cfg.data.system_prompt) for c in convs]
-    return convs[:limit], where
+    system = run.config().data.system_prompt
+    convs = [c for c in read_source(Path(eval_data), "auto", strict=False) if isinstance(c, Conversation)]
+    return [with_system_prompt(c, system) for c in convs[:limit]], str(eval_data)
 
 
-@torch.no_grad()
 def loss_and_perplexity(model, template, convs) -> dict[str, float]:
     """Token-weighted NLL of the assistant tokens (training masks), one conversation per forward."""
-    from llamaforge.train.batching import collate, num_targets
-    from llamaforge.train.losses import token_loss_sum
-
-    device = next(model.parameters()).device
-    total, count, skipped = 0.0, 0, 0
+    rows, skipped = [], 0
     for conv in convs:
         try:
             enc = template.encode(conv)
         except Exception:  # noqa: BLE001 - a record the template cannot mask is skipped, and counted
             skipped += 1
             continue
-        batch = collate([{"input_ids": enc.input_ids, "labels": enc.labels}], template.tokenizer.pad_token_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        total += float(token_loss_sum(model, batch))
-        count += num_targets(batch)
-    loss = total / max(count, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "target_tokens": count, "skipped": skipped}
+        rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
+    held = held_out_loss(model, rows, template.tokenizer.pad_token_id)
+    return {"loss": held.loss, "perplexity": held.perplexity, "target_tokens": held.tokens, "skipped": skipped}
 
 
 def _quality_markdown(rows: dict[str, dict], where: str, n: int) -> str:
@@ -193,15 +182,15 @@ def export_quantized(run_dir: str | Path, out: str | Path, *, bits: int = 8, ove
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise ExportError("--format quantized needs bitsandbytes (pip install bitsandbytes)") from None
-    run_dir, info, _, params = prepare(run_dir)
+    run, _, params = prepare(run_dir)
     out = Path(out)
     if evaluate:  # read before any weights are touched: a data problem is reported at once
-        convs, where = held_out_conversations(run_dir, eval_data, eval_samples)
+        convs, where = held_out_conversations(run, eval_data, eval_samples)
     # the fp32 merged model is written first (it is quantized from, and compared against), then removed
     required = int(params * (4 + _BYTES[bits]))
     with atomic_dir(out, overwrite=overwrite, required_bytes=required) as tmp:
         merged = tmp / ".merged"
-        write_merged(run_dir, info, merged, dtype="f32")
+        write_merged(run, merged, dtype="f32")
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(merged, quantization_config=bnb_config(bits))
@@ -221,7 +210,7 @@ def export_quantized(run_dir: str | Path, out: str | Path, *, bits: int = 8, ove
                                       max_new_tokens=max_new_tokens)
         shutil.rmtree(merged)
         method = "bitsandbytes LLM.int8" if bits == 8 else "bitsandbytes NF4 (double quantization, bf16 compute)"
-        finish(tmp, export_format="quantized", run_dir=run_dir, info=info, dtype=f"int{bits}" if bits == 8 else "nf4",
+        finish(tmp, export_format="quantized", run=run, dtype=f"int{bits}" if bits == 8 else "nf4",
                extra={"quantization": method, "bits": bits,
                       "quality": None if quality is None else {k: v for k, v in quality.items() if k != "eval"}})
     return out

@@ -16,10 +16,11 @@ from typing import Any
 
 from llamaforge.errors import ConfigError, ModelSourceError
 from llamaforge.export.manifest import ExportError, atomic_dir, build_manifest, write_manifest
+from llamaforge.runs import Run
 
 log = logging.getLogger(__name__)
 
-# CLI dtype names -> torch dtype names (merge.DTYPES)
+# CLI dtype names -> torch dtype names (dtypes.torch_dtype)
 SAFETENSORS_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
 BYTES_PER_PARAM = {"f32": 4, "bf16": 2, "f16": 2}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
@@ -40,19 +41,19 @@ def parse_size(text: str | int) -> int:
     return int(value)
 
 
-def weights_source(run_dir: Path, info: dict) -> Path | str:
+def weights_source(run: Run) -> Path | str:
     """The folder holding the full-precision weights the export starts from (base, or a full fine-tune).
     Raises ModelSourceError when the base model cannot be found."""
     from llamaforge.models import local_path
 
-    if info["method"] == "full":
-        return run_dir / info["weights"]
+    if not run.is_adapter:
+        return run.weights_dir
     try:
-        path = local_path(info["base_model"])
+        path = local_path(run.base_model)
     except ModelSourceError as exc:
-        raise ModelSourceError(f"the base model of {run_dir} cannot be found: {exc}") from None
+        raise ModelSourceError(f"the base model of {run.dir} cannot be found: {exc}") from None
     if isinstance(path, Path) and not (path / "config.json").is_file():
-        raise ModelSourceError(f"the base model of {run_dir} ({info['base_model']}) has no config.json at {path}")
+        raise ModelSourceError(f"the base model of {run.dir} ({run.base_model}) has no config.json at {path}")
     return path
 
 
@@ -81,22 +82,18 @@ def parameter_count(source: Path | str) -> int:
     return total
 
 
-def prepare(run_dir: str | Path) -> tuple[Path, dict, Path | str, int]:
-    """(run_dir, run.json, weights source, parameter count): every check that needs no model loaded."""
-    from llamaforge.export.merge import read_run
-
-    run_dir = Path(run_dir)
-    info = read_run(run_dir)
-    source = weights_source(run_dir, info)
-    return run_dir, info, source, parameter_count(source)
+def prepare(run_dir: str | Path) -> tuple[Run, Path | str, int]:
+    """(run, weights source, parameter count): every check that needs no model loaded."""
+    run = Run.open(run_dir)
+    source = weights_source(run)
+    return run, source, parameter_count(source)
 
 
-def write_merged(run_dir: Path, info: dict, folder: Path, *, dtype: str = "f32",
-                 max_shard_size: str | int | None = None):
+def write_merged(run: Run, folder: Path, *, dtype: str = "f32", max_shard_size: str | int | None = None):
     """Merge and save into `folder` (which may exist, empty). Returns the run's ChatTemplate."""
     from llamaforge.export.merge import merged_model, save_merged
 
-    model, tokenizer, template = merged_model(run_dir, info, dtype=SAFETENSORS_DTYPES[dtype])
+    model, tokenizer, template = merged_model(run, dtype=SAFETENSORS_DTYPES[dtype])
     folder.mkdir(parents=True, exist_ok=True)
     save_merged(model, tokenizer, template, folder, max_shard_size=max_shard_size)
     del model
@@ -114,13 +111,13 @@ def _readable(folder: Path) -> None:
             p.chmod(0o666 & ~umask)
 
 
-def finish(tmp: Path, *, export_format: str, run_dir: Path, info: dict, dtype: str,
+def finish(tmp: Path, *, export_format: str, run: Run, dtype: str,
            extra: dict[str, Any] | None = None) -> dict[str, Any]:
     _readable(tmp)
     manifest = build_manifest(
-        tmp, export_format=export_format, source_run=str(run_dir), dataset_sha256=info.get("dataset_sha256"),
-        base_model=info.get("base_model"), method=info.get("method"), dtype=dtype,
-        extra={"template": info.get("template"), **(extra or {})},
+        tmp, export_format=export_format, source_run=str(run.dir), dataset_sha256=run.dataset_sha256,
+        base_model=run.base_model, method=run.method, dtype=dtype,
+        extra={"template": run.template_name, **(extra or {})},
     )
     write_manifest(tmp, manifest)
     return manifest
@@ -134,12 +131,12 @@ def export_safetensors(run_dir: str | Path, out: str | Path, *, dtype: str = "f3
         raise ExportError(f"safetensors dtype must be one of {', '.join(SAFETENSORS_DTYPES)}, got {dtype!r} "
                           "(q8_0/q4_0 are GGUF types: use --format gguf, or --format quantized --bits 8|4)")
     max_shard = parse_size(shard_size)
-    run_dir, info, _, params = prepare(run_dir)
+    run, _, params = prepare(run_dir)
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite, required_bytes=params * BYTES_PER_PARAM[dtype]) as tmp:
-        write_merged(run_dir, info, tmp, dtype=dtype, max_shard_size=max_shard)
+        write_merged(run, tmp, dtype=dtype, max_shard_size=max_shard)
         shards = sorted(p.name for p in tmp.glob("model*.safetensors"))
-        finish(tmp, export_format="safetensors", run_dir=run_dir, info=info, dtype=dtype,
+        finish(tmp, export_format="safetensors", run=run, dtype=dtype,
                extra={"shard_size_bytes": max_shard, "shards": len(shards)})
     log.info("safetensors export: %d shard(s) in %s", len(shards), out)
     return out

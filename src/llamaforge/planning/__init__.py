@@ -1,4 +1,4 @@
 """The estimator behind `llamaforge plan`: architectures, activation bill, peak memory, throughput.
 
-`llamaforge.plan` assembles these into a plan for one model, one job and one machine.
+`planning.plan` assembles these into a plan for one model, one job and one machine.
 """

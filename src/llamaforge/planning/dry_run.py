@@ -8,9 +8,10 @@ checkpointing and optimizer) on the device it would train on, against that devic
 from __future__ import annotations
 
 from llamaforge.errors import ConfigError
-from llamaforge.plan import available_ram_gib, base_setup
 from llamaforge.planning.arch import Arch
 from llamaforge.planning.memory import GiB, Setup, estimate, largest_fitting
+from llamaforge.planning.plan import available_ram_gib, base_setup
+from llamaforge.registry import METHODS
 
 
 def _gib(x: float) -> str:
@@ -20,10 +21,9 @@ def _gib(x: float) -> str:
 def job_setup(cfg, device: str, precision: str) -> tuple[Setup, list[str]]:
     """The planner's Setup for the recipe's step, and notes on what it approximates."""
     notes = []
-    method = cfg.method.name
-    if method == "prefix":
-        method = "lora"
-        notes.append("prefix tuning estimated as LoRA (its few trainable tensors barely count)")
+    method = METHODS.get(cfg.method.name).planner
+    if method != cfg.method.name:
+        notes.append(f"{cfg.method.name} estimated as {method} (the planner's nearest profile)")
     t = cfg.train
     packed = bool(getattr(t, "packing", False))
     seq = (getattr(t, "pack_length", None) or cfg.data.max_length) if packed else cfg.data.max_length

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 import threading
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 from llamaforge.device import autocast_context
+from llamaforge.dtypes import torch_dtype
 from llamaforge.errors import ConfigError
 from llamaforge.serve.adapters import Adapter, check_adapter_path, lora_config
 from llamaforge.serve.batch import Batch, choose_token, prefill
@@ -96,19 +96,24 @@ class Engine:
     # ------------------------------------------------------------------ loading
     def load(self) -> None:
         """Load the base (and the run's or configured adapters); then start the worker."""
-        from llamaforge.models import is_run_dir, load_model
+        from llamaforge.models import load_model
+        from llamaforge.registry import METHODS
+        from llamaforge.runs import Run, is_run_dir
         from llamaforge.templates import get_template, load_template
 
         try:
-            dtype = torch.bfloat16 if self.cfg.dtype == "bfloat16" else torch.float32
+            dtype = torch_dtype(self.cfg.dtype)
             source, startup, run_weights = self.cfg.model, dict(self.cfg.adapters), None
             if is_run_dir(source):
-                info = json.loads((Path(source) / "run.json").read_text())
-                if info.get("weights") == "adapter":
-                    startup.setdefault(Path(source).resolve().name, str(Path(source) / "adapter"))
-                    source = info["base_model"]
+                run = Run.open(source)
+                if run.is_adapter and not METHODS.get(run.method).hot_swappable:
+                    raise ConfigError(f"{run.dir}: a {run.method} adapter cannot be hot-loaded beside others; "
+                                      "serve a run trained with a hot-swappable method (lora, qlora, dora)")
+                if run.is_adapter:  # the base loads below; the run's adapter hot-loads like any other
+                    startup.setdefault(run.dir.resolve().name, str(run.weights_dir))
+                    source = run.base_model
                 else:
-                    source = run_weights = str(Path(source) / info["weights"])
+                    source = run_weights = str(run.weights_dir)
                 if not self.cfg.served_model_name:
                     self.base_name = source
             self.model, self.tokenizer = load_model(source, dtype=dtype)

@@ -22,19 +22,19 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 def _resolve(cfg: ServeConfig) -> tuple[str, dict[str, str], Path | None]:
     """(base model path, adapters name->path, folder holding the template) from a run dir or a source."""
-    from llamaforge.models import is_run_dir, local_path
+    from llamaforge.models import local_path
+    from llamaforge.runs import Run, is_run_dir
 
     adapters = {name: str(Path(p).resolve()) for name, p in cfg.adapters.items()}
     source, template_dir = cfg.model, None
     if is_run_dir(source):
-        run = Path(source).resolve()
-        info = json.loads((run / "run.json").read_text())
-        if info.get("weights") == "adapter":
-            adapters.setdefault(run.name, str(run / info["weights"]))
-            source = info["base_model"]
+        run = Run.open(Path(source).resolve())
+        if run.is_adapter:
+            adapters.setdefault(run.dir.name, str(run.weights_dir))
+            source = run.base_model
         else:
-            source = str(run / info["weights"])
-        template_dir = run / info["weights"]
+            source = str(run.weights_dir)
+        template_dir = run.weights_dir
     elif adapters:
         template_dir = Path(next(iter(adapters.values())))
     return str(local_path(source)), adapters, template_dir

@@ -40,9 +40,9 @@ HEADERS = {
 
 
 def task_metric_names() -> dict[str, bool]:
-    from llamaforge.evaluate.config import METRIC_GROUPS
+    from llamaforge.registry import METRICS
 
-    names = {n: True for group in METRIC_GROUPS.values() for n in group}
+    names = {n: True for metric in METRICS for n in metric.columns}
     return {**names, "task_loss": False, "task_ppl": False}
 
 

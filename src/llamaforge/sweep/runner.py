@@ -29,6 +29,7 @@ from typing import Any
 
 from llamaforge.config import to_yaml
 from llamaforge.errors import ConfigError
+from llamaforge.runs import run_status
 from llamaforge.sweep import grid, report
 
 FAILED = ("failed", "diverged", "eval_failed")
@@ -173,7 +174,7 @@ def run_trial(trial: grid.Trial, trial_dir: Path, *, evaluate: bool, sha: str, p
         previous
         and previous.get("status") == "eval_failed"
         and previous.get("config_sha256") == sha
-        and (_read_json(run_dir / "run.json") or {}).get("status") == "completed"
+        and run_status(run_dir) == "completed"
     )
     shutil.rmtree(trial_dir / "eval", ignore_errors=True)  # never read an earlier attempt's numbers
     if reuse:
@@ -189,16 +190,16 @@ def run_trial(trial: grid.Trial, trial_dir: Path, *, evaluate: bool, sha: str, p
         "wall_s": result["train"]["wall_s"],
     }
     code, sig = result["train"]["exit_code"], result["train"]["signal"]
-    run_status = (_read_json(run_dir / "run.json") or {}).get("status")
+    status = run_status(run_dir)
     loss = metrics["train_loss"]
     if code != 0:
-        result["status"] = "diverged" if run_status == "diverged" else "failed"
+        result["status"] = "diverged" if status == "diverged" else "failed"
         result["reason"] = (
             f"killed by {sig}" + (" (out of memory?)" if sig == "SIGKILL" else "")
             if sig
             else last_error_line(trial_dir / "train.log")
         )
-    elif run_status == "diverged" or (loss is not None and not math.isfinite(loss)):
+    elif status == "diverged" or (loss is not None and not math.isfinite(loss)):
         result["status"], result["reason"] = "diverged", f"train loss {loss} at step {metrics['steps']}"
     elif evaluate:
         child = run_child([*cli, "eval", str(config)], trial_dir / "eval.log")

@@ -1,9 +1,10 @@
-"""Turn a base model into what the method trains: all weights, or a peft adapter."""
+"""Turn a base model into what the method trains: all weights, or a peft adapter. The built-in
+training methods are registered here (registry.METHODS)."""
 
 from __future__ import annotations
 
-from llamaforge.config import MethodConfig
-from llamaforge.train.dropout import use_fast_dropout
+from llamaforge.registry import METHODS, Method
+from llamaforge.schema import MethodConfig
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -17,30 +18,61 @@ def lora_targets(targets: str | list[str]) -> str | list[str]:
 
 
 def attach_method(model, method: MethodConfig, *, gradient_checkpointing: bool = False):
+    """The model as the job's method trains it (METHODS: the registered methods)."""
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    if method.name == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
-    from peft import LoraConfig, PrefixTuningConfig, get_peft_model
+    return METHODS.get(method.name, field="method.name").attach(model, method, gradient_checkpointing)
 
-    if method.name == "qlora":
-        model = _prepare_4bit(model, gradient_checkpointing)
-    if method.name == "prefix":
-        config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=method.num_virtual_tokens)
-    else:
-        config = LoraConfig(
-            task_type="CAUSAL_LM", r=method.rank, lora_alpha=method.alpha, lora_dropout=method.dropout,
-            target_modules=lora_targets(method.targets), use_rslora=method.rslora,
-            use_dora=method.name == "dora", modules_to_save=method.modules_to_save or None,
-        )
+
+def with_peft(model, config, gradient_checkpointing: bool):
+    """`model` wrapped in a peft adapter of `config`, with the fast dropout; shared by the adapter methods."""
+    from peft import get_peft_model
+
+    from llamaforge.train.dropout import (
+        use_fast_dropout,  # torch: this module is read when a job is validated
+    )
+
     model = get_peft_model(model, config)
     use_fast_dropout(model)
     if gradient_checkpointing:
         model.enable_input_require_grads()
     return model
+
+
+def lora_config(method: MethodConfig, *, dora: bool = False):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        task_type="CAUSAL_LM", r=method.rank, lora_alpha=method.alpha, lora_dropout=method.dropout,
+        target_modules=lora_targets(method.targets), use_rslora=method.rslora,
+        use_dora=dora, modules_to_save=method.modules_to_save or None,
+    )
+
+
+def _full(model, method: MethodConfig, gradient_checkpointing: bool):
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def _lora(model, method: MethodConfig, gradient_checkpointing: bool):
+    return with_peft(model, lora_config(method), gradient_checkpointing)
+
+
+def _dora(model, method: MethodConfig, gradient_checkpointing: bool):
+    return with_peft(model, lora_config(method, dora=True), gradient_checkpointing)
+
+
+def _qlora(model, method: MethodConfig, gradient_checkpointing: bool):
+    return with_peft(_prepare_4bit(model, gradient_checkpointing), lora_config(method), gradient_checkpointing)
+
+
+def _prefix(model, method: MethodConfig, gradient_checkpointing: bool):
+    from peft import PrefixTuningConfig
+
+    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=method.num_virtual_tokens)
+    return with_peft(model, config, gradient_checkpointing)
 
 
 def _prepare_4bit(model, gradient_checkpointing: bool):
@@ -66,3 +98,18 @@ def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+for _method in (
+    Method("lora", _lora, "adapter", mergeable=True, hot_swappable=True, planner="lora",
+           description="LoRA adapter on the frozen base"),
+    Method("qlora", _qlora, "adapter", mergeable=True, hot_swappable=True, planner="qlora", base_quantization="4bit",
+           description="LoRA on a 4-bit NF4 base (bitsandbytes, or torchao where bitsandbytes does not run)"),
+    Method("dora", _dora, "adapter", mergeable=True, hot_swappable=True, planner="lora",
+           description="weight-decomposed LoRA (magnitude + direction)"),
+    Method("full", _full, "model", mergeable=False, hot_swappable=False, planner="full", quantized_base=False,
+           description="every weight trained; the run saves a whole model"),
+    Method("prefix", _prefix, "adapter", mergeable=False, hot_swappable=False, planner="lora",
+           modules_to_save=False, packing=False, description="prefix tuning: virtual tokens through the cache"),
+):
+    METHODS.register(_method)

@@ -1,5 +1,5 @@
 """Length-grouped batches, padded to the longest in the batch (never to a fixed max length), and the
-collation of one micro-batch, padded or packed (packing.py)."""
+collation of one micro-batch, padded (losses.collate) or packed (packing.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 
 import torch
 
-from llamaforge.templates import IGNORE_INDEX
+from llamaforge.losses import collate
 from llamaforge.train.packing import collate_packed
 
 
@@ -27,24 +27,6 @@ def length_grouped_batches(lengths: list[int], batch_size: int, *, seed: int, ep
         batches.extend(group[k : k + batch_size] for k in range(0, len(group), batch_size))
     rng.shuffle(batches)
     return batches
-
-
-def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    longest = max(len(r["input_ids"]) for r in rows)
-    input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
-    attention = torch.zeros((len(rows), longest), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        input_ids[i, :n] = torch.tensor(r["input_ids"])
-        labels[i, :n] = torch.tensor(r["labels"])
-        attention[i, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
-
-
-def num_targets(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens that are predicted: labels shifted by one, so the first position never counts."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def collate_micro(dataset, idx: list, pad_id: int, *, flatten: bool = False) -> tuple[dict[str, torch.Tensor], int]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from llamaforge import catalog
 from llamaforge.config import DataConfig, DataSource
-from llamaforge.data.types import Conversation, Message, Rejected
+from llamaforge.data.types import Conversation, Rejected, with_system_prompt
 from llamaforge.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,7 @@ class PreparedData:
     val: object | None
     card: dict
     rejects: list[Rejected] = field(default_factory=list)
+    val_conversations: list[Conversation] = field(default_factory=list)  # as measured: system prompt applied
 
 
 def source_path(src: DataSource) -> Path:
@@ -62,12 +63,6 @@ def split_of(conv: Conversation, val_fraction: float) -> str:
     return "val" if bucket < val_fraction else "train"
 
 
-def with_system_prompt(conv: Conversation, system_prompt: str | None) -> Conversation:
-    if not system_prompt or conv.raw_text or (conv.messages and conv.messages[0].role == "system"):
-        return conv
-    return Conversation([Message("system", system_prompt), *conv.messages], conv.source, conv.line, conv.meta)
-
-
 def _split_conversations(cfg: DataConfig, rejects: list[Rejected]) -> tuple[list[Conversation], list[Conversation]]:
     train: list[Conversation] = []
     val: list[Conversation] = []
@@ -96,7 +91,9 @@ def _split_conversations(cfg: DataConfig, rejects: list[Rejected]) -> tuple[list
     return train, val
 
 
-def _tokenize(convs: list[Conversation], template, cfg: DataConfig, rejects: list[Rejected]) -> list[dict]:
+def _tokenize(convs: list[Conversation], template, cfg: DataConfig, rejects: list[Rejected],
+              kept: list[Conversation] | None = None) -> list[dict]:
+    """Token rows of the conversations the template can encode; `kept` collects those conversations."""
     rows = []
     for conv in convs:
         conv = with_system_prompt(conv, cfg.system_prompt)
@@ -109,6 +106,8 @@ def _tokenize(convs: list[Conversation], template, cfg: DataConfig, rejects: lis
             continue
         rows.append({"input_ids": enc.input_ids, "labels": enc.labels, "length": len(enc.input_ids),
                      "num_targets": enc.num_targets})
+        if kept is not None:
+            kept.append(conv)
     return rows
 
 
@@ -124,7 +123,8 @@ def prepare_data(cfg: DataConfig, template) -> PreparedData:
     if not train_convs:
         raise DataError("no usable training records in data.sources (see rejects.jsonl for why)")
     train_rows = _tokenize(train_convs, template, cfg, rejects)
-    val_rows = _tokenize(val_convs, template, cfg, rejects)
+    val_kept: list[Conversation] = []
+    val_rows = _tokenize(val_convs, template, cfg, rejects, val_kept)
     if not train_rows:
         raise DataError("every training record was rejected after tokenization (see rejects.jsonl)")
     digest = hashlib.sha256()
@@ -144,7 +144,8 @@ def prepare_data(cfg: DataConfig, template) -> PreparedData:
         "val_target_tokens": sum(r["num_targets"] for r in val_rows),
         "max_length": max(r["length"] for r in train_rows),
     }
-    return PreparedData(_to_dataset(train_rows), _to_dataset(val_rows) if val_rows else None, card, rejects)
+    return PreparedData(_to_dataset(train_rows), _to_dataset(val_rows) if val_rows else None, card, rejects,
+                        val_kept)
 
 
 def _source_card(src: DataSource) -> dict:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llamaforge.train.losses import token_loss_sum
+from llamaforge.losses import token_loss_sum
 
 
 class TokenLoss(nn.Module):

@@ -1,4 +1,5 @@
-"""Training knobs outside the loop: the optimizer choice and deterministic runs."""
+"""Training knobs outside the loop: the optimizers (registered here, registry.OPTIMIZERS) and
+deterministic runs."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 
 from llamaforge.errors import ConfigError
+from llamaforge.registry import OPTIMIZERS, Optimizer
 
 log = logging.getLogger(__name__)
 BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit"}
@@ -18,13 +20,9 @@ BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit
 
 def check_optimizer(name: str, device: torch.device) -> None:
     """Fail before the model is loaded when the chosen optimizer cannot run here."""
-    if name not in BNB_OPTIMIZERS:
-        return
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError(f"train.optimizer={name} needs bitsandbytes: pip install 'llamaforge[quant]'")
-    if name.startswith("paged") and device.type != "cuda":
-        # bitsandbytes falls back to the plain 8-bit optimizer on CPU (paging is a CUDA unified-memory feature)
-        log.warning("train.optimizer=%s: paging needs CUDA; on CPU this is adamw_8bit", name)
+    check = OPTIMIZERS.get(name, field="train.optimizer").check
+    if check is not None:
+        check(device)
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
@@ -38,18 +36,38 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     groups = param_groups(model, weight_decay)  # keep empty groups: resumed checkpoints expect two
-    if name in BNB_OPTIMIZERS:
-        import bitsandbytes as bnb
+    return OPTIMIZERS.get(name, field="train.optimizer").build(groups, lr)
 
-        return getattr(bnb.optim, BNB_OPTIMIZERS[name])(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+
+def _adamw(groups: list[dict], lr: float) -> torch.optim.Optimizer:
     params = [p for g in groups for p in g["params"]]
     # The fused kernel updates all tensors in one pass (many small LoRA tensors: far fewer launches);
     # it needs every parameter floating point on one CUDA or CPU device.
     devices = {p.device.type for p in params}
     fused = len(devices) == 1 and devices <= {"cuda", "cpu"} and all(p.is_floating_point() for p in params)
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
+
+
+def _sgd(groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+
+
+def _bnb(name: str) -> Optimizer:
+    """A bitsandbytes 8-bit optimizer (8-bit states; the paged one pages them through CUDA unified memory)."""
+
+    def build(groups: list[dict], lr: float) -> torch.optim.Optimizer:
+        import bitsandbytes as bnb
+
+        return getattr(bnb.optim, BNB_OPTIMIZERS[name])(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+    def check(device: torch.device) -> None:
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError(f"train.optimizer={name} needs bitsandbytes: pip install 'llamaforge[quant]'")
+        if name.startswith("paged") and device.type != "cuda":
+            # bitsandbytes falls back to the plain 8-bit optimizer on CPU (paging is a CUDA unified-memory feature)
+            log.warning("train.optimizer=%s: paging needs CUDA; on CPU this is adamw_8bit", name)
+
+    return Optimizer(name, build, check, description=f"bitsandbytes {BNB_OPTIMIZERS[name]}")
 
 
 def seed_everything(seed: int, deterministic: bool) -> bool:
@@ -71,3 +89,9 @@ def seed_everything(seed: int, deterministic: bool) -> bool:
             torch.backends.cudnn.deterministic = True
         torch.use_deterministic_algorithms(True)
     return previous
+
+
+OPTIMIZERS.register(Optimizer("adamw", _adamw, description="torch AdamW, fused kernel where it applies"))
+for _name in BNB_OPTIMIZERS:
+    OPTIMIZERS.register(_bnb(_name))
+OPTIMIZERS.register(Optimizer("sgd", _sgd, description="torch SGD, momentum 0.9"))

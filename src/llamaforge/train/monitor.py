@@ -17,8 +17,9 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from llamaforge.data.types import Message
+from llamaforge.data.types import Conversation, Message
 from llamaforge.errors import LlamaforgeError
+from llamaforge.registry import METRICS
 from llamaforge.train.checkpoint import load_trainable, trainable_state
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,6 @@ class TrainingDiverged(LlamaforgeError):
 
 
 BEST_DIR = "best"  # under checkpoints/; the rotation only removes step-* folders, never this one
-GENERATION_METRICS = ("bleu", "rouge1", "rouge2", "rougeL", "exact_match")
 
 
 def overfitting(eval_losses: list[float], train_means: list[float], evals: int) -> bool:
@@ -149,18 +149,15 @@ def load_best(root: Path, model) -> dict:
 # ---------------------------------------------------------------- generation metrics on a sample
 
 
-def validation_sample(data_cfg, size: int) -> list[tuple[list[Message], str]]:
+def validation_sample(val: list[Conversation], size: int) -> list[tuple[list[Message], str]]:
     """(prompt messages, reference) for the first `size` validation records with an assistant answer.
 
     The prompt is every message before the last assistant turn (which must follow a user turn);
-    the same records at every eval, so the scores form a curve.
+    the same records at every eval, so the scores form a curve. `val`: as prepared (system prompt on).
     """
-    from llamaforge.train.data import _split_conversations, with_system_prompt
-
-    _, val = _split_conversations(data_cfg, [])
     sample: list[tuple[list[Message], str]] = []
     for conv in val:
-        msgs = with_system_prompt(conv, data_cfg.system_prompt).messages
+        msgs = conv.messages
         last = max((i for i, m in enumerate(msgs) if m.role == "assistant" and m.content.strip()), default=0)
         if last == 0 or msgs[last - 1].role != "user":
             continue
@@ -174,16 +171,17 @@ def generation_scores(model, tokenizer, template, sample: list[tuple[list[Messag
                       max_new_tokens: int, batch_size: int, precision: str) -> dict[str, float]:
     """Greedy answers for the sample scored with the evaluation metrics (0-100), keys prefixed `eval_`."""
     from llamaforge.evaluate.config import EvalMetricsConfig
-    from llamaforge.evaluate.generate import generate
     from llamaforge.evaluate.metrics import compute_metrics
+    from llamaforge.generation import generate
 
     if not sample:
         return {}
     outputs = generate(model, tokenizer, template, [conv for conv, _ in sample], max_new_tokens=max_new_tokens,
                        batch_size=batch_size, precision=precision)
+    curves = [metric for metric in METRICS if metric.curve]  # every registered metric that asks for a curve
     scores = compute_metrics(outputs, [ref for _, ref in sample],
-                             EvalMetricsConfig(metrics=["bleu", "rouge", "exact_match"])).summary()
-    return {f"eval_{name}": scores[name] for name in GENERATION_METRICS}
+                             EvalMetricsConfig(metrics=[m.name for m in curves])).summary()
+    return {f"eval_{column}": scores[column] for metric in curves for column in metric.curve}
 
 
 # ---------------------------------------------------------------- the recipe's side
@@ -207,7 +205,7 @@ class ValidationWatch:
         if not self.cfg.eval.sample_size or not self.accelerator.is_main_process:
             return {}
         if not hasattr(self, "_val_sample"):
-            self._val_sample = validation_sample(self.cfg.data, self.cfg.eval.sample_size)
+            self._val_sample = validation_sample(self.data.val_conversations, self.cfg.eval.sample_size)
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
         scores = generation_scores(model, self.tokenizer, self.template, self._val_sample,

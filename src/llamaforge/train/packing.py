@@ -109,7 +109,7 @@ def verify_packing(model, *, flatten: bool = False, lengths: tuple[int, ...] = (
     forwards that catch a model whose attention ignores packed position ids (remote code, a cache left
     on, a new attention backend).
     """
-    from llamaforge.train.losses import decoder_hidden
+    from llamaforge.losses import decoder_hidden
 
     was_training = model.training
     model.eval()  # no dropout: the two layouts must give the same numbers

@@ -22,12 +22,14 @@ import torch
 from llamaforge.config import JobConfig, to_yaml
 from llamaforge.data.types import Message
 from llamaforge.device import default_device, resolve_precision
+from llamaforge.dtypes import torch_dtype
 from llamaforge.errors import ConfigError, LlamaforgeError
+from llamaforge.losses import held_out_loss, num_targets
+from llamaforge.runs import Run, weights_kind, write_val_conversations
 from llamaforge.train.adapters import attach_method, count_parameters
-from llamaforge.train.batching import collate, collate_micro, length_grouped_batches, num_targets
+from llamaforge.train.batching import collate_micro, length_grouped_batches
 from llamaforge.train.checkpoint import capture_rng, list_checkpoints, load_checkpoint, save_checkpoint
 from llamaforge.train.knobs import build_optimizer, check_optimizer, seed_everything
-from llamaforge.train.losses import token_loss_sum
 from llamaforge.train.monitor import TrainingDiverged, ValidationWatch  # noqa: F401 - re-exported
 from llamaforge.train.packing import packed_batches, verify_packing
 from llamaforge.train.signals import StopSignals
@@ -93,7 +95,7 @@ class FineTuneRecipe(ValidationWatch):
         )
         check_launch(self.accelerator)
         self._prepare_run_dir_once()
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
+        dtype = torch_dtype(cfg.model.dtype)
         model, self.tokenizer = load_model(
             cfg.model.source, dtype=dtype, quantization=cfg.quantization,
             quantization_backend=cfg.model.quantization_backend, attn_implementation=cfg.model.attn_implementation,
@@ -103,6 +105,7 @@ class FineTuneRecipe(ValidationWatch):
         warn_if_chat_tokens_untrained(model, self.tokenizer, self.template)
         self.data = prepare_data(cfg.data, self.template)
         write_rejects(self.run_dir / "rejects.jsonl", self.data.rejects)
+        write_val_conversations(self.run_dir, self.data.val_conversations)
         (self.run_dir / "data_card.json").write_text(json.dumps(self.data.card, indent=2))
         self._log(f"data: {self.data.card['train_records']} train / {self.data.card['val_records']} val records, "
                   f"{self.data.card['rejected']} rejected, {self.data.card['train_target_tokens']} target tokens")
@@ -219,23 +222,15 @@ class FineTuneRecipe(ValidationWatch):
         if self.data.val is None:
             return None
         self.model.eval()
-        val = self.data.val
-        total, count = 0.0, 0
-        order = sorted(range(len(val)), key=lambda i: val[i]["length"])
-        bs = self.cfg.train.batch_size * 2
-        for start in range(0, len(order), bs):
-            batch = collate([val[i] for i in order[start : start + bs]], self.tokenizer.pad_token_id)
-            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
-            with self.accelerator.autocast():
-                total += token_loss_sum(self.model, batch, self.cfg.train.loss_chunk_size).item()
-            count += num_targets(batch)
+        held = held_out_loss(self.model, self.data.val, self.tokenizer.pad_token_id,
+                             batch_size=self.cfg.train.batch_size * 2, chunk_size=self.cfg.train.loss_chunk_size,
+                             autocast=self.accelerator.autocast)
         self.model.train()
-        loss = total / max(count, 1)
-        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50)), "eval_tokens": count,
+        return {"eval_loss": held.loss, "eval_ppl": held.perplexity, "eval_tokens": held.tokens,
                 **self._generation_metrics()}
 
     def sample_answers(self) -> dict[str, str]:
-        from llamaforge.evaluate.generate import generate
+        from llamaforge.generation import generate
 
         prompts = self.cfg.eval.prompts
         if not prompts:
@@ -422,7 +417,7 @@ class FineTuneRecipe(ValidationWatch):
     def save(self) -> Path:
         acc = self.accelerator
         acc.wait_for_everyone()
-        weights = self.run_dir / ("model" if self.cfg.method.name == "full" else "adapter")
+        weights = self.run_dir / weights_kind(self.cfg.method.name)
         if acc.is_main_process:
             model = acc.unwrap_model(self.model)
             self.tokenizer.chat_template = self.template.jinja  # plain transformers then renders the same way
@@ -435,13 +430,10 @@ class FineTuneRecipe(ValidationWatch):
         return weights
 
     def _write_run_json(self, status: str) -> None:
-        info = {
-            "status": status, "base_model": self.cfg.model.source, "method": self.cfg.method.name,
-            "weights": "model" if self.cfg.method.name == "full" else "adapter", "template": self.template.name,
-            "dataset_sha256": self.data.card["sha256"], "step": self.progress["step"],
-            "total_steps": self.total_steps,
-        }
-        (self.run_dir / "run.json").write_text(json.dumps(info, indent=2))
+        method = self.cfg.method.name
+        Run(self.run_dir, self.cfg.model.source, method, weights_kind(method), template_name=self.template.name,
+            dataset_sha256=self.data.card["sha256"], step=self.progress["step"],
+            total_steps=self.total_steps).write_status(status)
 
     def cleanup(self) -> None:
         self.accelerator.end_training()

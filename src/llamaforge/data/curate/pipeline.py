@@ -29,6 +29,7 @@ from llamaforge.data.curate.filters import Filters
 from llamaforge.data.curate.normalize import Normalizer
 from llamaforge.data.curate.pii import PIIStep
 from llamaforge.data.curate.records import Item, content_hash
+from llamaforge.data.curate.review import export_review
 from llamaforge.data.curate.split import SPLITS, content_unit, split_of, stratified_assignment, stratum_of
 from llamaforge.data.types import Conversation, Rejected
 from llamaforge.errors import ConfigError, DataError
@@ -236,7 +237,10 @@ class Pipeline:
             self._held_f.close()
         shutil.rmtree(work, ignore_errors=True)
         elapsed = time.perf_counter() - t_start
-        return report_mod.write_outputs(self, splits, elapsed)
+        review = None
+        if self.cfg.review.enabled and self.cfg.review.sample_size:
+            review = export_review(self.out, self.cfg.review)
+        return report_mod.write_outputs(self, splits, elapsed, review)
 
     def _phase1(self, steps: list[tuple[str, Any]], spool_path: Path) -> None:
         with spool_path.open("w", encoding="utf-8") as spool:

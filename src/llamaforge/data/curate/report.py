@@ -136,17 +136,14 @@ def _length_stats(values) -> dict[str, Any]:
 # ------------------------------------------------------------------ report
 
 
-def write_outputs(pipeline, splits: dict[str, int], elapsed: float) -> dict[str, Any]:
+def write_outputs(pipeline, splits: dict[str, int], elapsed: float,
+                  review: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`review`: what review.export_review wrote (the pipeline calls it: review builds on this module)."""
     cfg, out = pipeline.cfg, pipeline.out
     (out / ".work").mkdir(exist_ok=True)
     t0 = time.perf_counter()
     arrow = save_arrow(out) if cfg.arrow else {}
     arrow_s = time.perf_counter() - t0
-    review = None
-    if cfg.review.enabled and cfg.review.sample_size:
-        from llamaforge.data.curate.review import export_review
-
-        review = export_review(out, cfg.review)
     images = _histograms(pipeline, out)
     steps = {
         name: pipeline.stats[name].to_dict()

@@ -195,8 +195,8 @@ def endpoint_teacher(cfg: TeacherConfig, system: str | None = None) -> Teacher:
 
 def local_teacher(cfg: TeacherConfig, system: str | None = None) -> Teacher:
     """A local model through llamaforge (catalog name, folder, GGUF or run directory)."""
-    from llamaforge.evaluate.generate import generate
-    from llamaforge.models import load_for_inference
+    from llamaforge.generation import generate
+    from llamaforge.runs import load_for_inference
 
     model, tokenizer, template = load_for_inference(cfg.model)
 

@@ -1,4 +1,5 @@
-"""Summed token cross-entropy, computed in chunks over target positions only.
+"""Summed token cross-entropy, computed in chunks over target positions only, and the held-out loss
+that training, `llamaforge eval` and the quantized export all measure with it.
 
 Prompt and pad positions need no logits, and a 128K vocabulary would make full-sequence float32
 logits huge (Llama 3 item 10): we run the decoder, keep the hidden states of target positions, and
@@ -8,11 +9,34 @@ chunk of logits is alive in forward or backward.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from llamaforge.templates import IGNORE_INDEX
+
+
+def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    longest = max(len(r["input_ids"]) for r in rows)
+    input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        input_ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        attention[i, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+
+
+def num_targets(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that are predicted: labels shifted by one, so the first position never counts."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def _decoder_and_head(model):
@@ -83,3 +107,50 @@ def full_logits_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
         ignore_index=IGNORE_INDEX, reduction="sum",
     )
+
+
+# ---------------------------------------------------------------- held-out loss
+
+
+@dataclass
+class HeldOutLoss:
+    """Summed NLL and target-token count per batch (per example when batches hold one)."""
+
+    nll: list[float] = field(default_factory=list)
+    targets: list[int] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.targets)
+
+    @property
+    def loss(self) -> float:
+        """Token-weighted: summed NLL over every target token, not a mean of per-batch means."""
+        return sum(self.nll) / max(self.tokens, 1)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 50))
+
+
+@torch.no_grad()
+def held_out_loss(model, rows: Sequence[dict], pad_id: int, *, batch_size: int = 1, chunk_size: int = 1024,
+                  autocast: Callable[[], AbstractContextManager] = nullcontext, progress=None) -> HeldOutLoss:
+    """The loss of `rows` (input_ids + labels, masked as in training) without gradients.
+
+    `batch_size` 1 keeps the rows' order and gives per-example sums (for a bootstrap); larger batches
+    take rows in length order so little is padded. `progress` is a tqdm-like bar updated per row.
+    The caller sets eval mode: training switches back to train mode itself."""
+    device = next(model.parameters()).device
+    order = range(len(rows)) if batch_size == 1 else sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    order = list(order)
+    result = HeldOutLoss()
+    for start in range(0, len(order), batch_size):
+        chosen = [rows[i] for i in order[start : start + batch_size]]
+        batch = {k: v.to(device) for k, v in collate(chosen, pad_id).items()}
+        with autocast():
+            result.nll.append(float(token_loss_sum(model, batch, chunk_size)))
+        result.targets.append(num_targets(batch))
+        if progress is not None:
+            progress.update(len(chosen))
+    return result

@@ -1,4 +1,5 @@
-"""Batched generation with left padding and the template's stop tokens."""
+"""Batched generation with left padding and the template's stop tokens: training samples, chat, generate,
+synth and eval all generate through it."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Full fine-tuning, LoRA or QLoRA on this hardware? Memory, time and cost, with a recommendation.
 
-The pieces live in `llamaforge.planning`: `arch` (shapes, parameter counts), `activations` (what
+The pieces live beside it in `llamaforge.planning`: `arch` (shapes, parameter counts), `activations` (what
 autograd keeps per layer), `memory` (peak per device, DDP / FSDP / ZeRO-3), `throughput` (FLOPs,
 GPU rates, time), `data_tokens` (a job's token count). This module puts them together for one
 model, one job and one machine, and renders the answer as a table or JSON.
@@ -381,10 +381,3 @@ def render(plan: dict) -> str:
     if rec.get("overrides"):
         lines.append(f"job overrides: {' '.join(rec['overrides'])}")
     return "\n".join(lines)
-
-
-def dry_run_memory_lines(cfg, hf_config) -> list[str]:
-    """`llamaforge train --dry-run`: this job's peak memory on this machine (planning/dry_run.py)."""
-    from llamaforge.planning.dry_run import memory_lines
-
-    return memory_lines(cfg, hf_config)
