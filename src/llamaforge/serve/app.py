@@ -168,7 +168,7 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None, *, load: bool = T
             return SafeJSONResponse(error_body("The request body is not valid JSON", "invalid_request_error"), 400)
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         msg = "; ".join(_describe(e) for e in errors[:10])
-        return SafeJSONResponse(error_body(msg, "invalid_request_error", ".".join(loc) or None), 400)
+        return SafeJSONResponse(error_body(msg, "invalid_request_error", loc[0] if loc else None), 400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):

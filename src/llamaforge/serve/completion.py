@@ -22,19 +22,38 @@ from llamaforge.serve.moderation import OutputWindow
 from llamaforge.serve.protocol import APIError, SamplingBody, error_body
 
 
-async def complete(server, request: Request, body: SamplingBody, model: str, prompt_ids: list[int],
-                   prompt_text: str, caller, *, chat: bool):
+async def complete(
+    server,
+    request: Request,
+    body: SamplingBody,
+    model: str,
+    prompt_ids: list[int],
+    prompt_text: str,
+    caller,
+    *,
+    chat: bool,
+):
     """Moderate, queue and answer one request (a dict, or a StreamingResponse when streaming)."""
     created, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     reason = await server.moderator.check(prompt_text) if server.moderator.active else None
     if reason:
         server.metrics.moderation.labels(model, "input").inc()
         await asyncio.to_thread(
-            server.audit.record, id=rid, key_id=caller.name, model=model, prompt=prompt_text, response=None,
-            blocked=reason, finish_reason="content_filter", prompt_tokens=len(prompt_ids), completion_tokens=0,
+            server.audit.record,
+            id=rid,
+            key_id=caller.name,
+            model=model,
+            prompt=prompt_text,
+            response=None,
+            blocked=reason,
+            finish_reason="content_filter",
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=0,
         )
         raise APIError(
-            400, f"{server.cfg.moderation.refusal} (refused by moderation: {reason})", code="content_policy_violation"
+            400,
+            f"{server.cfg.moderation.refusal} (refused by moderation: {reason})",
+            code="content_policy_violation",
         )
     req = server.prepare(body, prompt_ids, model, caller.name)
     try:
@@ -43,8 +62,11 @@ async def complete(server, request: Request, body: SamplingBody, model: str, pro
         server.metrics.rejected.labels("queue_full").inc()
         retry = max(1, round(server.engine.num_waiting / max(1, server.cfg.max_batch_size)))
         raise APIError(
-            429, "The server is busy: too many requests waiting. Retry later.", type="rate_limit_error",
-            code="queue_full", headers={"Retry-After": str(retry)},
+            429,
+            "The server is busy: too many requests waiting. Retry later.",
+            type="rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": str(retry)},
         ) from None
     meta = dict(id=rid, created=created, model=model, chat=chat, key_id=caller.name, prompt_text=prompt_text)
     if body.stream:
@@ -68,12 +90,24 @@ async def complete(server, request: Request, body: SamplingBody, model: str, pro
         text, finish = server.cfg.moderation.refusal, "content_filter"
     await asyncio.to_thread(_finished, server, req, meta, finish, blocked)
     choice = (
-        {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": finish,
+        }
         if chat
         else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
     )
     obj = "chat.completion" if chat else "text_completion"
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice], "usage": usage(req)}
+    return {
+        "id": rid,
+        "object": obj,
+        "created": created,
+        "model": model,
+        "choices": [choice],
+        "usage": usage(req),
+    }
 
 
 def usage(req: GenRequest) -> dict:
@@ -92,10 +126,18 @@ def _finished(server, req: GenRequest, meta: dict, finish: str, blocked: str | N
     if finish != "cancelled":
         server.metrics.finished(req.model_name, finish, len(req.prompt_ids), len(req.token_ids), seconds)
     server.audit.record(
-        id=meta["id"], key_id=meta["key_id"], model=req.model_name, prompt=meta["prompt_text"], response=req.text,
-        prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.token_ids), latency_s=round(seconds, 4),
-        ttft_s=round(req.first_token - req.arrival, 4) if req.first_token else None, finish_reason=finish,
-        blocked=blocked, stream=meta.get("stream", False),
+        id=meta["id"],
+        key_id=meta["key_id"],
+        model=req.model_name,
+        prompt=meta["prompt_text"],
+        response=req.text,
+        prompt_tokens=len(req.prompt_ids),
+        completion_tokens=len(req.token_ids),
+        latency_s=round(seconds, 4),
+        ttft_s=round(req.first_token - req.arrival, 4) if req.first_token else None,
+        finish_reason=finish,
+        blocked=blocked,
+        stream=meta.get("stream", False),
     )
 
 
@@ -139,11 +181,21 @@ async def _stream(server, req: GenRequest, meta: dict, include_usage: bool):
 
     def chunk(delta_text: str | None, finish: str | None = None, role: bool = False) -> str:
         if chat:
-            delta = {"role": "assistant", "content": ""} if role else ({"content": delta_text} if delta_text else {})
+            delta = (
+                {"role": "assistant", "content": ""}
+                if role
+                else ({"content": delta_text} if delta_text else {})
+            )
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": delta_text or "", "logprobs": None, "finish_reason": finish}
-        payload = {"id": meta["id"], "object": obj, "created": meta["created"], "model": model, "choices": [choice]}
+        payload = {
+            "id": meta["id"],
+            "object": obj,
+            "created": meta["created"],
+            "model": model,
+            "choices": [choice],
+        }
         if include_usage:
             payload["usage"] = None
         return f"data: {json.dumps(payload)}\n\n"
@@ -177,7 +229,13 @@ async def _stream(server, req: GenRequest, meta: dict, include_usage: bool):
         if finish != "error":
             yield chunk(None, finish=finish)
         if include_usage:
-            payload = {"id": meta["id"], "object": obj, "created": meta["created"], "model": model, "choices": []}
+            payload = {
+                "id": meta["id"],
+                "object": obj,
+                "created": meta["created"],
+                "model": model,
+                "choices": [],
+            }
             yield f"data: {json.dumps({**payload, 'usage': usage(req)})}\n\n"
         yield "data: [DONE]\n\n"
     finally:
