@@ -21,7 +21,7 @@ from llamaforge.serve.config import ServeConfig  # noqa: E402
 from llamaforge.serve.engine import Engine  # noqa: E402
 
 
-def make_adapter(base_dir: Path, out: Path, seed: int, rank: int = 4) -> Path:
+def make_adapter(base_dir: Path, out: Path, seed: int, rank: int = 4, **lora) -> Path:
     """A real peft LoRA adapter with random non-zero B, so its outputs differ from the base."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -29,7 +29,7 @@ def make_adapter(base_dir: Path, out: Path, seed: int, rank: int = 4) -> Path:
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     model = get_peft_model(
-        base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj", "o_proj"])
+        base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj", "o_proj"], **lora)
     )
     with torch.no_grad():
         for name, p in model.named_parameters():

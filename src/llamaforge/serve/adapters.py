@@ -82,7 +82,9 @@ def lora_config(real: Path, path: str) -> dict:
     if not isinstance(config, dict):
         raise ConfigError(f"{path}/adapter_config.json: expected a JSON object")
     if config.get("peft_type", "LORA") not in ("LORA",):
-        raise ConfigError(f"{path}: only LoRA adapters can be hot-swapped (got {config.get('peft_type')})")
+        raise ConfigError(
+            f"{path}/adapter_config.json: peft_type {config.get('peft_type')!r}: only LoRA adapters can be hot-swapped"
+        )
     return config
 
 
