@@ -10,6 +10,7 @@ before FastAPI reads a byte of the body (guard.py); bodies are validated at the 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import threading
@@ -244,21 +245,18 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None, *, load: bool = T
         server.check_prompt_size(sum(len(m.content) for m in messages), "messages")
         prompt_text = "\n".join(f"{m.role}: {m.content}" for m in messages)
         template = server.engine.template_for(model)
-        try:
-            prompt_ids = await asyncio.to_thread(encode_chat, template, messages)
-        except Exception as exc:  # noqa: BLE001 - e.g. a template that refuses this role order
-            raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from None
+        encode = functools.partial(encode_chat, template, messages)
         caller = caller_of(request.scope)
-        return await complete(server, request, body, model, prompt_ids, prompt_text, caller, chat=True)
+        return await complete(server, request, body, model, encode, prompt_text, caller, chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
         server.check_ready()
         model = server.resolve_model(body.model)
         server.check_prompt_size(len(body.prompt), "prompt")
-        prompt_ids = await asyncio.to_thread(encode_text, server.engine.tokenizer, body.prompt)
+        encode = functools.partial(encode_text, server.engine.tokenizer, body.prompt)
         caller = caller_of(request.scope)
-        return await complete(server, request, body, model, prompt_ids, body.prompt, caller, chat=False)
+        return await complete(server, request, body, model, encode, body.prompt, caller, chat=False)
 
     return app
 

@@ -13,6 +13,7 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import Callable
 
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
@@ -27,13 +28,14 @@ async def complete(
     request: Request,
     body: SamplingBody,
     model: str,
-    prompt_ids: list[int],
+    encode: Callable[[], list[int]],
     prompt_text: str,
     caller,
     *,
     chat: bool,
 ):
-    """Moderate, queue and answer one request (a dict, or a StreamingResponse when streaming)."""
+    """Moderate, tokenize (`encode`, in a thread), queue and answer one request (a dict, or a
+    StreamingResponse when streaming). Moderation comes first: a refused prompt is never tokenized."""
     created, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     reason = await server.moderator.check(prompt_text) if server.moderator.active else None
     if reason:
@@ -47,7 +49,7 @@ async def complete(
             response=None,
             blocked=reason,
             finish_reason="content_filter",
-            prompt_tokens=len(prompt_ids),
+            prompt_chars=len(prompt_text),
             completion_tokens=0,
         )
         raise APIError(
@@ -55,6 +57,12 @@ async def complete(
             f"{server.cfg.moderation.refusal} (refused by moderation: {reason})",
             code="content_policy_violation",
         )
+    try:
+        prompt_ids = await asyncio.to_thread(encode)
+    except Exception as exc:  # noqa: BLE001 - e.g. a chat template that refuses this role order
+        raise APIError(
+            400, f"cannot tokenize the prompt: {exc}", param="messages" if chat else "prompt"
+        ) from None
     req = server.prepare(body, prompt_ids, model, caller.name)
     try:
         server.engine.submit(req)
