@@ -18,7 +18,7 @@ from llamaforge.serve.config import ServeConfig  # noqa: E402
 from llamaforge.serve.engine import Engine  # noqa: E402
 
 AUTH = {"Authorization": "Bearer key-fuzz-1234"}
-EXAMPLES = 30  # per operation and mode
+EXAMPLES = 50  # per operation and mode
 CASES: Counter = Counter()  # operation -> cases sent (printed at the end of the module with -s)
 STATUSES: Counter = Counter()
 

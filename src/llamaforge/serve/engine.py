@@ -175,22 +175,18 @@ class Engine:
 
         from llamaforge.templates import load_template
 
-        if name == self.base_name or name in self.adapters:
-            raise ConfigError(f"a model named '{name}' is already loaded")
-        if len(self.adapters) >= self.cfg.max_adapters:
-            raise ConfigError(
-                f"{len(self.adapters)} adapters are loaded, the most serve.max_adapters allows: unload one first"
-            )
+        self._check_room(name)
         real = check_adapter_path(path, self.cfg.adapter_dirs, check_dirs=check_dirs)
         config = lora_config(real, path)
-        base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
-        check_lora_config(config, path, base, self.cfg.max_lora_rank)
         template = (
             load_template(real, self.tokenizer)
             if (real / "llamaforge_template.json").is_file()
             else self.template
         )
         with self._swapping(name):
+            self._check_room(name)  # again, under the lock: two loads at once cannot both take the last place
+            base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+            check_lora_config(config, path, base, self.cfg.max_lora_rank)
             self.model = attach(self.model, name, real)  # on failure: nothing of it remains
             self.model.eval()
             adapter = Adapter(name, str(real), template, int(config.get("r", 8)), bool(config.get("use_dora")))
@@ -209,6 +205,14 @@ class Engine:
             self._check_registry()
         if self.metrics:
             self.metrics.adapters_loaded.set(len(self.adapters))
+
+    def _check_room(self, name: str) -> None:
+        if name == self.base_name or name in self.adapters:
+            raise ConfigError(f"a model named '{name}' is already loaded")
+        if len(self.adapters) >= self.cfg.max_adapters:
+            raise ConfigError(
+                f"{len(self.adapters)} adapters are loaded, the most serve.max_adapters allows: unload one first"
+            )
 
     def _check_registry(self) -> None:
         """The adapters peft holds are exactly the ones served (a failed load left none behind)."""
