@@ -182,14 +182,25 @@ def test_key_lines_with_and_without_admin():
 
 
 def test_the_number_of_adapters_is_capped(engine, adapters, tiny_llama_dir):
-    c = local(create_app(with_(engine.cfg, {"max_adapters": 2}), engine))
+    app = create_app(with_(engine.cfg, {"max_adapters": 2}), engine)
+    c = local(app)
     engine.cfg = with_(engine.cfg, {"max_adapters": 2})
+
+    async def race():  # two loads for the last place at once: exactly one gets it
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as ac:
+            bodies = [{"lora_name": n, "lora_path": str(adapters / "a2")} for n in ("r1", "r2")]
+            return await asyncio.gather(*[ac.post("/v1/load_lora_adapter", json=b) for b in bodies])
+
     try:
-        assert load(c, "a2", adapters / "a2").status_code == 200
+        assert sorted(r.status_code for r in asyncio.run(race())) == [200, 400]
+        winner = next(n for n in ("r1", "r2") if n in engine.adapters)
+        assert len(engine.adapters) == 2 and loaded_names(engine.model) == {"a1", winner}
         err = assert_error(load(c, "third", adapters / "a2"), 400)
         assert "serve.max_adapters" in err["message"] and "third" not in engine.adapters
     finally:
-        c.post("/v1/unload_lora_adapter", json={"lora_name": "a2"})
+        for name in ("r1", "r2"):
+            c.post("/v1/unload_lora_adapter", json={"lora_name": name})
         engine.cfg = with_(engine.cfg, {"max_adapters": 8})
     pair = {"x": str(adapters / "a1"), "y": str(adapters / "a2")}
     many = with_(serve_config(tiny_llama_dir, adapters), {"max_adapters": 1, "adapters": pair})
