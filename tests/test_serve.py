@@ -21,7 +21,7 @@ from llamaforge.serve.config import ServeConfig  # noqa: E402
 from llamaforge.serve.engine import Engine  # noqa: E402
 
 
-def make_adapter(base_dir: Path, out: Path, seed: int, rank: int = 4) -> Path:
+def make_adapter(base_dir: Path, out: Path, seed: int, rank: int = 4, **lora) -> Path:
     """A real peft LoRA adapter with random non-zero B, so its outputs differ from the base."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -29,7 +29,7 @@ def make_adapter(base_dir: Path, out: Path, seed: int, rank: int = 4) -> Path:
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     model = get_peft_model(
-        base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj", "o_proj"])
+        base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj", "o_proj"], **lora)
     )
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -74,7 +74,12 @@ def engine(tiny_llama_dir, adapters):
 
 @pytest.fixture()
 def client(engine, tiny_llama_dir, adapters):
-    return TestClient(create_app(engine.cfg, engine))
+    return local(create_app(engine.cfg, engine))
+
+
+def local(app) -> TestClient:
+    """A test client that talks to the app as a loopback client does (a keyless server refuses other hosts)."""
+    return TestClient(app, base_url="http://127.0.0.1")
 
 
 def with_(cfg: ServeConfig, changes: dict) -> ServeConfig:
@@ -161,7 +166,7 @@ def test_health_is_503_while_loading(tiny_llama_dir, adapters):
     app = create_app(
         serve_config(tiny_llama_dir, adapters), Engine(serve_config(tiny_llama_dir, adapters)), load=False
     )
-    c = TestClient(app)
+    c = local(app)
     assert c.get("/health").status_code == 503
     assert_error(c.post("/v1/chat/completions", json=chat_body()), 503)
 
@@ -225,7 +230,7 @@ def test_seeded_sampling_is_reproducible(client):
 def test_api_keys_and_rate_limit(engine, monkeypatch):
     monkeypatch.setenv("LLAMAFORGE_TEST_KEYS", "team-a:secret-key-a,secret-key-b")
     cfg = with_(engine.cfg, {"api_keys_env": "LLAMAFORGE_TEST_KEYS", "rate_limit_per_minute": 2})
-    c = TestClient(create_app(cfg, engine))
+    c = local(create_app(cfg, engine))
     assert assert_error(c.get("/v1/models"), 401)["type"] == "authentication_error"
     assert_error(c.get("/v1/models", headers={"Authorization": "Bearer wrong-key-123"}), 401)
     assert_error(c.post("/v1/chat/completions", json=chat_body()), 401)
@@ -313,7 +318,7 @@ def test_concurrent_mixed_adapters_match_sequential(engine, adapters):
     import httpx
 
     app = create_app(engine.cfg, engine)
-    client = TestClient(app)
+    client = local(app)
     assert (
         client.post(
             "/v1/load_lora_adapter", json={"lora_name": "a2", "lora_path": str(adapters / "a2")}
@@ -331,7 +336,7 @@ def test_concurrent_mixed_adapters_match_sequential(engine, adapters):
 
         async def together():
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://test") as ac:
+            async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as ac:
                 rs = await asyncio.gather(
                     *[ac.post("/v1/chat/completions", json=chat_body(m, p, max_tokens=7)) for m, p in jobs]
                 )
@@ -358,7 +363,7 @@ def test_full_queue_answers_429(tiny_llama_dir, adapters, engine):
     app = create_app(idle.cfg, idle)  # no worker started: the first request waits
 
     async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as ac:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as ac:
             first = asyncio.create_task(ac.post("/v1/chat/completions", json=chat_body()))
             while idle.num_waiting == 0:
                 await asyncio.sleep(0.01)
@@ -394,7 +399,7 @@ def test_metrics_exposition(client):
 def test_audit_log_redacts_and_rotates(engine, tmp_path):
     path = tmp_path / "audit.jsonl"
     cfg = with_(engine.cfg, {"audit": {"path": str(path), "max_bytes": 2048, "backups": 2}})
-    c = TestClient(create_app(cfg, engine))
+    c = local(create_app(cfg, engine))
     r = c.post("/v1/chat/completions", json=chat_body("a1", "Mail me at jane.doe@example.com please"))
     assert r.status_code == 200
     line = json.loads(path.read_text().splitlines()[-1])
@@ -409,7 +414,7 @@ def test_audit_log_redacts_and_rotates(engine, tmp_path):
 
 def test_moderation_blocklist(engine):
     cfg = with_(engine.cfg, {"moderation": {"blocklist": ["forbidden topic", "nuke"]}})
-    c = TestClient(create_app(cfg, engine))
+    c = local(create_app(cfg, engine))
     err = assert_error(
         c.post("/v1/chat/completions", json=chat_body(content="Tell me the FORBIDDEN  topic")), 400
     )
@@ -429,7 +434,7 @@ def test_moderation_blocks_output(client, engine):
     answer = client.post("/v1/chat/completions", json=chat_body()).json()["choices"][0]["message"]["content"]
     word = next(w for w in answer.split() if w.isalpha() and len(w) > 2)
     cfg = with_(engine.cfg, {"moderation": {"blocklist": [word]}})
-    c = TestClient(create_app(cfg, engine))
+    c = local(create_app(cfg, engine))
     r = c.post("/v1/chat/completions", json=chat_body()).json()["choices"][0]
     assert r["finish_reason"] == "content_filter" and word not in r["message"]["content"]
 
@@ -527,7 +532,7 @@ def test_moderation_endpoint_is_consulted(engine):
         cfg = with_(
             engine.cfg, {"moderation": {"endpoint": url + "/v1/moderations", "endpoint_model": "llama-guard"}}
         )
-        c = TestClient(create_app(cfg, engine))
+        c = local(create_app(cfg, engine))
         err = assert_error(c.post("/v1/chat/completions", json=chat_body(content="please flagme now")), 400)
         assert "violence" in err["message"] and err["code"] == "content_policy_violation"
         assert (
@@ -536,7 +541,7 @@ def test_moderation_endpoint_is_consulted(engine):
     down = with_(
         engine.cfg, {"moderation": {"endpoint": url + "/v1/moderations", "fail_closed": True, "timeout_s": 2}}
     )
-    assert_error(TestClient(create_app(down, engine)).post("/v1/chat/completions", json=chat_body()), 400)
+    assert_error(local(create_app(down, engine)).post("/v1/chat/completions", json=chat_body()), 400)
 
 
 def test_grafana_dashboard_uses_exposed_metrics(client):

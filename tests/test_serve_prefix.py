@@ -9,14 +9,13 @@ import pytest
 import torch
 
 pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
 
 from llamaforge.data.types import Message  # noqa: E402
 from llamaforge.serve.app import create_app  # noqa: E402
 from llamaforge.serve.config import ServeConfig  # noqa: E402
 from llamaforge.serve.engine import Engine, GenRequest  # noqa: E402
 from llamaforge.serve.prefix_cache import Hit, PrefixCache  # noqa: E402
-from test_serve import adapters, metric, serve_config  # noqa: E402, F401 - the tiny model and its adapters
+from test_serve import adapters, local, metric, serve_config  # noqa: E402, F401 - the tiny model and its adapters
 
 SYSTEM = (
     "You are the support assistant of a small bakery. Answer briefly, politely and only about bread, "
@@ -172,7 +171,7 @@ def test_eviction_takes_chain_tails_first():
 
 
 def test_prefix_cache_metrics(cached):
-    client = TestClient(create_app(cached.cfg, cached))
+    client = local(create_app(cached.cfg, cached))
     body = {"model": "a1", "max_tokens": 2, "temperature": 0}
     for q in QUESTIONS[:2]:
         messages = [{"role": "system", "content": SYSTEM + " Metrics."}, {"role": "user", "content": q}]

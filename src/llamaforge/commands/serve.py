@@ -11,6 +11,8 @@ EPILOG = """examples:
   llamaforge serve runs/try2                                  # the run's base + its adapter, on 127.0.0.1:8000
   llamaforge serve smollm2-135m-instruct --lora support=runs/support/adapter --lora legal=runs/legal/adapter
   LLAMAFORGE_API_KEYS=team-a:sk-0123456789 llamaforge serve runs/try2 --host 0.0.0.0
+  LLAMAFORGE_API_KEYS=ops:sk-admin-98765:admin,team-a:sk-0123456789 llamaforge serve runs/try2 --host 0.0.0.0
+                                                              # only `:admin` keys may load/unload adapters
   llamaforge serve runs/try2 --print-vllm-command             # the equivalent `vllm serve` command line
   llamaforge serve --config job.yaml serve.audit.path=logs/audit.jsonl serve.moderation.blocklist=[foo]
 

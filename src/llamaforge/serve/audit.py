@@ -1,4 +1,10 @@
-"""The audit log: one JSON line per request, rotated by size, PII redacted with the curation detector."""
+"""The audit log: one JSON line per request, rotated by size, PII redacted with the curation detector.
+
+Private to the server's user (created 0600: prompts are often confidential even when redacted) and
+bounded: every text field is cut to `max_field_chars`, before redaction (so a 4 MB prompt costs a
+bounded redaction and writes a bounded line) but with a margin, so a PII item crossing the cut is
+still seen whole by the detector. `record` does blocking work: call it off the event loop.
+"""
 
 from __future__ import annotations
 
@@ -42,15 +48,24 @@ class AuditLog:
     def enabled(self) -> bool:
         return self.path is not None
 
+    def _bound(self, text: str, *, redact: bool) -> str:
+        limit = self.cfg.max_field_chars
+        cut = text[: limit + 256] if len(text) > limit else text  # a margin: PII crossing the cut stays whole
+        if redact and self.redact is not None:
+            cut = self.redact(cut)
+        if len(text) <= limit and len(cut) <= limit:
+            return cut
+        return cut[:limit] + f"…[cut: {len(text)} characters]"
+
     def record(self, **fields) -> None:
         if self.path is None:
             return
         for key in ("prompt", "response"):
-            if key in fields:
-                if not self.cfg.log_text:
-                    fields.pop(key)
-                elif self.redact is not None and isinstance(fields[key], str):
-                    fields[key] = self.redact(fields[key])
+            if key in fields and not self.cfg.log_text:
+                fields.pop(key)
+        for key, value in fields.items():
+            if isinstance(value, str):
+                fields[key] = self._bound(value, redact=key in ("prompt", "response"))
         fields["redacted"] = self.redact is not None
         line = (
             json.dumps(
@@ -61,7 +76,8 @@ class AuditLog:
         )
         with self.lock:
             self._rotate_if_needed(len(line.encode()))
-            with self.path.open("a", encoding="utf-8") as f:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "a", encoding="utf-8", errors="replace") as f:
                 f.write(line)
 
     def _rotate_if_needed(self, incoming: int) -> None:

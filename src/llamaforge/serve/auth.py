@@ -1,7 +1,10 @@
 """Bearer API keys (from a file or an environment variable) and per-key rate limits.
 
-Without keys the server only listens on loopback: an open model endpoint on a network is refused.
-Keys are compared in constant time; only a key's name (or a hash prefix) ever reaches the logs.
+Without keys the server only listens on loopback: an open model endpoint on a network is refused,
+and it answers only requests whose `Host` names the loopback (a web page's script reaching it
+through DNS rebinding sends its own host name). Keys are compared in constant time; only a key's
+name (or a hash prefix) ever reaches the logs. A key is `key`, `name:key`, or `name:key:admin`: only
+admin keys may load and unload adapters.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import ipaddress
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from llamaforge.errors import ConfigError
@@ -26,23 +30,36 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def parse_keys(lines: list[str]) -> dict[str, str]:
-    """key -> key id. A line is `key` or `name:key`; blank lines and # comments are skipped."""
-    keys: dict[str, str] = {}
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request: the key's name (never the key) and whether it may administer adapters."""
+
+    name: str
+    admin: bool = False
+
+
+ANONYMOUS = Caller("anonymous", admin=True)  # no keys: a loopback-only server, its one user is the admin
+
+
+def parse_keys(lines: list[str]) -> dict[str, Caller]:
+    """key -> caller. A line is `key`, `name:key` or `name:key:admin`; blank lines and # comments are skipped."""
+    keys: dict[str, Caller] = {}
     for raw in lines:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        name, sep, key = line.partition(":")
+        admin = line.count(":") >= 2 and line.endswith(":admin")
+        body = line.removesuffix(":admin") if admin else line
+        name, sep, key = body.partition(":")
         if not sep:
-            key, name = line, "key-" + hashlib.sha256(line.encode()).hexdigest()[:8]
+            key, name = body, "key-" + hashlib.sha256(body.encode()).hexdigest()[:8]
         if len(key) < 8:
             raise ConfigError(f"API key '{name}' is shorter than 8 characters")
-        keys[key] = name
+        keys[key] = Caller(name, admin)
     return keys
 
 
-def load_keys(keys_file: str | None, env_var: str) -> dict[str, str]:
+def load_keys(keys_file: str | None, env_var: str) -> dict[str, Caller]:
     lines: list[str] = []
     if keys_file:
         path = Path(keys_file).expanduser()
@@ -54,30 +71,43 @@ def load_keys(keys_file: str | None, env_var: str) -> dict[str, str]:
 
 
 class Auth:
-    def __init__(self, keys: dict[str, str], host: str, rate_limit_per_minute: int = 0):
+    def __init__(self, keys: dict[str, Caller], host: str, rate_limit_per_minute: int = 0):
         if not keys and not is_loopback(host):
             raise ConfigError(
                 f"refusing to serve on {host} without API keys: set serve.api_keys_file or the API keys "
                 "environment variable, or listen on 127.0.0.1"
             )
-        self.keys = keys
+        self.keys, self.host = keys, host
         self.limiter = RateLimiter(rate_limit_per_minute) if rate_limit_per_minute else None
 
     @property
     def required(self) -> bool:
         return bool(self.keys)
 
-    def identify(self, authorization: str | None) -> str | None:
-        """The key id for a valid `Bearer <key>` header, 'anonymous' when no keys are set, else None."""
+    def host_allowed(self, host_header: str | None) -> bool:
+        """With keys, any Host; without, only loopback names (or the configured host), so a page served
+        from elsewhere cannot reach the keyless server through a rebinding DNS name."""
+        if self.keys or not host_header:
+            return True
+        name = host_header.strip()
+        if name.startswith("["):  # [::1]:8000
+            name = name[1:].partition("]")[0]
+        elif name.count(":") == 1:
+            name = name.partition(":")[0]
+        name = name.rstrip(".").lower()
+        return name == self.host.lower() or is_loopback(name) or name == "localhost"
+
+    def identify(self, authorization: str | None) -> Caller | None:
+        """The caller for a valid `Bearer <key>` header, ANONYMOUS when no keys are set, else None."""
         if not self.keys:
-            return "anonymous"
+            return ANONYMOUS
         if not authorization or not authorization.lower().startswith("bearer "):
             return None
         given = authorization[7:].strip().encode()
         found = None
-        for key, name in self.keys.items():  # compare against every key: timing says nothing
+        for key, caller in self.keys.items():  # compare against every key: timing says nothing
             if hmac.compare_digest(given, key.encode()):
-                found = name
+                found = caller
         return found
 
 

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from llamaforge.serve.prefix_cache import Hit, PrefixCache
+from llamaforge.serve.protocol import GREEDY_BELOW
 
 Forward = Callable[..., object]  # forward(rows, **model inputs) -> the model's output (adapters set per row)
 
@@ -116,10 +117,18 @@ def prefill(
     pad_id: int,
     device: torch.device,
     prefix_cache: PrefixCache | None = None,
+    *,
+    resume: bool = False,
 ) -> tuple[Batch, torch.Tensor, list[Hit]]:
-    """Prefill new rows (reusing cached prefixes): their batch, last-token logits and prefix hits."""
-    hits = [prefix_cache.lookup(r.adapter, r.prompt_ids) if prefix_cache else Hit() for r in rows]
-    rests = [r.prompt_ids[h.tokens :] for r, h in zip(rows, hits)]
+    """Prefill new rows (reusing cached prefixes): their batch, last-token logits and prefix hits.
+    With `resume`, each row's prompt and the tokens it generated so far (rebuilding a row's cache alone)."""
+    if resume:
+        prefix_cache = None
+    seqs = [r.prompt_ids + r.token_ids if resume else r.prompt_ids for r in rows]
+    if any(not s for s in seqs):
+        raise ValueError("an empty prompt cannot be prefilled")
+    hits = [prefix_cache.lookup(r.adapter, r.prompt_ids, r.tenant) if prefix_cache else Hit() for r in rows]
+    rests = [s[h.tokens :] for s, h in zip(seqs, hits)]
     n, cached, new = len(rows), max(h.tokens for h in hits), max(len(x) for x in rests)
     ids = torch.full((n, new), pad_id, dtype=torch.long)
     mask = torch.zeros((n, cached + new), dtype=torch.long)
@@ -155,8 +164,9 @@ def prefill(
 
 
 def choose_token(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
-    """Greedy at temperature 0, else sampling from the top-p nucleus with the request's own generator."""
-    if temperature <= 0:
+    """Greedy at temperatures under GREEDY_BELOW (dividing by ~0 overflows), else sampling from the
+    top-p nucleus with the request's own generator."""
+    if temperature < GREEDY_BELOW:
         return int(logits.argmax())
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:

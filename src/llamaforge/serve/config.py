@@ -19,6 +19,9 @@ class AuditConfig(Section):
     log_text: bool = Field(
         True, description="record prompt and response text (False: only counts and timings)"
     )
+    max_field_chars: int = Field(
+        4096, ge=64, description="longer prompts, answers and other fields are cut to this many characters"
+    )
 
 
 class ModerationConfig(Section):
@@ -33,8 +36,16 @@ class ModerationConfig(Section):
         None, description="environment variable holding the endpoint's key"
     )
     timeout_s: float = Field(5.0, gt=0)
-    fail_closed: bool = Field(False, description="refuse requests when the endpoint is unreachable")
+    fail_closed: bool = Field(
+        True, description="refuse requests when the endpoint is unreachable (False: let them through)"
+    )
     check_output: bool = True
+    stream_window_chars: int = Field(
+        256,
+        ge=1,
+        description="streamed answers go to the endpoint every this many characters; text leaves the server "
+        "only once checked",
+    )
     refusal: str = "I can't help with that request."
 
 
@@ -53,8 +64,11 @@ class ServeConfig(Section):
         description="hot-loaded adapters must live under one of these folders",
     )
     allow_adapter_loading: bool = Field(
-        True, description="enable /v1/load_lora_adapter and /v1/unload_lora_adapter"
+        True,
+        description="enable /v1/load_lora_adapter and /v1/unload_lora_adapter (with API keys: admin keys only)",
     )
+    max_adapters: int = Field(8, ge=0, description="adapters loaded at once (at start and at runtime)")
+    max_lora_rank: int = Field(256, ge=1, description="adapters of a higher LoRA rank are refused")
     template: TemplateName = Field("auto", description="chat template when the model or adapter carries none")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -82,9 +96,17 @@ class ServeConfig(Section):
     default_temperature: float = Field(
         1.0, ge=0, le=2, description="OpenAI's default when a request sets none"
     )
-    api_keys_file: str | None = Field(None, description="file with one key per line, or `name:key`")
+    api_keys_file: str | None = Field(
+        None, description="file with one key per line: `key`, `name:key`, or `name:key:admin` (may load adapters)"
+    )
     api_keys_env: str = Field(
         "LLAMAFORGE_API_KEYS", description="comma-separated keys (or name:key) in this env var"
+    )
+    max_request_bytes: int = Field(
+        4_000_000, ge=1024, description="larger request bodies get 413 before they are read"
+    )
+    max_prompt_chars: int | None = Field(
+        None, ge=1, description="longer prompts get 400 before tokenizing (default: 16 per token of context)"
     )
     rate_limit_per_minute: int = Field(0, ge=0, description="requests per key per minute (0: unlimited)")
     metrics_prefix: str = Field(

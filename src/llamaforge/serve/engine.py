@@ -11,6 +11,11 @@ Each step's tokens go to the asking coroutine through its own asyncio queue (str
 cancelled request (client gone) leaves the batch at the next step. Adapters are loaded and removed
 under the same lock as the forwards: a pending swap stops admissions, the batch drains, the swap
 runs, so a hot swap never races a forward and is never starved by a steady stream of requests.
+
+One request never harms another: an error is contained to the rows it belongs to. Per-row work
+(seeding, sampling, detokenizing) fails only its row; a prefill that fails for several newcomers is
+retried for each alone; a decode step that fails rebuilds each row's cache alone from its prompt and
+the tokens it has so far, and only the rows that still fail are answered with an error.
 """
 
 from __future__ import annotations
@@ -30,7 +35,15 @@ import torch
 from llamaforge.device import autocast_context
 from llamaforge.dtypes import torch_dtype
 from llamaforge.errors import ConfigError
-from llamaforge.serve.adapters import Adapter, check_adapter_path, lora_config
+from llamaforge.serve.adapters import (
+    Adapter,
+    attach,
+    check_adapter_path,
+    check_lora_config,
+    detach,
+    loaded_names,
+    lora_config,
+)
 from llamaforge.serve.batch import Batch, choose_token, prefill
 from llamaforge.serve.config import ServeConfig
 from llamaforge.serve.prefix_cache import PrefixCache
@@ -38,6 +51,12 @@ from llamaforge.serve.prefix_cache import PrefixCache
 log = logging.getLogger(__name__)
 _ids = itertools.count()
 _ANY = object()  # `_pop`: any adapter (the oldest waiting request's)
+
+
+def display_name(source: str) -> str:
+    """The name a model source is served as: a local folder's own name, never the server's path to it."""
+    path = Path(source).expanduser()
+    return path.resolve().name if path.is_absolute() or path.exists() else source
 
 
 class QueueFull(Exception):
@@ -55,6 +74,7 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)
     stop_ids: frozenset[int] = frozenset()
     model_name: str = ""
+    tenant: str = ""  # the API key's name: prefix-cache entries are never shared across tenants
     id: int = field(default_factory=lambda: next(_ids))
     arrival: float = field(default_factory=time.monotonic)
     cancelled: bool = False
@@ -75,7 +95,7 @@ class Engine:
     def __init__(self, cfg: ServeConfig, metrics=None):
         self.cfg, self.metrics = cfg, metrics
         self.model = self.tokenizer = self.template = None
-        self.base_name = cfg.served_model_name or cfg.model
+        self.base_name = cfg.served_model_name or display_name(cfg.model)
         self.adapters: dict[str, Adapter] = {}
         self.ready = False
         self.load_error: str | None = None
@@ -112,10 +132,12 @@ class Engine:
                 if run.is_adapter:  # the base loads below; the run's adapter hot-loads like any other
                     startup.setdefault(run.dir.resolve().name, str(run.weights_dir))
                     source = run.base_model
+                    shown = display_name(source)
                 else:
                     source = run_weights = str(run.weights_dir)
+                    shown = run.dir.resolve().name
                 if not self.cfg.served_model_name:
-                    self.base_name = source
+                    self.base_name = shown
             self.model, self.tokenizer = load_model(source, dtype=dtype)
             self.template = get_template(self.cfg.template, self.tokenizer)
             if run_weights:  # a fully fine-tuned run: its own template
@@ -126,6 +148,10 @@ class Engine:
             if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
                 log.warning("sliding-window attention: the prefix cache is off for this model")
                 self.prefix_cache = None
+            if len(startup) > self.cfg.max_adapters:
+                raise ConfigError(
+                    f"{len(startup)} adapters to load at start, over serve.max_adapters={self.cfg.max_adapters}"
+                )
             for name, path in startup.items():
                 self.load_adapter(name, path, check_dirs=False)
             self.start()
@@ -153,8 +179,7 @@ class Engine:
 
         from llamaforge.templates import load_template
 
-        if name == self.base_name or name in self.adapters:
-            raise ConfigError(f"a model named '{name}' is already loaded")
+        self._check_room(name)
         real = check_adapter_path(path, self.cfg.adapter_dirs, check_dirs=check_dirs)
         config = lora_config(real, path)
         template = (
@@ -163,13 +188,14 @@ class Engine:
             else self.template
         )
         with self._swapping(name):
-            if isinstance(self.model, PeftModel):
-                self.model.load_adapter(str(real), adapter_name=name)
-            else:
-                self.model = PeftModel.from_pretrained(self.model, str(real), adapter_name=name)
+            self._check_room(name)  # again, under the lock: two loads at once cannot both take the last place
+            base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+            check_lora_config(config, path, base, self.cfg.max_lora_rank)
+            self.model = attach(self.model, name, real)  # on failure: nothing of it remains
             self.model.eval()
-        adapter = Adapter(name, str(real), template, int(config.get("r", 0)))
-        self.adapters[name] = adapter
+            adapter = Adapter(name, str(real), template, int(config.get("r", 8)), bool(config.get("use_dora")))
+            self.adapters[name] = adapter
+            self._check_registry()
         if self.metrics:
             self.metrics.adapters_loaded.set(len(self.adapters))
         return adapter
@@ -178,15 +204,32 @@ class Engine:
         if name not in self.adapters:
             raise KeyError(name)
         with self._swapping(name):
-            if len(self.adapters) == 1:
-                self.model = (
-                    self.model.unload()
-                )  # back to the bare base (LoRA layers removed, nothing merged)
-            else:
-                self.model.delete_adapter(name)
+            self.model = detach(self.model, name)
             del self.adapters[name]
+            self._check_registry()
         if self.metrics:
             self.metrics.adapters_loaded.set(len(self.adapters))
+
+    def _check_room(self, name: str) -> None:
+        if name == self.base_name or name in self.adapters:
+            raise ConfigError(f"a model named '{name}' is already loaded")
+        if len(self.adapters) >= self.cfg.max_adapters:
+            raise ConfigError(
+                f"{len(self.adapters)} adapters are loaded, the most serve.max_adapters allows: unload one first"
+            )
+
+    def _check_registry(self) -> None:
+        """The adapters peft holds are exactly the ones served (a failed load left none behind)."""
+        held = loaded_names(self.model)
+        if held != set(self.adapters):
+            raise RuntimeError(f"adapter registry out of step: peft holds {sorted(held)}, served {sorted(self.adapters)}")
+
+    def _group(self, adapter: str | None):
+        """Requests of one group may share a forward. peft cannot mix a DoRA adapter's rows with others."""
+        loaded = self.adapters.get(adapter) if adapter is not None else None
+        if loaded is not None and loaded.dora:
+            return ("dora", adapter)
+        return "mixed" if self.cfg.mixed_adapter_batches else adapter
 
     @contextlib.contextmanager
     def _swapping(self, name: str):
@@ -244,9 +287,8 @@ class Engine:
             self._finish(self._waiting.popleft(), "cancelled")
         if not self._waiting or room <= 0:
             return []
-        adapter = self._waiting[0].adapter if adapter is _ANY else adapter
-        mixed = self.cfg.mixed_adapter_batches
-        taken = [r for r in self._waiting if (mixed or r.adapter == adapter) and not r.cancelled][:room]
+        group = self._group(self._waiting[0].adapter if adapter is _ANY else adapter)
+        taken = [r for r in self._waiting if self._group(r.adapter) == group and not r.cancelled][:room]
         for r in taken:
             self._waiting.remove(r)
         self._running += len(taken)
@@ -289,38 +331,65 @@ class Engine:
                             batch = batch.merge(self._prefill(pending))
                             self.batch_sizes.append(len(batch))
                         if batch.rows:
-                            self._sample(batch, batch.decode(self._forward))
+                            batch = self._step(batch)
                         pending = self._admit(batch)
-            except Exception as exc:  # noqa: BLE001 - one bad batch must never kill the server
+            except Exception as exc:  # noqa: BLE001 - last resort: the worker must never die
                 log.exception("generation failed")
                 for r in [*batch.rows, *pending]:
-                    if r.finish_reason is None:
-                        r.finish_reason = "error"
-                        self._emit(r, ("error", f"{type(exc).__name__}: {exc}"))
+                    self._fail(r, exc)
             finally:
                 with self._cond:
                     self._running = 0
                     self._update_gauges()
 
-    def _prefill(self, rows: list[GenRequest]) -> Batch:
-        """Prefill newcomers, choose their first tokens; the batch of those still going."""
+    def _fail(self, r: GenRequest, exc: BaseException | str) -> None:
+        """This row, and only it, ends with an error."""
+        if r.finish_reason is None:
+            r.finish_reason = "error"
+            self._emit(r, ("error", exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"))
+
+    def _startable(self, rows: list[GenRequest]) -> list[GenRequest]:
+        """Rows ready to prefill: their adapter is still loaded and their generator seeds (per row)."""
+        now, ready = time.monotonic(), []
         for r in rows:
             if r.adapter is not None and r.adapter not in self.adapters:  # unloaded while it waited
-                r.finish_reason = "error"
-                self._emit(r, ("error", f"the adapter '{r.adapter}' was unloaded"))
-        rows = [r for r in rows if r.finish_reason is None]
+                self._fail(r, f"the adapter '{r.adapter}' was unloaded")
+                continue
+            if r.generator is None:
+                try:
+                    r.generator = torch.Generator().manual_seed(r.seed if r.seed is not None else r.id)
+                except Exception as exc:  # noqa: BLE001 - e.g. a seed out of range: this row only
+                    self._fail(r, exc)
+                    continue
+                r.started = now
+                if self.metrics:
+                    self.metrics.queue_time.labels(r.model_name).observe(now - r.arrival)
+            ready.append(r)
+        return ready
+
+    def _prefill(self, rows: list[GenRequest], *, resume: bool = False) -> Batch:
+        """Prefill newcomers (with `resume`: rebuild rows already decoding), choose their next tokens;
+        the batch of those still going. A failure shared by several rows is retried for each alone."""
+        rows = self._startable(rows)
         if not rows:
             return Batch([])
-        now = time.monotonic()
-        for r in rows:
-            r.started = now
-            r.generator = torch.Generator().manual_seed(r.seed if r.seed is not None else r.id)
-            if self.metrics:
-                self.metrics.queue_time.labels(r.model_name).observe(now - r.arrival)
         device = next(self.model.parameters()).device
-        batch, logits, hits = prefill(
-            rows, self._forward, self.tokenizer.pad_token_id, device, self.prefix_cache
-        )
+        try:
+            batch, logits, hits = prefill(
+                rows, self._forward, self.tokenizer.pad_token_id, device, self.prefix_cache, resume=resume
+            )
+        except Exception as exc:  # noqa: BLE001 - find the rows it belongs to
+            if len(rows) == 1:
+                log.warning("generation failed for request %s: %s", rows[0].id, exc)
+                self._fail(rows[0], exc)
+                return Batch([])
+            alone = Batch([])
+            for r in rows:
+                alone = alone.merge(self._prefill([r], resume=resume))
+            return alone
+        if resume:
+            self._sample(batch, logits)
+            return batch
         for r, hit in zip(rows, hits):
             r.cached_tokens = hit.tokens
             if self.metrics and self.prefix_cache is not None:
@@ -328,15 +397,37 @@ class Engine:
         self._sample(batch, logits)
         return batch
 
+    def _step(self, batch: Batch) -> Batch:
+        """One decode step; if the forward fails, each row's cache is rebuilt alone (the failure stays
+        with the rows that still fail)."""
+        try:
+            logits = batch.decode(self._forward)
+        except Exception as exc:  # noqa: BLE001 - contained below
+            log.warning("decode step failed for %d rows (%s): rebuilding each alone", len(batch), exc)
+            rows = [r for r in batch.rows if r.finish_reason is None]
+            return self._prefill(rows, resume=True) if len(rows) > 1 else self._fail_all(rows, exc)
+        self._sample(batch, logits)
+        return batch
+
+    def _fail_all(self, rows: list[GenRequest], exc: Exception) -> Batch:
+        for r in rows:
+            self._fail(r, exc)
+        return Batch([])
+
     def _sample(self, batch: Batch, logits: torch.Tensor) -> None:
-        """Choose each row's next token; finished and cancelled rows leave the batch."""
+        """Choose each row's next token; finished, cancelled and failed rows leave the batch."""
         keep, tokens = [], []
         for k, r in enumerate(batch.rows):
             if r.cancelled:
                 self._finish(r, "cancelled")
                 continue
-            token = choose_token(logits[k], r.temperature, r.top_p, r.generator)
-            if self._accept(r, token):
+            try:
+                token = choose_token(logits[k], r.temperature, r.top_p, r.generator)
+                going = self._accept(r, token)
+            except Exception as exc:  # noqa: BLE001 - e.g. a NaN temperature: this row only
+                self._fail(r, exc)
+                continue
+            if going:
                 keep.append(k)
                 tokens.append(token)
         batch.keep(keep, tokens)

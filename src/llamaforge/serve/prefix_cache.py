@@ -3,10 +3,12 @@ pay for that prefix's prefill once.
 
 The design is vLLM's automatic prefix caching, cut down to one process:
 
-- A prompt is read in blocks of `block_size` tokens. Block i's key is a sha256 chain over the adapter
-  name and the tokens of blocks 0..i, so a key names the whole prefix up to the end of that block (no
-  block matches out of context), and the same tokens under another adapter never match: a LoRA on the
-  attention projections changes every layer's keys and values, so a prefix's KV belongs to one adapter.
+- A prompt is read in blocks of `block_size` tokens. Block i's key is a sha256 chain over the tenant,
+  the adapter name and the tokens of blocks 0..i, so a key names the whole prefix up to the end of that
+  block (no block matches out of context), and the same tokens under another adapter never match: a
+  LoRA on the attention projections changes every layer's keys and values, so a prefix's KV belongs to
+  one adapter. The tenant (the API key's name) is in the key too: `cached_tokens` in a response, and
+  the time to first token, would otherwise tell one tenant which prompts another tenant sent.
 - An entry holds one block's post-RoPE keys and values for all layers, `[layers, kv_heads, block,
   head_dim]`, copied out of a batch's cache after its prefill. Because the engine passes explicit
   position ids, a prompt's token i has position i wherever the prompt sits in a batch, so the stored KV
@@ -65,17 +67,19 @@ class PrefixCache:
     def tokens_for(self, adapter: str | None) -> int:
         return sum(self.block_size for b in self._blocks.values() if b.adapter == adapter)
 
-    def chain(self, adapter: str | None, ids: list[int]) -> list[bytes]:
-        """The key of each full block of `ids`: block i's key hashes the adapter and all tokens up to it."""
-        digest = hashlib.sha256(b"adapter:" + (adapter or "\0base").encode()).digest()
+    def chain(self, adapter: str | None, ids: list[int], tenant: str = "") -> list[bytes]:
+        """The key of each full block of `ids`: block i's key hashes the tenant, the adapter and all tokens
+        up to it."""
+        digest = hashlib.sha256(b"tenant:" + tenant.encode("utf-8", "replace")).digest()
+        digest = hashlib.sha256(digest + b"adapter:" + (adapter or "\0base").encode()).digest()
         keys, size = [], self.block_size
         for start in range(0, len(ids) - size + 1, size):
             digest = hashlib.sha256(digest + array("q", ids[start : start + size]).tobytes()).digest()
             keys.append(digest)
         return keys
 
-    def lookup(self, adapter: str | None, ids: list[int]) -> Hit:
-        chain = self.chain(adapter, ids)
+    def lookup(self, adapter: str | None, ids: list[int], tenant: str = "") -> Hit:
+        chain = self.chain(adapter, ids, tenant)
         usable = (len(ids) - 1) // self.block_size  # the last prompt token is always prefilled
         found = []
         for key in chain[:usable]:
