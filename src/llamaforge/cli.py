@@ -11,7 +11,7 @@ from llamaforge.errors import LlamaforgeError
 
 # Order is the order shown in `llamaforge --help`.
 COMMANDS = ["prepare", "train", "eval", "chat", "generate", "merge", "export", "serve", "plan", "sweep",
-            "config", "models"]
+            "config", "models", "studio"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,73 @@
+"""A studio workspace with a finished tiny run (shared by the studio's API and browser tests).
+
+The run is a real one: the tiny random Llama trained 3 fp32 steps by the recipe, so every file the
+studio reads (run.json, metrics.jsonl, summary.json, data_card.json, rejects.jsonl, config.yaml,
+checkpoints/) is exactly what training writes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import build_tiny_llama, chat_rows, write_jsonl
+
+BAD_RECORDS = [{"instruction": "", "output": "an answer with no question"}, {"question": "wrong field names"}]
+
+
+def tiny_job(workspace: Path, name: str, **train) -> dict:
+    """A 3-step fp32 LoRA job on the workspace's tiny model, with relative paths as a user would write."""
+    return {
+        "model": {"source": "tiny"},
+        "data": {"sources": [{"path": "data/train.jsonl"}], "val_size": 0.25, "max_length": 64},
+        "method": {"rank": 4, "alpha": 8},
+        "train": {
+            "max_steps": 3,
+            "batch_size": 4,
+            "precision": "fp32",
+            "eval_every": 1,
+            "lr": 0.01,
+            "save_every": 3,
+            **train,
+        },
+        "eval": {"prompts": ["Who are you?"], "max_new_tokens": 6},
+        "output": {"dir": "runs", "name": name},
+    }
+
+
+@pytest.fixture(scope="session")
+def studio_workspace(tmp_path_factory, llama3_tokenizer_dir) -> Path:
+    """<ws>/tiny (model), <ws>/data/train.jsonl (24 good + 2 bad records), <ws>/runs/done (finished)."""
+    import os
+
+    from llamaforge.config import JobConfig
+    from llamaforge.train.recipe import run_training
+
+    workspace = tmp_path_factory.mktemp("studio-ws")
+    build_tiny_llama(workspace / "tiny", llama3_tokenizer_dir)
+    (workspace / "data").mkdir()
+    write_jsonl(workspace / "data" / "train.jsonl", chat_rows(24) + BAD_RECORDS)
+    job = tiny_job(workspace, "done")
+    (workspace / "done.yaml").write_text(yaml.safe_dump(job))
+    cwd = os.getcwd()
+    os.chdir(workspace)  # relative paths, as the studio's jobs (which run inside the workspace) see them
+    try:
+        run_training(JobConfig.model_validate(job))
+    finally:
+        os.chdir(cwd)
+    return workspace
+
+
+def run_files(run_dir: Path) -> tuple[dict, dict, list[dict]]:
+    """(run.json, summary.json, metrics.jsonl records) as training wrote them."""
+    metrics = [
+        json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()
+    ]
+    return (
+        json.loads((run_dir / "run.json").read_text()),
+        json.loads((run_dir / "summary.json").read_text()),
+        metrics,
+    )

@@ -1,0 +1,248 @@
+"""The studio in a real browser: headless Chromium (Debian's package) driven by Playwright.
+
+Runs with `make test-browser` (installs chromium with apt when missing). Screenshots go to
+$STUDIO_SCREENSHOTS when set (docs/studio in the repository), else to the test's temp folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from studio_fixtures import run_files, studio_workspace  # noqa: F401 - fixture
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+if shutil.which(CHROMIUM) is None:
+    pytest.skip(
+        f"{CHROMIUM} not found: `apt-get install -y chromium` (or `make test-browser`)",
+        allow_module_level=True,
+    )
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="playwright not installed: pip install playwright"
+)
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def studio_url(studio_workspace):  # noqa: F811
+    import uvicorn
+
+    from llamaforge.studio.app import create_app
+
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(studio_workspace), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline, "the studio did not start"
+        time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=90)  # lifespan shutdown stops running jobs (checkpointed) and the gateways
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture()
+def page(browser):
+    context = browser.new_context(viewport={"width": 1360, "height": 900})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    out = Path(os.environ.get("STUDIO_SCREENSHOTS") or tmp_path_factory.mktemp("shots"))
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def test_runs_table_and_run_page_show_the_runs_numbers(page, studio_url, studio_workspace, shots):  # noqa: F811
+    info, summary, metrics = run_files(studio_workspace / "runs" / "done")
+    page.goto(studio_url + "/")
+    row = page.locator('tr[data-run="runs/done"]')
+    cell = lambda col: row.locator(f'td[data-col="{col}"]').inner_text().strip()  # noqa: E731
+    assert cell("status") == "completed"
+    assert cell("method") == "lora"
+    assert cell("step") == "3 / 3"
+    assert cell("eval_loss_before") == f"{summary['before']['eval_loss']:.4f}"
+    assert cell("eval_loss_after") == f"{summary['after']['eval_loss']:.4f}"
+    assert row.locator('td[data-col="dataset_sha256"]').get_attribute("title") == info["dataset_sha256"]
+    page.screenshot(path=str(shots / "runs.png"), full_page=True)
+
+    row.locator("a").first.click()
+    page.wait_for_url("**/runs/runs/done")
+    dots = page.locator('#loss-chart circle[data-series="train"]')
+    expected_train = [(r["step"], r["loss"]) for r in metrics if "loss" in r]
+    assert dots.count() == len(expected_train) == 3
+    assert [int(d.get_attribute("data-step")) for d in dots.all()] == [s for s, _ in expected_train]
+    assert [float(d.get_attribute("data-value")) for d in dots.all()] == pytest.approx(
+        [v for _, v in expected_train]
+    )
+    evals = [(r["step"], r["eval_loss"]) for r in metrics if "eval_loss" in r]
+    drawn_evals = page.locator('#loss-chart circle[data-series="eval"]')
+    assert [float(d.get_attribute("data-value")) for d in drawn_evals.all()] == pytest.approx(
+        [e for _, e in evals]
+    )
+    assert page.locator("#last-step").inner_text() == "3"
+    assert (
+        page.locator('#eval-table td[data-col="after"]').inner_text()
+        == f"{summary['after']['eval_loss']:.4f}"
+    )
+    card = json.loads((studio_workspace / "runs" / "done" / "data_card.json").read_text())
+    assert page.locator('#data-card td[data-key="train_records"]').inner_text() == str(card["train_records"])
+    answers = page.locator("#answers-table tr").nth(1).locator("td")
+    assert answers.nth(2).inner_text() == summary["after"]["answers"]["Who are you?"].strip()
+    assert page.locator("#checkpoints").inner_text().count("step-00000003") == 1
+
+    rejects = page.locator("#rejects-table tbody tr")
+    assert rejects.count() == 2
+    assert rejects.nth(0).locator("td").nth(1).inner_text() == "25"  # file line of the first bad record
+    assert rejects.nth(0).locator("td").nth(2).inner_text() == "instruction"
+    page.fill("#rejects-search", "missing field")
+    page.wait_for_function("document.querySelectorAll('#rejects-table tbody tr').length === 1")
+    assert "question" in rejects.nth(0).locator("td").nth(4).inner_text()
+    assert page.locator("#rejects-count").inner_text() == "1 of 2"
+    page.fill("#rejects-search", "")
+    page.wait_for_function("document.querySelectorAll('#rejects-table tbody tr').length === 2")
+    page.screenshot(path=str(shots / "run.png"), full_page=True)
+
+
+def test_a_wrong_field_shows_the_schemas_error(page, studio_url, shots):
+    page.goto(studio_url + "/new")
+    page.wait_for_selector("#job-ok:not([hidden])")  # the defaults are a valid job
+    page.fill('[data-key="train.lr"]', "-1")
+    error = page.locator('[data-error-for="train.lr"]')
+    error.wait_for(state="visible")
+    assert "train.lr: Input should be greater than 0 (got -1)" in error.inner_text()
+    assert page.locator("#job-ok").is_hidden()
+    page.locator('[data-error-for="train.lr"]').scroll_into_view_if_needed()
+    page.screenshot(path=str(shots / "new-job-error.png"))
+    page.fill('[data-key="train.lr"]', "2e-4")
+    page.wait_for_selector("#job-ok:not([hidden])")
+    assert error.is_hidden()
+
+    page.click('button[data-tab="yaml-tab"]')
+    page.fill("#job-yaml", "train:\n  epoch: 3\n")
+    box = page.locator("#job-errors")
+    box.wait_for(state="visible")
+    assert "train.epoch: unknown key. did you mean 'train.epochs'?" in box.inner_text()
+
+
+def test_launch_from_the_form_and_watch_the_live_curve(page, studio_url, studio_workspace, shots):  # noqa: F811
+    page.goto(studio_url + "/new")
+    page.wait_for_selector("#job-ok:not([hidden])")
+    values = {
+        "model.source": "tiny",
+        "data.sources": "- path: data/train.jsonl",
+        "data.val_size": "0.25",
+        "data.max_length": "64",
+        "method.rank": "4",
+        "method.alpha": "8",
+        "train.max_steps": "3",
+        "train.batch_size": "4",
+        "train.eval_every": "1",
+        "train.lr": "0.01",
+        "eval.prompts": "[Hi]",
+        "eval.max_new_tokens": "4",
+        "output.name": "from-form",
+    }
+    for key, value in values.items():
+        page.fill(f'[data-key="{key}"]', value)
+    page.select_option('[data-key="train.precision"]', "fp32")
+    page.wait_for_selector("#job-ok:not([hidden])")
+    page.screenshot(path=str(shots / "new-job.png"))
+    with page.expect_download() as download:
+        page.click("#download-yaml")
+    downloaded = Path(download.value.path()).read_text()
+    page.click("#launch-job")
+    page.wait_for_url("**/runs/runs/from-form", timeout=30_000)
+    started = time.perf_counter()
+    page.wait_for_function(
+        "document.querySelector('#run-status').textContent === 'completed'", timeout=300_000
+    )
+    seconds = time.perf_counter() - started
+
+    run_dir = studio_workspace / "runs" / "from-form"
+    info, summary, metrics = run_files(run_dir)
+    assert info["status"] == "completed" and summary["steps"] == 3
+    live = int(page.locator("#live-count").inner_text())
+    assert live == len(metrics), "every metrics.jsonl record reached the open page over SSE"
+    dots = page.locator('#loss-chart circle[data-series="train"]')
+    assert [int(d.get_attribute("data-step")) for d in dots.all()] == [1, 2, 3]
+    assert [float(d.get_attribute("data-value")) for d in dots.all()] == pytest.approx(
+        [r["loss"] for r in metrics if "loss" in r]
+    )
+    assert page.locator("#last-step").inner_text() == "3"
+    page.wait_for_function("document.querySelector('#job-log').textContent.includes('[exited 0]')")
+    assert "eval loss after training" in page.locator("#job-log").inner_text()
+    job_file = studio_workspace / "jobs" / "from-form.yaml"
+    assert job_file.read_text() == downloaded, "the downloaded YAML is the job that ran"
+    page.locator("#run-finished a").click()
+    page.wait_for_selector("#answers-table")
+    page.screenshot(path=str(shots / "run-launched.png"), full_page=True)
+    print(f"\nform launch -> completed in {seconds:.1f} s")
+
+
+def test_chat_streams_base_and_adapter_answers(page, studio_url, studio_workspace, shots):  # noqa: F811
+    page.goto(studio_url + "/chat?run=runs/done")
+    page.wait_for_selector("#chat-send:not([disabled])", timeout=120_000)
+    panes = page.locator(".pane")
+    assert panes.count() == 2
+    assert panes.nth(1).get_attribute("data-model") == "runs--done"
+    page.fill("#chat-max-tokens", "12")
+    page.click("#chat-send")
+    page.wait_for_function(
+        "[...document.querySelectorAll('.pane')].every(p => p.dataset.done === '1')", timeout=120_000
+    )
+    for i in range(2):
+        finish = panes.nth(i).locator(".finish").inner_text()
+        assert finish.startswith("finish: ") and int(finish.split(", ")[1].split()[0]) >= 2, finish
+        assert panes.nth(i).locator(".answer").inner_text().strip()
+    # the streamed text is the same answer as the gateway's non-streamed one (greedy decoding)
+    gateway = page.evaluate(
+        "fetch('/api/chat/open', {method: 'POST', headers: {'Content-Type': 'application/json'},"
+        " body: JSON.stringify({run: 'runs/done'})}).then(r => r.json())"
+    )["gateway"]
+    whole = page.evaluate(
+        "([g, m]) => fetch(g + '/v1/chat/completions', {method: 'POST', headers: {'Content-Type': 'application/json'},"
+        " body: JSON.stringify({model: m, max_tokens: 12, temperature: 0,"
+        " messages: [{role: 'user', content: 'Who are you?'}]})}).then(r => r.json())",
+        [gateway, "runs--done"],
+    )
+    assert panes.nth(1).locator(".answer").inner_text() == whole["choices"][0]["message"]["content"].strip()
+    page.screenshot(path=str(shots / "chat.png"))
