@@ -12,6 +12,7 @@ import json
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import yaml
 from fastapi import FastAPI, HTTPException, Request
@@ -121,10 +122,10 @@ def create_app(workspace: str | Path, *, host: str = "127.0.0.1", api_keys_file:
 
     @app.post("/login")
     async def login(request: Request):
-        form = await request.form()
-        key = str(form.get("key", ""))
+        # a urlencoded form read by hand: Starlette's form parser needs python-multipart
+        key = parse_qs((await request.body()).decode("utf-8", "replace")).get("key", [""])[0]
         if auth.identify(f"Bearer {key}") is None:
-            return page(request, "login.html", error="that is not one of the server's API keys")
+            return page(request, "login.html", error="that key is not one of the API keys of this server")
         response = RedirectResponse("/", 303)
         response.set_cookie(COOKIE, key, httponly=True, samesite="strict")
         return response
