@@ -224,13 +224,24 @@ def create_app(workspace: str | Path, *, host: str = "127.0.0.1", api_keys_file:
         job = studio.jobs.resume(studio.run_dir(rid))
         return {"job": job.to_dict(studio.workspace)}
 
+    @app.post("/api/runs/{rid:path}/export")
+    async def export_run(request: Request, rid: str):
+        run = studio.run_dir(rid)
+        if ws.run_info(run).get("status") != "completed":
+            raise ConfigError(f"{rid} has not finished: only a completed run can be exported")
+        body = await request.json()
+        job = studio.jobs.export(run, str(body.get("format") or "safetensors"))
+        return {"job": job.to_dict(studio.workspace)}
+
     # ------------------------------------------------------------------ new job
     @app.get("/new", response_class=HTMLResponse)
     async def new_job(request: Request):
         sections: dict[str, list] = {}
         for f in schema_form.form_fields():
             sections.setdefault(f.section, []).append(f)
-        return page(request, "new.html", sections=sections)
+        from llamaforge.planning.throughput import GPUS
+
+        return page(request, "new.html", sections=sections, gpus=[g.name for g in GPUS.values()])
 
     @app.get("/api/schema")
     async def api_schema():
@@ -248,6 +259,17 @@ def create_app(workspace: str | Path, *, host: str = "127.0.0.1", api_keys_file:
             return JSONResponse(checked_body(checked, data), 422)
         job = studio.jobs.launch(checked.config, job_yaml)
         return {"job": job.to_dict(studio.workspace), "run": ws.run_id(studio.workspace, job.run_dir)}
+
+    @app.post("/api/jobs/plan")
+    async def plan_job(request: Request):
+        """The planner's memory / time / method advice for the form's job on the chosen hardware."""
+        body = await request.json()
+        checked, data, job_yaml = check_job(studio, body)
+        if checked.config is None or checked.errors:
+            return JSONResponse(checked_body(checked, data), 422)
+        gpu = str(body.get("gpu") or "") or None
+        text = await asyncio.to_thread(studio.jobs.plan, job_yaml, gpu, int(body.get("gpus") or 1))
+        return {"plan": text}
 
     @app.get("/api/jobs/{job_id}/log")
     async def job_log(request: Request, job_id: str):

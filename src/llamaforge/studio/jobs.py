@@ -63,6 +63,17 @@ def default_run_name(source: str, method: str) -> str:
     return f"{stem}-{method}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
+EXPORT_FORMATS = ("safetensors", "gguf", "quantized")
+
+
+def _child_env() -> dict[str, str]:
+    """The studio's environment; the child runs the same llamaforge as the studio, even a source
+    checkout on PYTHONPATH."""
+    package_root = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
+
+
 def _free_path(path: Path) -> Path:
     """`path`, or path-2, path-3 ... when a file is already there (nothing the user made is replaced)."""
     candidate, n = path, 1
@@ -84,10 +95,7 @@ class JobManager:
         log_dir.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "llamaforge.cli", *args]
         job = Job(job_id, kind, run_dir, job_file, log_dir / "log.txt", argv)
-        # the job runs the same llamaforge as the studio, even from a source checkout on PYTHONPATH
-        package_root = str(Path(__file__).resolve().parents[2])
-        path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
+        env = _child_env()
         with open(job.log_path, "w", encoding="utf-8") as log:
             log.write("$ llamaforge " + " ".join(args) + "\n")
             log.flush()
@@ -132,6 +140,44 @@ class JobManager:
             )
         rel = run_dir.relative_to(self.workspace).as_posix()
         return self._spawn("resume", run_dir, config, ["train", f"{rel}/config.yaml", "--resume", rel])
+
+    def export(self, run_dir: Path, fmt: str) -> Job:
+        """`llamaforge export RUN --format F --out exports/<run>-<F>` (a new folder: nothing is replaced)."""
+        if fmt not in EXPORT_FORMATS:
+            raise ConfigError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, got '{fmt}'")
+        if self.running_for(run_dir):
+            raise ConfigError(f"a job is already running for {run_dir.relative_to(self.workspace)}")
+        out = _free_path(self.workspace / "exports" / f"{run_dir.name}-{fmt}")
+        rel = run_dir.relative_to(self.workspace).as_posix()
+        args = ["export", rel, "--format", fmt, "--out", out.relative_to(self.workspace).as_posix()]
+        return self._spawn("export", run_dir, run_dir / "config.yaml", args)
+
+    def plan(self, yaml_text: str, gpu: str | None, gpus: int = 1, timeout: float = 180) -> str:
+        """`llamaforge plan job.yaml [--gpu G --gpus N]` on the form's job: memory, time and method advice."""
+        tmp_dir = self.workspace / ".studio"
+        tmp_dir.mkdir(exist_ok=True)
+        job = tmp_dir / f"plan-{os.getpid()}-{threading.get_ident()}.yaml"
+        job.write_text(yaml_text, encoding="utf-8")
+        args = [sys.executable, "-m", "llamaforge.cli", "plan", str(job.relative_to(self.workspace))]
+        if gpu:
+            args += ["--gpu", gpu, "--gpus", str(gpus)]
+        try:
+            done = subprocess.run(
+                args,
+                cwd=self.workspace,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=_child_env(),
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            job.unlink(missing_ok=True)
+        if done.returncode != 0:
+            raise ConfigError(
+                (done.stderr.strip().splitlines() or ["llamaforge plan failed"])[-1].removeprefix("error: ")
+            )
+        return done.stdout
 
     def running_for(self, run_dir: Path) -> Job | None:
         with self._lock:

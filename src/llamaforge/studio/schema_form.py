@@ -97,6 +97,8 @@ def to_text(value: Any, kind: str) -> str:
     if kind == "bool":
         return "true" if value else "false"
     if kind == "yaml":
+        if isinstance(value, str):
+            return value  # a plain string reads back as itself
         if isinstance(value, dict):
             return json.dumps(
                 value

@@ -98,14 +98,16 @@ const Studio = (() => {
       src.addEventListener("line", (e) => { log.textContent += JSON.parse(e.data) + "\n"; log.scrollTop = log.scrollHeight; });
       src.addEventListener("end", (e) => { log.textContent += `[exited ${JSON.parse(e.data).returncode}]\n`; src.close(); $("#stop-run").hidden = true; });
     }
-    const act = async (what) => {
-      const r = await fetch(`${base}/${what}`, {method: "POST", headers: {"Content-Type": "application/json"}, body: "{}"});
+    const act = async (what, payload = {}) => {
+      const r = await fetch(`${base}/${what}`, {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(payload)});
       const body = await r.json();
       if (!r.ok) { $("#action-error").textContent = body.error || JSON.stringify(body); $("#action-error").hidden = false; return; }
       setTimeout(() => location.reload(), 500);
     };
     $("#stop-run").addEventListener("click", () => act("stop"));
     $("#resume-run").addEventListener("click", () => act("resume"));
+    const exp = $("#export-run");
+    if (exp) exp.addEventListener("click", () => act("export", {format: $("#export-format").value}));
     rejects(rid);
   }
 
@@ -188,6 +190,14 @@ const Studio = (() => {
       if (r.ok) { $("#launch-state").textContent = "launched"; location.href = "/runs/" + result.run; return; }
       $("#launch-state").textContent = "not launched";
       show(result.errors ? result : {valid: false, errors: [], error: result.error || JSON.stringify(result)});
+    });
+    $("#plan-run").addEventListener("click", async () => {
+      const out = $("#plan-out");
+      out.hidden = false; out.textContent = "planning...";
+      const r = await fetch("/api/jobs/plan", {method: "POST", headers: {"Content-Type": "application/json"},
+        body: JSON.stringify({...payload(), gpu: $("#plan-gpu").value, gpus: Number($("#plan-gpus").value)})});
+      const result = await r.json();
+      out.textContent = r.ok ? result.plan : (result.error || result.message || JSON.stringify(result));
     });
     validate();
   }
