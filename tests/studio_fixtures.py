@@ -40,10 +40,13 @@ def tiny_job(workspace: Path, name: str, **train) -> dict:
 
 @pytest.fixture(scope="session")
 def studio_workspace(tmp_path_factory, llama3_tokenizer_dir) -> Path:
-    """<ws>/tiny (model), <ws>/data/train.jsonl (24 good + 2 bad records), <ws>/runs/done (finished)."""
+    """<ws>/tiny (model), <ws>/data/train.jsonl (24 good + 2 bad records), <ws>/runs/done (finished) and
+    <ws>/runs/eval-done (`llamaforge eval` of its base and adapter on 6 held-out records) and <ws>/prepared
+    (`llamaforge prepare` of the same data, 8 records in review.csv)."""
     import os
 
     from llamaforge.config import JobConfig
+    from llamaforge.evaluate.runner import EvaluationConfig, run_evaluation
     from llamaforge.train.recipe import run_training
 
     workspace = tmp_path_factory.mktemp("studio-ws")
@@ -56,6 +59,21 @@ def studio_workspace(tmp_path_factory, llama3_tokenizer_dir) -> Path:
     os.chdir(workspace)  # relative paths, as the studio's jobs (which run inside the workspace) see them
     try:
         run_training(JobConfig.model_validate(job))
+        write_jsonl(workspace / "data" / "eval.jsonl", chat_rows(30)[24:])
+        evaluation = EvaluationConfig.model_validate(
+            {
+                "candidates": ["base=base:runs/done", "tuned=runs/done"],
+                "task": {"path": "data/eval.jsonl"},
+                "generation": {"max_new_tokens": 6},
+                "scoring": {"bootstrap_samples": 200, "fail_if": ["tuned.loss > base.loss + 1"]},
+            }
+        )
+        run_evaluation(evaluation, "runs/eval-done")
+        from llamaforge.cli import main
+
+        assert (
+            main(["prepare", "done.yaml", "prepare.output_dir=prepared", "prepare.review.sample_size=8"]) == 0
+        )
     finally:
         os.chdir(cwd)
     return workspace

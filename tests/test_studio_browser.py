@@ -142,6 +142,65 @@ def test_runs_table_and_run_page_show_the_runs_numbers(page, studio_url, studio_
     page.screenshot(path=str(shots / "run.png"), full_page=True)
 
 
+def test_eval_page_shows_the_evaluators_table_gate_and_examples(page, studio_url, studio_workspace, shots):  # noqa: F811
+    folder = studio_workspace / "runs" / "eval-done"
+    results = json.loads((folder / "results.json").read_text())
+    page.goto(studio_url + "/evals")
+    page.click('a[href="/evals/runs/eval-done"]')
+    for metric in ("loss", "rougeL"):
+        for cand in ("base", "tuned"):
+            shown = page.locator(
+                f'#eval-results tr[data-metric="{metric}"] td[data-candidate="{cand}"] .value'
+            )
+            assert float(shown.inner_text()) == pytest.approx(
+                results["metrics"][metric][cand]["value"], rel=1e-3
+            )
+    delta = page.locator(
+        '#eval-results tr[data-metric="loss"] td[data-candidate="tuned"] .delta'
+    ).inner_text()
+    assert float(delta.split()[1]) == pytest.approx(results["metrics"]["loss"]["tuned"]["delta"], rel=1e-3)
+    assert page.locator("#gate").inner_text().startswith("ok: tuned.loss > base.loss + 1")
+    assert page.locator("#examples tr[data-index]").count() == 6
+    base, tuned = (
+        [json.loads(line) for line in (folder / f"{c}.jsonl").read_text().splitlines()]
+        for c in ("base", "tuned")
+    )
+    lost = [t["index"] for b, t in zip(base, tuned) if t["scores"]["loss"] > b["scores"]["loss"]]
+    page.select_option('#example-filter select[name="metric"]', "loss")
+    page.check('#example-filter input[name="lost"]')
+    page.click("#example-filter button")
+    page.wait_for_url("**lost=true**")
+    assert [
+        int(r.get_attribute("data-index")) for r in page.locator("#examples tr[data-index]").all()
+    ] == lost
+    assert page.locator("#examples-count").inner_text() == f"{len(lost)} of 6"
+    page.goto(studio_url + "/evals/runs/eval-done")
+    page.screenshot(path=str(shots / "eval.png"), full_page=True)
+
+
+def test_a_review_verdict_applied_in_the_browser_changes_the_split(page, studio_url, studio_workspace, shots):  # noqa: F811
+    folder = studio_workspace / "prepared"
+    review_csv = (folder / "review.csv").read_text()
+    train_before = len((folder / "train.jsonl").read_text().splitlines())
+    page.goto(studio_url + "/data")
+    page.click('a[href="/data/prepared"]')
+    assert page.locator('#splits td[data-split="train"]').inner_text() == str(train_before)
+    assert "missing field 'instruction': 1" in page.locator('#steps tr[data-step="ingest"]').inner_text()
+    row = page.locator("#review tr[data-id]").filter(has=page.locator("td", has_text="train")).first
+    rid = row.get_attribute("data-id")
+    row.locator("select.verdict").select_option("reject")
+    row.locator("input.note").fill("off-topic")
+    page.click("#apply-review")
+    page.wait_for_selector("#review-state.ok")
+    assert page.locator('#splits td[data-split="train"]').inner_text() == str(train_before - 1)
+    assert len((folder / "train.jsonl").read_text().splitlines()) == train_before - 1
+    assert rid in (folder / "rejects.jsonl").read_text()
+    assert (folder / "review.csv").read_text() == review_csv, "the exported review sample is left as it was"
+    reviewed = list(folder.glob("reviewed-*.csv"))
+    assert len(reviewed) == 1 and f"{rid},sample,train" in reviewed[0].read_text()
+    page.screenshot(path=str(shots / "data.png"), full_page=True)
+
+
 def test_a_wrong_field_shows_the_schemas_error(page, studio_url, shots):
     page.goto(studio_url + "/new")
     page.wait_for_selector("#job-ok:not([hidden])")  # the defaults are a valid job
@@ -153,7 +212,7 @@ def test_a_wrong_field_shows_the_schemas_error(page, studio_url, shots):
     page.locator('[data-error-for="train.lr"]').scroll_into_view_if_needed()
     page.screenshot(path=str(shots / "new-job-error.png"))
     page.fill('[data-key="train.lr"]', "2e-4")
-    page.wait_for_selector("#job-ok:not([hidden])")
+    page.wait_for_selector("body:not([data-pending]) #job-ok:not([hidden])")
     assert error.is_hidden()
 
     page.click('button[data-tab="yaml-tab"]')
@@ -184,7 +243,7 @@ def test_launch_from_the_form_and_watch_the_live_curve(page, studio_url, studio_
     for key, value in values.items():
         page.fill(f'[data-key="{key}"]', value)
     page.select_option('[data-key="train.precision"]', "fp32")
-    page.wait_for_selector("#job-ok:not([hidden])")
+    page.wait_for_selector("body:not([data-pending]) #job-ok:not([hidden])")
     page.screenshot(path=str(shots / "new-job.png"))
     with page.expect_download() as download:
         page.click("#download-yaml")

@@ -17,6 +17,7 @@ from urllib.parse import parse_qs
 import yaml
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import (
+    FileResponse,
     HTMLResponse,
     JSONResponse,
     PlainTextResponse,
@@ -27,7 +28,8 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from llamaforge.errors import ConfigError
-from llamaforge.studio import schema_form
+from llamaforge.studio import data as data_mod
+from llamaforge.studio import evals, schema_form
 from llamaforge.studio import workspace as ws
 from llamaforge.studio.gateway import GatewayRouter, Gateways
 from llamaforge.studio.jobs import JobManager, default_run_name
@@ -300,6 +302,100 @@ def create_app(workspace: str | Path, *, host: str = "127.0.0.1", api_keys_file:
 
         return StreamingResponse(
             stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+
+    # ------------------------------------------------------------------ prepared data and review
+    def prepared(did: str) -> Path:
+        folder = data_mod.resolve_prepared(studio.workspace, did)
+        if folder is None:
+            raise HTTPException(404, f"no prepared dataset '{did}' in {studio.workspace}")
+        return folder
+
+    @app.get("/data", response_class=HTMLResponse)
+    async def data_list(request: Request):
+        found = [
+            {"id": f.relative_to(studio.workspace).as_posix(), "report": data_mod.report(f)}
+            for f in data_mod.find_prepared(studio.workspace)
+        ]
+        return page(request, "data_list.html", datasets=found)
+
+    @app.get("/data/{did:path}/images/{name}")
+    async def data_image(did: str, name: str):
+        folder = prepared(did)
+        if name not in (data_mod.report(folder).get("images") or []):
+            raise HTTPException(404, f"no image {name} in the report")
+        return FileResponse(folder / name)
+
+    @app.get("/data/{did:path}", response_class=HTMLResponse)
+    async def data_page(request: Request, did: str):
+        folder = prepared(did)
+        _, rows = data_mod.review_rows(folder)
+        return page(request, "data.html", did=did, report=data_mod.report(folder), rows=rows)
+
+    @app.post("/api/data/{did:path}/review")
+    async def apply_review(request: Request, did: str):
+        body = await request.json()
+        verdicts = body.get("verdicts")
+        if not isinstance(verdicts, dict):
+            raise ConfigError("verdicts must map review ids to {verdict, edited_prompt, edited_answer, note}")
+        from llamaforge.errors import DataError
+
+        try:
+            return await asyncio.to_thread(data_mod.apply_verdicts, prepared(did), verdicts)
+        except DataError as exc:
+            raise ConfigError(str(exc)) from None
+
+    # ------------------------------------------------------------------ eval results
+    @app.get("/evals", response_class=HTMLResponse)
+    async def evals_page(request: Request):
+        found = []
+        for folder in evals.find_evals(studio.workspace):
+            data = evals.results(folder)
+            found.append(
+                {
+                    "id": folder.relative_to(studio.workspace).as_posix(),
+                    "data": data,
+                    "failed": (data.get("run") or {}).get("gate_failed"),
+                }
+            )
+        return page(request, "evals.html", evals=found)
+
+    @app.get("/evals/{eid:path}", response_class=HTMLResponse)
+    async def eval_page(
+        request: Request, eid: str, candidate: str = "", metric: str = "", lost: bool = False, offset: int = 0
+    ):
+        folder = evals.resolve_eval(studio.workspace, eid)
+        if folder is None:
+            raise HTTPException(404, f"no eval results '{eid}' in {studio.workspace}")
+        data = evals.results(folder)
+        rows = evals.examples(folder, data)
+        candidates, baseline = data.get("candidates", []), data.get("baseline")
+        per_example = sorted({m for r in rows for o in r["outputs"].values() for m in o["scores"]})
+        metric = metric if metric in per_example else (per_example[0] if per_example else "")
+        candidate = (
+            candidate if candidate in candidates else next((c for c in candidates if c != baseline), "")
+        )
+        shown = rows
+        if lost and candidate and baseline and metric:
+            higher = (data.get("higher_is_better") or {}).get(metric, True)
+            shown = evals.lost_to_baseline(rows, candidate, baseline, metric, higher)
+        offset = max(0, offset)
+        return page(
+            request,
+            "eval.html",
+            eid=eid,
+            data=data,
+            table=evals.table_rows(data),
+            candidates=candidates,
+            baseline=baseline,
+            per_example=per_example,
+            metric=metric,
+            candidate=candidate,
+            lost=lost,
+            total=len(rows),
+            matched=len(shown),
+            offset=offset,
+            examples=shown[offset : offset + 25],
         )
 
     # ------------------------------------------------------------------ chat

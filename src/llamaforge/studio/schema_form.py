@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticUndefined
 
-from llamaforge.config import JobConfig, _format_validation_error, apply_overrides
+from llamaforge.config import JobConfig, _format_validation_error, parse_override
 
 
 @dataclass
@@ -141,29 +141,30 @@ FIELDS = {f.key: f for f in form_fields()}
 
 
 def form_to_data(values: dict[str, str]) -> dict[str, Any]:
-    """The job mapping for the form's values; fields left at their default text are left out, so the
-    downloaded YAML says only what the user chose (the rest is the schema's default)."""
-    overrides: list[str] = []
+    """The job mapping for the form's values, in schema order; fields left at their default text are
+    left out, so the downloaded YAML says only what the user chose (the rest is the schema's default)."""
+    order = {key: i for i, key in enumerate(FIELDS)}
     data: dict[str, Any] = {}
-    for key, text in values.items():
-        spec = FIELDS.get(key)
-        text = "" if text is None else str(text)
+    for key in sorted(values, key=lambda k: order.get(k, len(order))):
+        spec, text = FIELDS.get(key), "" if values[key] is None else str(values[key])
         if spec is not None and text == spec.default_text:
             continue
-        if spec is not None and spec.kind == "str":
-            # a string field takes the text as typed ("123" stays a name, not a number)
-            _set(data, key.split("."), None if (text == "" and spec.optional) else text)
-        elif spec is not None and text == "" and spec.optional:
+        if spec is not None and text == "" and spec.optional:
             _set(data, key.split("."), None)
+        elif spec is not None and spec.kind == "str":
+            _set(data, key.split("."), text)  # a string field takes the text as typed ("123" stays a name)
         else:
-            overrides.append(f"{key}={text}")
-    return apply_overrides(data, overrides)
+            parts, value = parse_override(f"{key}={text}")  # the CLI's reading of key=value
+            _set(data, parts, value)
+    return data
 
 
 def _set(data: dict, parts: list[str], value: Any) -> None:
     node = data
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        if not isinstance(node.get(part), dict):
+            node[part] = {}  # as config.apply_overrides: the deeper key wins; validation names it
+        node = node[part]
     node[parts[-1]] = value
 
 

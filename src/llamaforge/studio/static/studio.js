@@ -169,10 +169,11 @@ const Studio = (() => {
       const mine = ++seq;
       const r = await fetch("/api/jobs/validate", {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(payload())});
       const result = await r.json();
-      if (mine === seq) show(result);
+      if (mine === seq) { show(result); delete document.body.dataset.pending; }
       return result;
     }
-    const soon = () => { clearTimeout(timer); timer = setTimeout(validate, 300); };
+    // body[data-pending] while an edit has not been validated yet (the download link is then stale)
+    const soon = () => { document.body.dataset.pending = "1"; clearTimeout(timer); timer = setTimeout(validate, 300); };
     inputs.forEach((i) => i.addEventListener("input", soon));
     $("#job-yaml").addEventListener("input", soon);
     $$(".tab").forEach((t) => t.addEventListener("click", () => {
@@ -264,5 +265,29 @@ const Studio = (() => {
     if ($("#chat-run").value) open();
   }
 
-  return {lineChart, runPage, jobForm, chat};
+  /* ------------------------------------------------------------------ data review */
+  function review(did) {
+    $("#apply-review").addEventListener("click", async () => {
+      const verdicts = {};
+      for (const tr of $$("#review tr[data-id]")) {
+        const get = (cls) => $("." + cls, tr).value;
+        if (get("verdict")) verdicts[tr.dataset.id] = {verdict: get("verdict"), edited_prompt: get("edited_prompt"),
+                                                        edited_answer: get("edited_answer"), note: get("note")};
+      }
+      const state = $("#review-state");
+      state.textContent = "applying...";
+      const r = await fetch(`/api/data/${did}/review`, {method: "POST", headers: {"Content-Type": "application/json"},
+        body: JSON.stringify({verdicts})});
+      const body = await r.json();
+      if (!r.ok) { state.textContent = body.error || JSON.stringify(body); state.className = "error"; return; }
+      state.className = "ok";
+      state.textContent = `applied ${body.file}: ${JSON.stringify(body.verdicts)}; splits now ${JSON.stringify(body.splits)}`;
+      for (const [split, n] of Object.entries(body.splits)) {
+        const cell = $(`#splits td[data-split="${split}"]`);
+        if (cell) cell.textContent = n;
+      }
+    });
+  }
+
+  return {lineChart, runPage, jobForm, chat, review};
 })();
