@@ -247,3 +247,33 @@ def test_chat_refuses_an_unfinished_run(client):
 def test_resume_needs_a_checkpoint(client):
     answer = client.post("/api/runs/runs/gamma/resume", json={})
     assert answer.status_code == 400 and "no resumable checkpoint" in answer.json()["error"]
+
+
+def test_wilson_interval_matches_the_published_values():
+    from llamaforge.studio.grading import wilson
+
+    assert wilson(5, 10) == pytest.approx(
+        (0.2366, 0.7634), abs=1e-4
+    )  # Newcombe (1998), Wilson score interval
+    assert wilson(0, 1) == pytest.approx((0.0, 0.7935), abs=1e-4)
+    assert wilson(10, 10)[1] == pytest.approx(1.0) and wilson(0, 0) == (0.0, 1.0)
+
+
+def test_grading_summary_counts_ties_as_half_a_win():
+    from llamaforge.studio.grading import summary
+
+    def grade(preferred, a_score, b_score):
+        crit = lambda v: {"correctness": v, "completeness": v, "format": v}  # noqa: E731
+        return {
+            "index": 0,
+            "candidates": ["base", "tuned"],
+            "grader": "x",
+            "preferred": preferred,
+            "criteria": {"base": crit(a_score), "tuned": crit(b_score)},
+        }
+
+    (pair,) = summary([grade("tuned", 2, 4), grade("tie", 3, 3), grade("base", 4, 2), grade("tuned", 1, 5)])
+    assert (pair["n"], pair["wins_b"], pair["wins_a"], pair["ties"]) == (4, 2, 1, 1)
+    assert pair["win_rate_b"] == pytest.approx(2.5 / 4)
+    assert pair["means"]["tuned"]["correctness"] == pytest.approx(3.5)
+    assert pair["means"]["base"]["format"] == pytest.approx(2.5)

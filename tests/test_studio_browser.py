@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - the studio_workspace fixture is imported, then named as a test argument
 """The studio in a real browser: headless Chromium (Debian's package) driven by Playwright.
 
 Runs with `make test-browser` (installs chromium with apt when missing). Screenshots go to
@@ -45,7 +46,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def studio_url(studio_workspace):  # noqa: F811
+def studio_url(studio_workspace):
     import uvicorn
 
     from llamaforge.studio.app import create_app
@@ -91,7 +92,7 @@ def shots(tmp_path_factory) -> Path:
     return out
 
 
-def test_runs_table_and_run_page_show_the_runs_numbers(page, studio_url, studio_workspace, shots):  # noqa: F811
+def test_runs_table_and_run_page_show_the_runs_numbers(page, studio_url, studio_workspace, shots):
     info, summary, metrics = run_files(studio_workspace / "runs" / "done")
     page.goto(studio_url + "/")
     row = page.locator('tr[data-run="runs/done"]')
@@ -142,7 +143,7 @@ def test_runs_table_and_run_page_show_the_runs_numbers(page, studio_url, studio_
     page.screenshot(path=str(shots / "run.png"), full_page=True)
 
 
-def test_eval_page_shows_the_evaluators_table_gate_and_examples(page, studio_url, studio_workspace, shots):  # noqa: F811
+def test_eval_page_shows_the_evaluators_table_gate_and_examples(page, studio_url, studio_workspace, shots):
     folder = studio_workspace / "runs" / "eval-done"
     results = json.loads((folder / "results.json").read_text())
     page.goto(studio_url + "/evals")
@@ -178,7 +179,52 @@ def test_eval_page_shows_the_evaluators_table_gate_and_examples(page, studio_url
     page.screenshot(path=str(shots / "eval.png"), full_page=True)
 
 
-def test_a_review_verdict_applied_in_the_browser_changes_the_split(page, studio_url, studio_workspace, shots):  # noqa: F811
+def test_blind_ab_grading_is_stored_unblinded_and_shown_as_a_win_rate(
+    page, studio_url, studio_workspace, shots
+):
+    folder = studio_workspace / "runs" / "eval-done"
+    outputs = {
+        c: [json.loads(line)["output"] for line in (folder / f"{c}.jsonl").read_text().splitlines()]
+        for c in ("base", "tuned")
+    }
+    page.goto(studio_url + "/evals/runs/eval-done")
+    page.click("#grade-link")
+    page.fill('#grade-setup input[name="grader"]', "expert-1")
+    page.click("#grade-setup button")
+    picked = []
+    for i in range(2):
+        page.wait_for_selector(f"#grade-progress:has-text('{i} of 6')")
+        index = int(page.locator("#grade-item").get_attribute("data-index"))
+        first = page.locator('.pane[data-slot="1"] .answer').inner_text()
+        second = page.locator('.pane[data-slot="2"] .answer').inner_text()
+        assert {first, second} == {outputs["base"][index].strip(), outputs["tuned"][index].strip()}
+        assert "base" not in page.locator("#grade-item").inner_text().replace("base model", "")
+        for slot, grade in (("1", "4"), ("2", "2")):
+            for criterion in ("correctness", "completeness", "format"):
+                page.select_option(f'.pane[data-slot="{slot}"] select[data-criterion="{criterion}"]', grade)
+        page.check('input[name="preferred"][value="1"]')  # the first shown answer wins, whichever it is
+        if i == 0:
+            page.screenshot(path=str(shots / "grade.png"), full_page=True)
+        page.click("#grade-save")
+        picked.append("base" if first == outputs["base"][index].strip() else "tuned")
+        page.wait_for_function(
+            f"!document.querySelector('#grade-item') || "
+            f"document.querySelector('#grade-item').dataset.index !== '{index}'"
+        )
+    grades = [json.loads(line) for line in (folder / "human_grades.jsonl").read_text().splitlines()]
+    assert [g["preferred"] for g in grades] == picked
+    assert all(g["criteria"][g["preferred"]]["correctness"] == 4 for g in grades)
+    page.goto(studio_url + "/evals/runs/eval-done")
+    row = page.locator('#human tr[data-pair="base|tuned"]')
+    wins_tuned = picked.count("tuned")
+    assert row.locator('td[data-col="n"]').inner_text() == "2"
+    assert row.locator('td[data-col="wins_b"]').inner_text() == str(wins_tuned)
+    assert row.locator('td[data-col="win_rate"] b').inner_text() == f"{wins_tuned / 2 * 100:.0f}%"
+    exported = page.evaluate("fetch('/evals/runs/eval-done/preferences.jsonl').then(r => r.text())")
+    assert [json.loads(line)["chosen_model"] for line in exported.splitlines()] == picked
+
+
+def test_a_review_verdict_applied_in_the_browser_changes_the_split(page, studio_url, studio_workspace, shots):
     folder = studio_workspace / "prepared"
     review_csv = (folder / "review.csv").read_text()
     train_before = len((folder / "train.jsonl").read_text().splitlines())
@@ -222,7 +268,7 @@ def test_a_wrong_field_shows_the_schemas_error(page, studio_url, shots):
     assert "train.epoch: unknown key. did you mean 'train.epochs'?" in box.inner_text()
 
 
-def test_launch_from_the_form_and_watch_the_live_curve(page, studio_url, studio_workspace, shots):  # noqa: F811
+def test_launch_from_the_form_and_watch_the_live_curve(page, studio_url, studio_workspace, shots):
     page.goto(studio_url + "/new")
     page.wait_for_selector("#job-ok:not([hidden])")
     values = {
@@ -277,7 +323,7 @@ def test_launch_from_the_form_and_watch_the_live_curve(page, studio_url, studio_
     print(f"\nform launch -> completed in {seconds:.1f} s")
 
 
-def test_chat_streams_base_and_adapter_answers(page, studio_url, studio_workspace, shots):  # noqa: F811
+def test_chat_streams_base_and_adapter_answers(page, studio_url, studio_workspace, shots):
     page.goto(studio_url + "/chat?run=runs/done")
     page.wait_for_selector("#chat-send:not([disabled])", timeout=120_000)
     panes = page.locator(".pane")

@@ -29,7 +29,7 @@ from fastapi.templating import Jinja2Templates
 
 from llamaforge.errors import ConfigError
 from llamaforge.studio import data as data_mod
-from llamaforge.studio import evals, schema_form
+from llamaforge.studio import evals, grading, schema_form
 from llamaforge.studio import workspace as ws
 from llamaforge.studio.gateway import GatewayRouter, Gateways
 from llamaforge.studio.jobs import JobManager, default_run_name
@@ -360,13 +360,83 @@ def create_app(workspace: str | Path, *, host: str = "127.0.0.1", api_keys_file:
             )
         return page(request, "evals.html", evals=found)
 
+    def eval_folder(eid: str) -> Path:
+        folder = evals.resolve_eval(studio.workspace, eid)
+        if folder is None:
+            raise HTTPException(404, f"no eval results '{eid}' in {studio.workspace}")
+        return folder
+
+    @app.get("/evals/{eid:path}/grade", response_class=HTMLResponse)
+    async def grade_page(request: Request, eid: str, a: str = "", b: str = "", grader: str = ""):
+        folder = eval_folder(eid)
+        data = evals.results(folder)
+        candidates = data.get("candidates", [])
+        a = a if a in candidates else (data.get("baseline") or (candidates[:1] or [""])[0])
+        b = b if b in candidates and b != a else next((c for c in candidates if c != a), "")
+        rows, item, shown, done = evals.examples(folder, data), None, [], 0
+        if grader.strip():
+            grades = grading.read_grades(folder)
+            done = sum(g["grader"] == grader.strip() and set(g["candidates"]) == {a, b} for g in grades)
+            item = grading.next_example(rows, grades, a, b, grader.strip())
+            if item is not None:
+                shown = [
+                    item["outputs"][name]["output"]
+                    for name in grading.order(folder, item["index"], a, b, grader.strip())
+                ]
+        return page(
+            request,
+            "grade.html",
+            eid=eid,
+            candidates=candidates,
+            a=a,
+            b=b,
+            grader=grader.strip(),
+            item=item,
+            answers=shown,
+            done=done,
+            total=len(rows),
+            criteria=grading.CRITERIA,
+        )
+
+    @app.post("/api/evals/{eid:path}/grades")
+    async def save_grade(request: Request, eid: str):
+        folder = eval_folder(eid)
+        body = await request.json()
+        rows = evals.examples(folder, evals.results(folder))
+        try:
+            index = int(body.get("index"))
+        except (TypeError, ValueError):
+            raise ConfigError("index must be the example number") from None
+        grade = grading.record(
+            folder,
+            rows,
+            index=index,
+            a=str(body.get("a", "")),
+            b=str(body.get("b", "")),
+            grader=str(body.get("grader", "")),
+            preferred=str(body.get("preferred", "")),
+            scores=body.get("scores") or {},
+        )
+        return {"saved": {k: grade[k] for k in ("index", "grader")}}
+
+    @app.get("/evals/{eid:path}/preferences.jsonl")
+    async def preference_data(eid: str):
+        folder = eval_folder(eid)
+        rows = evals.examples(folder, evals.results(folder))
+        lines = [
+            json.dumps(p, ensure_ascii=False) for p in grading.preferences(grading.read_grades(folder), rows)
+        ]
+        return PlainTextResponse(
+            "".join(line + "\n" for line in lines),
+            media_type="application/jsonl",
+            headers={"Content-Disposition": 'attachment; filename="preferences.jsonl"'},
+        )
+
     @app.get("/evals/{eid:path}", response_class=HTMLResponse)
     async def eval_page(
         request: Request, eid: str, candidate: str = "", metric: str = "", lost: bool = False, offset: int = 0
     ):
-        folder = evals.resolve_eval(studio.workspace, eid)
-        if folder is None:
-            raise HTTPException(404, f"no eval results '{eid}' in {studio.workspace}")
+        folder = eval_folder(eid)
         data = evals.results(folder)
         rows = evals.examples(folder, data)
         candidates, baseline = data.get("candidates", []), data.get("baseline")
@@ -396,6 +466,8 @@ def create_app(workspace: str | Path, *, host: str = "127.0.0.1", api_keys_file:
             matched=len(shown),
             offset=offset,
             examples=shown[offset : offset + 25],
+            human=grading.summary(grading.read_grades(folder)),
+            criteria=grading.CRITERIA,
         )
 
     # ------------------------------------------------------------------ chat

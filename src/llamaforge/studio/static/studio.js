@@ -289,5 +289,21 @@ const Studio = (() => {
     });
   }
 
-  return {lineChart, runPage, jobForm, chat, review};
+  /* ------------------------------------------------------------------ blind A/B grading */
+  function grade(eid, a, b, grader) {
+    $("#grade-save").addEventListener("click", async () => {
+      const scores = {};
+      for (const pane of $$(".pane[data-slot]")) {
+        scores[pane.dataset.slot] = Object.fromEntries($$("select.criterion", pane).map((s) => [s.dataset.criterion, Number(s.value) || null]));
+      }
+      const preferred = ($("input[name=preferred]:checked") || {}).value || "";
+      const r = await fetch(`/api/evals/${eid}/grades`, {method: "POST", headers: {"Content-Type": "application/json"},
+        body: JSON.stringify({index: Number($("#grade-item").dataset.index), a, b, grader, preferred, scores})});
+      const body = await r.json();
+      if (!r.ok) { $("#grade-state").textContent = body.error || JSON.stringify(body); return; }
+      location.reload();
+    });
+  }
+
+  return {lineChart, runPage, jobForm, chat, review, grade};
 })();
