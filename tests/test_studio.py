@@ -277,3 +277,45 @@ def test_grading_summary_counts_ties_as_half_a_win():
     assert pair["win_rate_b"] == pytest.approx(2.5 / 4)
     assert pair["means"]["tuned"]["correctness"] == pytest.approx(3.5)
     assert pair["means"]["base"]["format"] == pytest.approx(2.5)
+
+
+def test_sweeps_page_shows_the_sweeps_own_table_and_chart(client, workspace):
+    from llamaforge.sweep.report import write_report
+
+    sweep = workspace / "sweeps" / "ranks"
+    sweep.mkdir(parents=True)
+    definition = {
+        "job": "job.yaml",
+        "axes": {"method.rank": ["4", "8"]},
+        "fixed": [],
+        "trials": ["r4", "r8"],
+        "evaluate": False,
+        "metric": "eval_loss",
+        "higher_is_better": False,
+    }
+    (sweep / "sweep.json").write_text(json.dumps(definition))
+    trials = [
+        {
+            "name": f"r{r}",
+            "values": {"method.rank": str(r)},
+            "status": "completed",
+            "reason": None,
+            "metrics": {
+                "trainable_params": r * 1000,
+                "peak_rss_mb": 900.0 + r,
+                "train_s": 10.0,
+                "tokens_per_s": 100.0,
+                "train_loss": 2.0,
+                "eval_loss": loss,
+                "eval_ppl": 7.0,
+            },
+        }
+        for r, loss in ((4, 2.5), (8, 2.25))
+    ]
+    write_report(sweep, definition, trials)
+    page = client.get("/sweeps").text
+    assert 'class="best" data-trial="r8"' in page and 'data-trial="r4"' in page
+    assert "<td>2.25" in page.replace("<td>2.2500", "<td>2.25")
+    chart = client.get("/sweeps/sweeps/ranks/chart.png")
+    assert chart.status_code == 200 and chart.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "sweeps/ranks" not in client.get("/evals").text  # a sweep's results.json is not an eval's

@@ -15,7 +15,7 @@ from pathlib import Path
 from urllib.parse import parse_qs
 
 import yaml
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import (
     FileResponse,
     HTMLResponse,
@@ -29,7 +29,7 @@ from fastapi.templating import Jinja2Templates
 
 from llamaforge.errors import ConfigError
 from llamaforge.studio import data as data_mod
-from llamaforge.studio import evals, grading, schema_form
+from llamaforge.studio import evals, grading, schema_form, sweeps
 from llamaforge.studio import workspace as ws
 from llamaforge.studio.gateway import GatewayRouter, Gateways
 from llamaforge.studio.jobs import JobManager, default_run_name
@@ -344,6 +344,23 @@ def create_app(workspace: str | Path, *, host: str = "127.0.0.1", api_keys_file:
             return await asyncio.to_thread(data_mod.apply_verdicts, prepared(did), verdicts)
         except DataError as exc:
             raise ConfigError(str(exc)) from None
+
+    # ------------------------------------------------------------------ sweeps
+    @app.get("/sweeps", response_class=HTMLResponse)
+    async def sweeps_page(request: Request):
+        found = [
+            {"id": f.relative_to(studio.workspace).as_posix(), **sweeps.sweep_table(f)}
+            for f in sweeps.find_sweeps(studio.workspace)
+        ]
+        return page(request, "sweeps.html", sweeps=found)
+
+    @app.get("/sweeps/{sid:path}/chart.png")
+    async def sweep_chart(sid: str):
+        folder = sweeps.resolve_sweep(studio.workspace, sid)
+        png = await asyncio.to_thread(sweeps.chart, folder) if folder else None
+        if png is None:
+            raise HTTPException(404, f"no chart for sweep '{sid}'")
+        return Response(png, media_type="image/png")
 
     # ------------------------------------------------------------------ eval results
     @app.get("/evals", response_class=HTMLResponse)

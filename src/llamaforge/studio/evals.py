@@ -19,7 +19,10 @@ def find_evals(workspace: Path, depth: int = 3) -> list[Path]:
     found: list[Path] = []
 
     def walk(folder: Path, level: int) -> None:
-        if (folder / "results.json").is_file():
+        data = read_json(folder / "results.json")
+        if (
+            isinstance(data, dict) and "candidates" in data and "metrics" in data
+        ):  # not a sweep's results.json
             found.append(folder)
         if level >= depth:
             return
