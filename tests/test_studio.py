@@ -319,3 +319,10 @@ def test_sweeps_page_shows_the_sweeps_own_table_and_chart(client, workspace):
     chart = client.get("/sweeps/sweeps/ranks/chart.png")
     assert chart.status_code == 200 and chart.content[:8] == b"\x89PNG\r\n\x1a\n"
     assert "sweeps/ranks" not in client.get("/evals").text  # a sweep's results.json is not an eval's
+
+
+def test_chat_base_model_must_be_a_catalog_name_hub_id_or_inside_the_workspace(client):
+    outside = client.post("/api/chat/open", json={"base": "/etc"})
+    assert outside.status_code == 400 and "base model: /etc is outside the workspace" in outside.json()["error"]
+    escaping = client.post("/api/chat/open", json={"base": "../somewhere"})
+    assert escaping.status_code == 400 and "outside the workspace" in escaping.json()["error"]

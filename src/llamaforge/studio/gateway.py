@@ -33,7 +33,7 @@ class Gateway:
         return self.server.engine
 
 
-def _absolute_source(source: str, workspace: Path) -> str:
+def absolute_source(source: str, workspace: Path) -> str:
     """A relative model path in a run.json is relative to the workspace (jobs run there)."""
     candidate = workspace / source
     if not Path(source).is_absolute() and candidate.exists():
@@ -95,7 +95,7 @@ class Gateways:
         if info.get("weights") != "adapter":
             gateway = self.for_base(str(run_dir))  # serve loads a full run's own weights and template
             return gateway, gateway.engine.base_name
-        gateway = self.for_base(_absolute_source(str(info["base_model"]), self.workspace))
+        gateway = self.for_base(absolute_source(str(info["base_model"]), self.workspace))
         name = ws.run_id(self.workspace, run_dir).replace("/", "--")
         adapter = run_dir / "adapter"
         threading.Thread(target=self._add_adapter, args=(gateway, name, adapter), daemon=True).start()

@@ -223,6 +223,22 @@ def _nearest_field(loc: list[str]) -> str:
     return ""
 
 
+def model_source_problem(source: str, workspace: Path) -> str | None:
+    """Why a model source may not be used from the studio (None when it may): a catalog name, a hub
+    id, or a folder / .gguf file inside the workspace."""
+    from llamaforge import catalog
+
+    root = workspace.resolve()
+    looks_like_path = (
+        source.startswith((".", "/", "~")) or (root / source).exists() or source.endswith(".gguf")
+    )
+    if source in catalog.CATALOG or not looks_like_path:
+        return None
+    if (root / Path(source).expanduser()).resolve().is_relative_to(root):
+        return None
+    return f"{source} is outside the workspace {root}"
+
+
 def check_paths(cfg: JobConfig, workspace: Path) -> list[dict[str, str]]:
     """Files the job reads or writes must lie inside the workspace (catalog names are fine)."""
     from llamaforge import catalog
@@ -233,18 +249,9 @@ def check_paths(cfg: JobConfig, workspace: Path) -> list[dict[str, str]]:
     def inside(value: str) -> bool:
         return (root / Path(value).expanduser()).resolve().is_relative_to(root)
 
-    source = cfg.model.source
-    looks_like_path = (
-        source.startswith((".", "/", "~")) or (root / source).exists() or source.endswith(".gguf")
-    )
-    if source not in catalog.CATALOG and looks_like_path and not inside(source):
-        errors.append(
-            {
-                "field": "model.source",
-                "loc": "model.source",
-                "message": f"model.source: {source} is outside the workspace {root}",
-            }
-        )
+    problem = model_source_problem(cfg.model.source, workspace)
+    if problem:
+        errors.append({"field": "model.source", "loc": "model.source", "message": f"model.source: {problem}"})
     for group in ("sources", "val_sources"):
         for i, src in enumerate(getattr(cfg.data, group)):
             if src.path in catalog.CATALOG:
