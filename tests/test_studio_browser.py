@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
-from studio_fixtures import run_files, studio_workspace  # noqa: F401 - fixture
+from studio_fixtures import run_files, studio_workspace, tiny_job  # noqa: F401 - fixture
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
@@ -351,3 +352,44 @@ def test_chat_streams_base_and_adapter_answers(page, studio_url, studio_workspac
     )
     assert panes.nth(1).locator(".answer").inner_text() == whole["choices"][0]["message"]["content"].strip()
     page.screenshot(path=str(shots / "chat.png"))
+
+
+def test_export_from_the_run_page_and_stop_a_running_job(page, studio_url, studio_workspace):
+    page.goto(studio_url + "/runs/runs/done")
+    page.select_option("#export-format", "safetensors")
+    page.click("#export-run")
+    page.wait_for_function(
+        "document.querySelector('#job-log') && "
+        "document.querySelector('#job-log').textContent.includes('[exited ')",
+        timeout=300_000,
+    )
+    assert "[exited 0]" in page.locator("#job-log").inner_text()
+    out = studio_workspace / "exports" / "done-safetensors"
+    assert (out / "manifest.json").is_file() and list(out.glob("*.safetensors"))
+
+    # a long job, stopped from its page: SIGTERM -> checkpoint -> run.json "interrupted", resumable
+    page.goto(studio_url + "/new")
+    page.click('button[data-tab="yaml-tab"]')
+    job = {
+        **tiny_job(studio_workspace, "stopped"),
+        "train": {"max_steps": 5000, "batch_size": 4, "precision": "fp32", "lr": 0.01},
+    }
+    job["eval"] = {"before_after": False, "prompts": []}
+    page.fill("#job-yaml", yaml.safe_dump(job))
+    page.wait_for_selector("body:not([data-pending]) #job-ok:not([hidden])")
+    page.click("#launch-job")
+    page.wait_for_url("**/runs/runs/stopped", timeout=30_000)
+    page.wait_for_function("Number(document.querySelector('#last-step').textContent) >= 2", timeout=300_000)
+    page.click("#stop-run")
+    page.wait_for_function(
+        "document.querySelector('#job-log') && "
+        "document.querySelector('#job-log').textContent.includes('[exited ')",
+        timeout=120_000,
+    )
+    run = studio_workspace / "runs" / "stopped"
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "interrupted" and 2 <= info["step"] < 5000
+    assert (run / "checkpoints" / f"step-{info['step']:08d}").is_dir()
+    page.goto(studio_url + "/runs/runs/stopped")
+    assert page.locator("#run-status").inner_text() == "interrupted"
+    assert page.locator("#resume-run").is_visible()
