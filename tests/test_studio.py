@@ -323,6 +323,23 @@ def test_sweeps_page_shows_the_sweeps_own_table_and_chart(client, workspace):
 
 def test_chat_base_model_must_be_a_catalog_name_hub_id_or_inside_the_workspace(client):
     outside = client.post("/api/chat/open", json={"base": "/etc"})
-    assert outside.status_code == 400 and "base model: /etc is outside the workspace" in outside.json()["error"]
+    assert (
+        outside.status_code == 400 and "base model: /etc is outside the workspace" in outside.json()["error"]
+    )
     escaping = client.post("/api/chat/open", json={"base": "../somewhere"})
     assert escaping.status_code == 400 and "outside the workspace" in escaping.json()["error"]
+
+
+def test_plan_table_agrees_with_the_plan_command(client, capsys):
+    from llamaforge.cli import main
+
+    assert main(["plan", "--model", "llama3-70b", "--gpu", "H100", "--tokens", "1e7", "--json"]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    page = client.get("/plans?models=llama3-70b&gpus=H100,L4&tokens_m=10")
+    assert page.status_code == 200
+    row = page.text.split('data-model="llama3-70b" data-gpu="H100"')[1].split("</tr>")[0]
+    peak = min(cli["methods"]["qlora"]["rows"][1]["peak_gib"].values())
+    assert f'data-method="qlora" class="better">{peak:.1f} GiB' in row
+    assert f"<b>{cli['recommendation']['method']}</b>" in row
+    l4 = page.text.split('data-model="llama3-70b" data-gpu="L4"')[1].split("</tr>")[0]
+    assert "<b>nothing fits</b>" in l4

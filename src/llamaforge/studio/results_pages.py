@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse
 
 from llamaforge.errors import ConfigError
 from llamaforge.studio import data as data_mod
-from llamaforge.studio import evals, grading, sweeps
+from llamaforge.studio import evals, grading, plans, sweeps
 
 
 def register(app: FastAPI, studio, page) -> None:
@@ -56,6 +56,36 @@ def register(app: FastAPI, studio, page) -> None:
             return await asyncio.to_thread(data_mod.apply_verdicts, prepared(did), verdicts)
         except DataError as exc:
             raise ConfigError(str(exc)) from None
+
+    # ------------------------------------------------------------------ plan table
+    @app.get("/plans", response_class=HTMLResponse)
+    async def plans_page(
+        request: Request,
+        models: str = "",
+        gpus: str = "",
+        tokens_m: float | None = None,
+        batch: int | None = None,
+        seq: int | None = None,
+    ):
+        from llamaforge.planning.arch import shipped_archs
+
+        chosen_models = [m for m in models.split(",") if m.strip()] or list(plans.DEFAULT_MODELS)
+        chosen_gpus = [g for g in gpus.split(",") if g.strip()] or list(plans.DEFAULT_GPUS)
+        tokens = tokens_m * 1e6 if tokens_m else None
+        rows = await asyncio.to_thread(
+            plans.plan_rows, chosen_models, chosen_gpus, batch=batch, seq=seq, tokens=tokens
+        )
+        return page(
+            request,
+            "plans.html",
+            rows=rows,
+            models=",".join(chosen_models),
+            gpus=",".join(chosen_gpus),
+            tokens_m=tokens_m,
+            batch=batch,
+            seq=seq,
+            shipped=shipped_archs(),
+        )
 
     # ------------------------------------------------------------------ sweeps
     @app.get("/sweeps", response_class=HTMLResponse)
