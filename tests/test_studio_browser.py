@@ -393,3 +393,14 @@ def test_export_from_the_run_page_and_stop_a_running_job(page, studio_url, studi
     page.goto(studio_url + "/runs/runs/stopped")
     assert page.locator("#run-status").inner_text() == "interrupted"
     assert page.locator("#resume-run").is_visible()
+
+
+def test_plans_page_renders_the_planners_table(page, studio_url, shots):
+    page.goto(studio_url + "/plans")
+    rows = page.locator("#plans tr[data-model]")
+    assert rows.count() == 12  # llama3-8b and llama3-70b on six GPUs
+    assert (
+        page.locator('#plans tr[data-model="llama3-8b"][data-gpu="H100"] td[data-col="method"]').inner_text()
+        == "lora"
+    )
+    page.screenshot(path=str(shots / "plans.png"), full_page=True)
