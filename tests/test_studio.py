@@ -343,3 +343,17 @@ def test_plan_table_agrees_with_the_plan_command(client, capsys):
     assert f"<b>{cli['recommendation']['method']}</b>" in row
     l4 = page.text.split('data-model="llama3-70b" data-gpu="L4"')[1].split("</tr>")[0]
     assert "<b>nothing fits</b>" in l4
+
+
+def test_plan_endpoint_runs_the_planner_on_the_forms_job(client, workspace):
+    (workspace / "data.jsonl").write_text(
+        "".join(json.dumps({"instruction": f"q{i}", "output": "an answer"}) + "\n" for i in range(20))
+    )
+    values = {"model.source": "llama3-8b", "data.sources": "- path: data.jsonl"}
+    answer = client.post("/api/jobs/plan", json={"values": values, "gpu": "H100", "gpus": 1})
+    assert answer.status_code == 200, answer.text
+    plan = answer.json()["plan"]
+    assert plan.startswith("plan: llama3-8b") and "1 x 80 GiB (H100" in plan and "recommended: lora" in plan
+    assert not list((workspace / ".studio").glob("plan-*.yaml")), "the temporary job file is removed"
+    bad = client.post("/api/jobs/plan", json={"values": {**values, "train.lr": "0"}, "gpu": "H100"})
+    assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "train.lr"
