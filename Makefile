@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.llamaforge-installed
 
-.PHONY: setup quickstart test test-slow lint bench clean
+.PHONY: setup quickstart test test-slow test-browser lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ test: setup
 
 test-slow: setup
 	$(BIN)/pytest -m slow
+
+# the studio in headless Chromium (Debian's package; Playwright drives it, no browser download)
+test-browser: setup
+	test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
+	$(BIN)/pytest -m browser tests/test_studio_browser.py
 
 lint: setup
 	$(BIN)/ruff check src tests bench

@@ -11,8 +11,8 @@ from llamaforge.errors import LlamaforgeError
 
 # Order is the order shown in `llamaforge --help`.
 COMMANDS = ["prepare", "train", "eval", "chat", "generate", "merge", "export", "serve", "plan", "sweep",
-            "config", "models"]
-COMPUTE_COMMANDS = {"train", "eval", "chat", "generate", "merge", "export", "serve", "plan"}
+            "config", "models", "studio"]
+COMPUTE_COMMANDS = {"train", "eval", "chat", "generate", "merge", "export", "serve", "plan", "studio"}
 
 
 def build_parser() -> argparse.ArgumentParser:
