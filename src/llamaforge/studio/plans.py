@@ -1,5 +1,5 @@
 """The plan table: `llamaforge plan`'s memory estimate and recommendation for shipped architectures
-(8B, 70B, ...) on common GPUs, side by side, computed by the planner itself (llamaforge.plan)."""
+(8B, 70B, ...) on common GPUs, side by side, computed by the planner itself (llamaforge.planning.plan)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def plan_rows(
     """One row per (model, GPU): each method's lowest peak GiB (checkpointing on), whether it fits,
     the recommendation and, with `tokens`, hours per epoch of the recommended method."""
     from llamaforge.config import JobConfig
-    from llamaforge.plan import base_setup, gpu_hardware, make_plan, weights_dtypes
+    from llamaforge.planning.plan import base_setup, gpu_hardware, make_plan, weights_dtypes
     from llamaforge.planning.arch import load_arch
 
     config = JobConfig()  # the schema's defaults: batch, sequence length, LoRA rank and targets
