@@ -97,8 +97,9 @@ class EvalMetricsConfig(Section):
     @model_validator(mode="after")
     def _rules_parse(self) -> EvalMetricsConfig:
         from llamaforge.evaluate.compare import parse_rule  # lazy: compare imports metrics, which imports us
+        from llamaforge.evaluate.general.run import GENERAL_METRICS  # checked against evaluation.suites later
 
-        measured = set(self.metric_names()) | set(LOSS_METRICS)
+        measured = set(self.metric_names()) | set(LOSS_METRICS) | set(GENERAL_METRICS)
         for text in self.fail_if:
             for _, metric in parse_rule(
                 text
@@ -108,7 +109,8 @@ class EvalMetricsConfig(Section):
                     hint = f"did you mean '{close[0]}'? " if close else ""
                     raise ValueError(
                         f"fail_if rule '{text}' reads metric '{metric}', which is not measured. {hint}"
-                        f"Measured: {', '.join(self.metric_names())} (and loss, perplexity)"
+                        f"Measured: {', '.join(self.metric_names())} (and loss, perplexity; general, "
+                        "general_norm, general_<task> with the general suite)"
                     )
         return self
 
