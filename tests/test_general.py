@@ -336,3 +336,82 @@ def test_lm_eval_wrapper_matches_lm_evals_own_hf_model(tiny_llama_dir):
     assert ours.loglikelihood_rolling(rolling)[0] == pytest.approx(
         theirs.loglikelihood_rolling(rolling)[0], abs=1e-3
     )
+
+
+# ---------------------------------------------------------------- training hook, CLI, sweep (real suite)
+
+SMALL = ["evaluation.general.per_task=2", "evaluation.general.tasks=[sports, arithmetic, misconceptions]"]
+
+
+@pytest.fixture(scope="module")
+def general_run(tmp_path_factory, tiny_llama_dir):
+    """A few-step tiny LoRA run trained with eval.general: true (6 questions of the real suite)."""
+    from llamaforge.config import load_config
+    from llamaforge.train.recipe import run_training
+
+    tmp = tmp_path_factory.mktemp("general-run")
+    data = write_jsonl(tmp / "data.jsonl", chat_rows(8))
+    cfg = load_config(None, [
+        f"model.source={tiny_llama_dir}", f"data.sources=[{{path: {data}}}]", "data.template=llama3",
+        "data.val_size=0", f"output.dir={tmp}", "output.name=r", "eval.prompts=[]", "eval.before_after=false",
+        "train.max_steps=3", "train.batch_size=4", "train.lr=5e-2", "train.warmup_ratio=0", "train.precision=fp32",
+        "method.rank=4", "method.dropout=0", "eval.general=true", *SMALL,
+    ])
+    run, summary = run_training(cfg)
+    return run, summary
+
+
+def test_training_hook_scores_base_and_tuned(general_run):
+    run, summary = general_run
+    results = json.loads((run / "general" / "results.json").read_text())
+    saved = json.loads((run / "summary.json").read_text())["general"]
+    assert saved == summary["general"]
+    assert saved["base"] == results["metrics"]["general"]["base"]["value"]
+    assert saved["tuned"] == results["metrics"]["general"]["tuned"]["value"]
+    assert saved["delta"] == pytest.approx(saved["tuned"] - saved["base"])
+    assert set(saved["per_task"]) == {"sports", "arithmetic", "misconceptions"}
+    assert results["run"]["general_suite"]["questions"] == 6 and results["run"]["task"] is None
+    for name in ("base", "tuned"):
+        rows = [json.loads(x) for x in (run / "general" / f"{name}.general.jsonl").read_text().splitlines()]
+        assert len(rows) == 6 and {r["task"] for r in rows} == {"sports", "arithmetic", "misconceptions"}
+
+
+def test_eval_cli_suite_general_and_gate(general_run, tmp_path, capsys):
+    from llamaforge.cli import main
+    from llamaforge.evaluate.general.run import read_suite_jsonl
+
+    run, _ = general_run
+    args = ["eval", "--candidates", f"base:{run}", str(run), "--suite", "general", *SMALL]
+    assert main([*args, "--out", str(tmp_path / "a"), "--fail-if", "tuned.general < base.general + 200"]) == 1
+    out = capsys.readouterr()
+    assert "general_sports" in out.out and "gate FAILED: tuned.general < base.general + 200" in out.err
+    assert main([*args, "--out", str(tmp_path / "b"), "--fail-if", "tuned.general < base.general - 200"]) == 0
+    data = json.loads((tmp_path / "b" / "results.json").read_text())
+    base, tuned = (data["metrics"]["general"][c]["value"] for c in ("base", "tuned"))
+    rule = "tuned.general < base.general - 2"
+    assert main([*args, "--out", str(tmp_path / "c"), "--fail-if", rule]) == int(tuned < base - 2)
+    # the CLI scored the same questions as the training hook, with the same numbers
+    assert read_suite_jsonl(tmp_path / "b" / "tuned.general.jsonl")["general"].value() == tuned
+    assert tuned == json.loads((run / "summary.json").read_text())["general"]["tuned"]
+    with pytest.raises(SystemExit):  # argparse: only known suites
+        main(["eval", "--suite", "nope"])
+
+
+def test_sweep_report_shows_general_columns(general_run):
+    from llamaforge.sweep.report import parse_metric, table
+    from llamaforge.sweep.runner import train_metrics
+
+    run, summary = general_run
+    metrics = train_metrics(run)
+    assert metrics["general"] == summary["general"]["tuned"]
+    assert metrics["general_delta"] == summary["general"]["delta"]
+    results = [
+        {"name": "a", "values": {"lr": 1}, "status": "completed", "metrics": metrics},
+        {"name": "b", "values": {"lr": 2}, "status": "completed", "metrics": {**metrics, "general_delta": -4.5}},
+    ]
+    columns, rows, _ = table({"axes": {"lr": [1, 2]}}, results)
+    assert "general" in columns and "general_delta" in columns
+    assert rows[1][columns.index("general_delta")] == "-4.50"
+    assert parse_metric("general_delta", evaluate=False) == ("general_delta", True)
+    plain = [{**r, "metrics": {k: v for k, v in metrics.items() if not k.startswith("general")}} for r in results]
+    assert "general" not in table({"axes": {"lr": [1, 2]}}, plain)[0]  # no column without eval.general

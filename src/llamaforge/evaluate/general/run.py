@@ -144,7 +144,7 @@ def after_training(cfg, run_dir: Path) -> dict[str, Any]:
         "base": table.value("base", "general"),
         "tuned": tuned.value,
         "delta": tuned.delta,
-        "delta_ci": tuned.delta_ci,
+        "delta_ci": list(tuned.delta_ci) if tuned.delta_ci else None,
         "per_task": {
             m.removeprefix("general_"): {"base": table.value("base", m), "tuned": table.value("tuned", m)}
             for m in table.metrics
@@ -161,3 +161,18 @@ def after_training(cfg, run_dir: Path) -> dict[str, Any]:
         result.out_dir / "results.txt",
     )
     return summary["general"]
+
+
+def read_suite_jsonl(path: Path) -> dict[str, MetricScores]:
+    """The suite's metrics rebuilt from a `<candidate>.general.jsonl` (to compare runs scored apart)."""
+    records = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    right = [100.0 * r["right"] for r in records]
+    metrics = {
+        "general": MetricScores("general", right),
+        "general_norm": MetricScores("general_norm", [100.0 * r["right_norm"] for r in records]),
+    }
+    for task in dict.fromkeys(r["task"] for r in records):
+        metrics[f"general_{task}"] = MetricScores(
+            f"general_{task}", [v for v, r in zip(right, records, strict=True) if r["task"] == task]
+        )
+    return metrics
