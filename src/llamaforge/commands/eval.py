@@ -172,10 +172,12 @@ def run(args) -> int:
     print(result.table.to_text(result.gate))
     for rep in result.candidates:
         s = rep.stats
-        print(
-            f"{rep.name}: {rep.spec} (template {rep.template}) loaded in {rep.load_seconds} s, "
-            f"{s.get('examples_per_s')} examples/s, {s.get('output_tokens_per_s')} output tokens/s"
-        )
+        parts = [f"{rep.name}: {rep.spec} (template {rep.template}) loaded in {rep.load_seconds} s"]
+        if "examples_per_s" in s:
+            parts.append(f"{s['examples_per_s']} examples/s, {s.get('output_tokens_per_s')} output tokens/s")
+        if "general_seconds" in s:
+            parts.append(f"general suite in {s['general_seconds']} s")
+        print(", ".join(parts))
     for note in result.task.notes if result.task is not None else []:
         print(note)
     print(

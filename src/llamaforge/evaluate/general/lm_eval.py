@@ -91,7 +91,8 @@ def wrap(model, tokenizer, *, batch_size: int = 8, precision: str = "fp32"):
         def loglikelihood_rolling(self, requests) -> list[float]:
             totals = []
             for (text,) in (r.args for r in requests):
-                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                # the tokenizer's own special tokens, as lm-eval's HFLM encodes (so the numbers agree)
+                ids = tokenizer(text)["input_ids"]
                 windows = [
                     make_disjoint_window(w) for w in get_rolling_token_windows(ids, prefix, max_len, 1)
                 ]
