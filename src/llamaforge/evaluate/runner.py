@@ -278,23 +278,33 @@ class EvalRun:
     gate: list[RuleResult]
     out_dir: Path
     candidates: list[CandidateReport]
-    task: Task
+    task: Task | None  # None: only suites were run
+    suite: dict | None = None  # the general suite's sha256, size and prompting, when it ran
 
     @property
     def failed(self) -> bool:
         return any(r.failed for r in self.gate)
 
 
-def check_rules(rules: list[str], names: list[str], loss: bool) -> None:
-    """Unknown candidates or an unmeasured loss in a rule: fail before any model loads."""
+def check_rules(rules: list[str], names: list[str], loss: bool, suites: list[str] = (), task: bool = True) -> None:
+    """Unknown candidates, an unmeasured loss or suite in a rule: fail before any model loads."""
+    from llamaforge.evaluate.config import GENERAL_METRICS
+
     for text in rules:
         for cand, metric in parse_rule(text).references():
             if cand not in names:
                 raise ConfigError(
                     f"fail_if rule '{text}' names candidate '{cand}'; candidates: {', '.join(names)}"
                 )
-            if metric in LOSS_METRICS and not loss:
-                raise ConfigError(f"fail_if rule '{text}' reads {metric}, but evaluation.loss is off")
+            if metric in LOSS_METRICS and not (loss and task):
+                raise ConfigError(f"fail_if rule '{text}' reads {metric}, but evaluation.loss is off or no task runs")
+            if metric in GENERAL_METRICS and "general" not in suites:
+                raise ConfigError(
+                    f"fail_if rule '{text}' reads {metric}, a metric of the general suite, which is not run: "
+                    "pass --suite general or set evaluation.suites: [general]"
+                )
+            if metric not in GENERAL_METRICS and metric not in LOSS_METRICS and not task:
+                raise ConfigError(f"fail_if rule '{text}' reads {metric}, but no task runs (set evaluation.task.path)")
 
 
 def run_evaluation(
@@ -311,27 +321,49 @@ def run_evaluation(
         {**cfg.scoring.model_dump(), "fail_if": [*cfg.scoring.fail_if, *(extra_rules or [])]}
     )
     cands = parse_candidates(cfg.candidates)
-    check_rules(scoring.fail_if, [c.name for c in cands], cfg.loss)
-    task = load_task(cfg.task)
+    run_task = cfg.task.path is not None or not cfg.suites
+    check_rules(scoring.fail_if, [c.name for c in cands], cfg.loss, cfg.suites, run_task)
+    task = load_task(cfg.task) if run_task else None
+    suite = None
+    if "general" in cfg.suites:
+        from llamaforge.evaluate.general.run import score_suite, write_suite_jsonl
+        from llamaforge.evaluate.general.suite import load_suite
+
+        suite = load_suite(cfg.general.tasks or None, cfg.general.per_task)
     if len(cands) > 1:
         check_same_tokenizers(cands, [load_candidate_tokenizer(c) for c in cands])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info(
-        "evaluating %d candidate(s) on %d example(s) of %s: %s",
+        "evaluating %d candidate(s) on %s: %s",
         len(cands),
-        len(task.examples),
-        task.path,
+        " and ".join(
+            ([f"{len(task.examples)} example(s) of {task.path}"] if task else [])
+            + ([f"the general suite ({len(suite.examples)} questions)"] if suite else [])
+        ),
         ", ".join(f"{c.name} = {c.spec}" for c in cands),
     )
-    prompts = [ex.prompt for ex in task.examples]
-    references = task.references
     scored, reports = {}, []
     for c in cands:
         started = time.perf_counter()
         model, tokenizer, template = load_candidate(c, cfg)
         load_s = time.perf_counter() - started
         stats: dict[str, float] = {}
+        general = None
+        if suite is not None:
+            t0 = time.perf_counter()
+            general = score_suite(model, tokenizer, template, suite, cfg.general, desc=f"{c.name} general")
+            stats["general_seconds"] = round(time.perf_counter() - t0, 2)
+            write_suite_jsonl(out_dir / f"{c.name}.general.jsonl", general)
+        if task is None:
+            del model
+            gc.collect()
+            scored[c.name] = general.metrics
+            reports.append(CandidateReport(c.name, c.spec, template.name, str(out_dir / f"{c.name}.general.jsonl"),
+                                           round(load_s, 2), stats))
+            continue
+        prompts = [ex.prompt for ex in task.examples]
+        references = task.references
         losses = None
         if cfg.loss:
             t0 = time.perf_counter()
@@ -364,13 +396,23 @@ def run_evaluation(
             [ex.prompt_record() for ex in task.examples],
         )
         check_outputs(c.name, outputs, path)
+        if general is not None:
+            scores.metrics.update(general.metrics)
         scored[c.name] = scores
         reports.append(CandidateReport(c.name, c.spec, template.name, str(path), round(load_s, 2), stats))
     table = compare(
         scored, bootstrap_samples=scoring.bootstrap_samples, confidence=scoring.confidence, seed=scoring.seed
     )
+    suite_info = None
+    if suite is not None:
+        suite_info = {"sha256": suite.sha256, "questions": len(suite.examples), "tasks": suite.task_names(),
+                      "prompt": cfg.general.prompt}
+        table.info["general suite"] = (
+            f"{len(suite.examples)} BIG-bench questions ({len(suite.task_names())} tasks), {cfg.general.prompt} "
+            f"prompts, log-likelihood of the choices; sha256 {suite.sha256[:12]}"
+        )
     gate = evaluate_rules(scoring.fail_if, table)
-    result = EvalRun(table, gate, out_dir, reports, task)
+    result = EvalRun(table, gate, out_dir, reports, task, suite_info)
     write_results(result, cfg)
     return result
 
@@ -387,7 +429,8 @@ def write_results(result: EvalRun, cfg: EvaluationConfig) -> None:
             "examples": len(result.task.examples),
             "records_in_file": result.task.total_records,
             "skipped_long": result.task.skipped_long,
-        },
+        } if result.task is not None else None,
+        "general_suite": result.suite,
         "candidates": [asdict(r) for r in result.candidates],
         "generation": cfg.generation.model_dump(),
         "gate_failed": result.failed,

@@ -18,8 +18,8 @@ def plan_rows(
     """One row per (model, GPU): each method's lowest peak GiB (checkpointing on), whether it fits,
     the recommendation and, with `tokens`, hours per epoch of the recommended method."""
     from llamaforge.config import JobConfig
-    from llamaforge.planning.plan import base_setup, gpu_hardware, make_plan, weights_dtypes
     from llamaforge.planning.arch import load_arch
+    from llamaforge.planning.plan import base_setup, gpu_hardware, make_plan, weights_dtypes
 
     config = JobConfig()  # the schema's defaults: batch, sequence length, LoRA rank and targets
     rows = []

@@ -25,6 +25,9 @@ RUN_COLUMNS: dict[str, bool] = {  # name -> higher is better
     "eval_loss": False,
     "eval_ppl": False,
 }
+# Columns of trials trained with eval.general: true (shown when some trial has them): the task gain
+# beside what the tune cost on the general suite.
+GENERAL_COLUMNS: dict[str, bool] = {"general": True, "general_delta": True}
 HEADERS = {
     "trainable_params": "trainable",
     "peak_rss_mb": "peak RSS MB",
@@ -36,6 +39,8 @@ HEADERS = {
     "task_loss": "task loss",
     "task_ppl": "task ppl",
     "wall_s": "wall s",
+    "general": "general",
+    "general_delta": "general Δ",
 }
 
 
@@ -50,7 +55,7 @@ def parse_metric(text: str, evaluate: bool) -> tuple[str, bool]:
     """'NAME[:min|:max]' -> (name, higher_is_better); unknown names fail before anything runs."""
     name, _, direction = text.partition(":")
     task = task_metric_names()
-    known = {**RUN_COLUMNS, "wall_s": False, **task}
+    known = {**RUN_COLUMNS, **GENERAL_COLUMNS, "wall_s": False, **task}
     if name not in known:
         from llamaforge.sweep.grid import suggest
 
@@ -77,6 +82,8 @@ def fmt(name: str, value: Any) -> str:
         return f"{value / 1e6:.2f}M" if value >= 1e5 else f"{value:,}"
     if name in ("peak_rss_mb", "train_s", "wall_s", "tokens_per_s"):
         return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+    if name == "general_delta":
+        return f"{value:+.2f}"
     if name in ("train_loss", "eval_loss", "task_loss"):
         return f"{value:.4f}"
     return f"{value:.2f}"
@@ -101,7 +108,8 @@ def table(definition: dict, results: list[dict]) -> tuple[list[str], list[list[s
     """(columns, formatted rows, raw rows): trial, the varied values, status, metrics, reason."""
     axes = list(definition["axes"])
     task_cols = list(dict.fromkeys(n for r in results for n in r.get("task_metrics", {})))
-    metric_cols = [*RUN_COLUMNS, *task_cols]
+    general_cols = [c for c in GENERAL_COLUMNS if any(_value(r, c) is not None for r in results)]
+    metric_cols = [*RUN_COLUMNS, *general_cols, *task_cols]
     columns = ["trial", *axes, "status", *metric_cols, "reason"]
     raw_rows, rows = [], []
     for r in results:

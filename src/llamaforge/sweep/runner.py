@@ -140,6 +140,9 @@ def train_metrics(run_dir: Path) -> dict[str, Any]:
         "train_loss": losses[-1]["loss"] if losses else None,
         "eval_loss": after.get("eval_loss"),
         "eval_ppl": after.get("eval_ppl"),
+        # eval.general: true -> the general suite after training (tuned accuracy, and its change from base)
+        "general": (summary.get("general") or {}).get("tuned"),
+        "general_delta": (summary.get("general") or {}).get("delta"),
     }
 
 

@@ -458,4 +458,8 @@ def run_training(cfg: JobConfig, *, run_dir: Path | None = None, resume: bool = 
         recipe.save()
     finally:
         recipe.cleanup()
+    if cfg.eval.general and recipe.accelerator.is_main_process:  # what the tune cost: base vs tuned
+        from llamaforge.evaluate.with_suites import after_training
+
+        summary["general"] = after_training(cfg, recipe.run_dir)
     return recipe.run_dir, summary
