@@ -14,11 +14,12 @@ import torch
 from conftest import chat_rows, write_jsonl
 from llamaforge.catalog import CatalogBundle, _extract_members, fetch_bundle, sha256_file
 from llamaforge.errors import ConfigError, DataError, LlamaforgeError, ModelSourceError
-from llamaforge.evaluate.compare import compare, evaluate_rules
+from llamaforge.evaluate.compare import compare
 from llamaforge.evaluate.config import EvalMetricsConfig, GeneralSuiteConfig
 from llamaforge.evaluate.general.run import requests_for, score_suite, suite_metrics
 from llamaforge.evaluate.general.scoring import ChoiceScores, score_requests
 from llamaforge.evaluate.general.suite import Suite, SuiteExample, TaskSpec, build_suite, task_examples
+from llamaforge.evaluate.rules import evaluate_rules
 
 CHOICE = TaskSpec("toy", "bench/toy/task.json", "", "choice", "test")
 ANSWER = TaskSpec("toy_answer", "bench/toy_answer/task.json", "", "answer", "test")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from llamaforge.registry import METHODS, OPTIMIZERS
 
@@ -85,7 +85,7 @@ class MethodConfig(Section):
 class TrainConfig(Section):
     epochs: float = Field(3.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
-    batch_size: int | Literal["auto"] = Field(
+    batch_size: PositiveInt | Literal["auto"] = Field(
         "auto", description="micro-batch size per device; auto = the planner picks the one that fits "
         "train.memory_fraction of the free memory at the best throughput, and train.grad_accum makes up "
         "train.effective_batch_size"

@@ -2,7 +2,7 @@
 config.yaml, checkpoints/) for the studio.
 
 All of the studio's knowledge of the run-directory format lives here, so that the pages follow the
-training recipe's files in one place. Every reader tolerates a run that is still being written: a
+training recipe's files in one place; run.json itself is read through the typed `llamaforge.runs.Run`. Every reader tolerates a run that is still being written: a
 half-written last line of metrics.jsonl is left for the next read, a missing file is "not yet".
 """
 
@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from llamaforge.errors import LlamaforgeError
+from llamaforge.runs import Run
 
 RUN_MARKERS = ("run.json", "config.yaml")  # config.yaml is written first, run.json once data is prepared
 
@@ -81,8 +84,16 @@ def resolve_run(workspace: Path, rid: str) -> Path | None:
     return path
 
 
+def read_run(run_dir: Path) -> Run | None:
+    """The typed run.json (llamaforge.runs.Run), None before it exists or when it is unreadable."""
+    try:
+        return Run.read(run_dir)
+    except LlamaforgeError:
+        return None
+
+
 def run_row(workspace: Path, run_dir: Path) -> RunRow:
-    info = read_json(run_dir / "run.json") or {}
+    info = run_info(run_dir)
     summary = read_json(run_dir / "summary.json") or {}
     config = run_dir / "config.yaml"
     started = config.stat().st_mtime if config.is_file() else None
@@ -167,8 +178,13 @@ def data_card(run_dir: Path) -> dict:
 
 
 def run_info(run_dir: Path) -> dict:
-    data = read_json(run_dir / "run.json")
-    return data if isinstance(data, dict) else {}
+    """run.json's fields as Run reads and checks them ({} when there is no valid one yet)."""
+    run = read_run(run_dir)
+    if run is None:
+        return {}
+    info = {f.name: getattr(run, f.name) for f in fields(run) if f.name != "dir"}
+    info["template"] = info.pop("template_name")
+    return {k: v for k, v in info.items() if v is not None}
 
 
 def rejects(run_dir: Path, query: str = "", offset: int = 0, limit: int = 50) -> dict:
