@@ -280,6 +280,38 @@ def is_run_dir(path: str | Path) -> bool:
     return (path / "run.json").is_file()
 
 
+_UNFINISHED = {
+    "running": "training has not finished, or its process was killed before saving",
+    "interrupted": "training was interrupted; finish it with `llamaforge train <run>/config.yaml --resume <run>`",
+    "diverged": "training diverged (the loss became NaN or infinite)",
+}
+
+
+def read_run_info(run_dir: str | Path) -> dict:
+    """run.json of a run that completed; anything else (running, interrupted, diverged) is refused.
+
+    The one gate every consumer of a run (export, merge, eval, serve, chat, generate) goes through:
+    the weights of an unfinished run are half a result. A hand-written run.json without a status
+    is taken as is.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / "run.json"
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelSourceError(f"{run_dir} is not a llamaforge run (no run.json)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelSourceError(f"{path}: unreadable run record ({exc})") from None
+    if not isinstance(info, dict) or not isinstance(info.get("weights"), str):
+        raise ModelSourceError(f"{path}: not a llamaforge run record (no 'weights')")
+    status = info.get("status", "completed")
+    if status != "completed":
+        why = _UNFINISHED.get(str(status), "it did not complete")
+        raise ModelSourceError(f"{run_dir}: run status is {status!r}, not 'completed': {why}. "
+                               "Its weights are not used")
+    return info
+
+
 def load_run(run_dir: str | Path, *, dtype: torch.dtype = torch.float32, merge: bool = False):
     """(model, tokenizer, template) of a finished run: its base with its adapter, or its full weights."""
     from peft import PeftModel
@@ -287,7 +319,7 @@ def load_run(run_dir: str | Path, *, dtype: torch.dtype = torch.float32, merge: 
     from llamaforge.templates import load_template
 
     run_dir = Path(run_dir)
-    info = json.loads((run_dir / "run.json").read_text())
+    info = read_run_info(run_dir)
     weights = run_dir / info["weights"]
     if info["method"] == "full":
         model, tokenizer = load_model(str(weights), dtype=dtype)

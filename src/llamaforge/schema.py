@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 TemplateName = Literal["auto", "model", "llama3", "chatml", "alpaca", "raw"]
 DataFormat = Literal["auto", "alpaca", "sharegpt", "messages", "text"]
@@ -148,4 +148,15 @@ class EvalConfig(Section):
 class OutputConfig(Section):
     dir: str = "runs"
     name: str | None = Field(None, description="run name; default: <model>-<method>-<timestamp>")
-    overwrite: bool = False
+    overwrite: bool = Field(False, description="replace an existing run folder (only one llamaforge created)")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str | None) -> str | None:
+        """A run folder may be replaced: its name must not reach outside output.dir."""
+        from llamaforge.atomic import name_problem
+
+        problem = name_problem(name) if name is not None else None
+        if problem:
+            raise ValueError(problem)
+        return name

@@ -94,6 +94,10 @@ def build_config(args):
 def run(args) -> int:
     setup_logging()
     cfg = build_config(args)
+    from llamaforge.models import is_run_dir, read_run_info
+
+    if cfg.model and is_run_dir(cfg.model):
+        read_run_info(cfg.model)  # an unfinished run is refused, saying why
     if args.print_vllm_command:
         from llamaforge.serve.vllm import command_line
 

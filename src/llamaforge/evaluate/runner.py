@@ -144,10 +144,9 @@ def parse_candidates(texts: list[str]) -> list[Candidate]:
 
 
 def _run_info(run_dir: str) -> dict:
-    info = json.loads((Path(run_dir) / "run.json").read_text())
-    if info.get("status") not in (None, "completed"):
-        log.warning("run %s has status '%s': evaluating what it saved", run_dir, info.get("status"))
-    return info
+    from llamaforge.models import read_run_info
+
+    return read_run_info(run_dir)  # an unfinished run is refused, saying why
 
 
 def load_candidate_tokenizer(c: Candidate):

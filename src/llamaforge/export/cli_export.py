@@ -62,6 +62,15 @@ def export_gguf_run(run_dir: str | Path, out: str | Path, *, dtype: str = "f16",
     return out
 
 
+def _check_out(run_dir: str | Path, out: str | Path) -> None:
+    """--out may not be, or contain, the run or a local base model: replacing it would delete them."""
+    from llamaforge.atomic import check_not_input
+    from llamaforge.export.merge import read_run
+
+    base = read_run(run_dir).get("base_model")
+    check_not_input(out, [run_dir, base if base and Path(base).exists() else None], "--out")
+
+
 def export_run(run_dir: str | Path, out: str | Path, *, export_format: str, dtype: str | None = None,
                bits: int | None = None, shard_size: str = "2GB", overwrite: bool = False, **quantized_options) -> Path:
     """Dispatch one export; returns the export folder."""
@@ -73,6 +82,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, export_format: str, dtyp
         raise ConfigError("--bits is for --format quantized")
     if export_format == "quantized" and dtype is not None:
         raise ConfigError("--format quantized takes --bits 8|4, not --dtype")
+    _check_out(run_dir, out)
     started = time.perf_counter()
     if export_format == "safetensors":
         from llamaforge.export.safetensors import export_safetensors

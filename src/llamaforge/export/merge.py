@@ -8,8 +8,6 @@ the base's config (RoPE scaling included) is saved as it came. `read_run`, `merg
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -21,11 +19,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def read_run(run_dir: str | Path) -> dict:
     """run.json of a finished run, checked: its weights (adapter or full model) must be there."""
+    from llamaforge.models import read_run_info
+
     run_dir = Path(run_dir)
-    info_path = run_dir / "run.json"
-    if not info_path.is_file():
-        raise ModelSourceError(f"{run_dir} is not a llamaforge run (no run.json)")
-    info = json.loads(info_path.read_text())
+    info = read_run_info(run_dir)
     weights = run_dir / info["weights"]
     if info["method"] == "full":
         if not (weights / "config.json").is_file():
@@ -77,24 +74,23 @@ def save_merged(model, tokenizer, template, folder: Path, *, max_shard_size: str
 
 
 def merge_run(run_dir: str | Path, out: str | Path, *, dtype: str = "float32", overwrite: bool = False) -> Path:
+    """Merge into `out`, written beside it and renamed into place; an existing `out` is replaced only
+    with `overwrite` and only when llamaforge made it; `out` may not be or contain the run or its base."""
+    from llamaforge.atomic import building_folder, check_not_input, check_replaceable
+
     run_dir, out = Path(run_dir), Path(out)
     info = read_run(run_dir)
     if info["method"] == "full":
         raise ConfigError(f"{run_dir} is a full fine-tune: its weights in {run_dir / 'model'} are already merged")
-    if out.exists() and not overwrite:
-        raise ConfigError(f"{out} exists; pass --overwrite to replace it")
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}")
+    check_not_input(out, [run_dir, info["base_model"] if Path(info["base_model"]).exists() else None], "--out")
+    check_replaceable(out, overwrite=overwrite, what="--out", hint="; pass --overwrite to replace it")
 
     model, tokenizer, template = merged_model(run_dir, info, dtype=dtype)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_merged(model, tokenizer, template, tmp)
-    (tmp / "llamaforge_merge.json").write_text(json.dumps(
-        {"run": str(run_dir), "base_model": info["base_model"], "method": info["method"], "dtype": dtype,
-         "dataset_sha256": info.get("dataset_sha256")}, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    with building_folder(out, "merge") as tmp:
+        save_merged(model, tokenizer, template, tmp)
+        (tmp / "llamaforge_merge.json").write_text(json.dumps(
+            {"run": str(run_dir), "base_model": info["base_model"], "method": info["method"], "dtype": dtype,
+             "dataset_sha256": info.get("dataset_sha256")}, indent=2))
     return out

@@ -20,6 +20,15 @@ from pathlib import Path
 
 import torch
 
+from llamaforge.atomic import (
+    atomic_write_text,
+    check_not_input,
+    check_replaceable,
+    remove_path,
+    swap_into_place,
+    tmp_sibling,
+    write_marker,
+)
 from llamaforge.config import JobConfig, to_yaml
 from llamaforge.data.types import Message
 from llamaforge.device import default_device, resolve_precision
@@ -62,6 +71,12 @@ def run_name(cfg: JobConfig) -> str:
         return cfg.output.name
     stem = Path(cfg.model.source.rstrip("/")).name.removesuffix(".gguf")
     return f"{stem}-{cfg.method.name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def run_inputs(cfg: JobConfig) -> list[str]:
+    """What a run reads from disk (data, a local model): its folder may be none of them, nor hold one."""
+    sources = [*cfg.data.sources, *cfg.data.val_sources]
+    return [s.path for s in sources] + [cfg.model.source]
 
 
 def check_launch(accelerator) -> None:
@@ -163,10 +178,12 @@ class FineTuneRecipe(ValidationWatch):
     def _prepare_run_dir(self) -> None:
         run = self.run_dir
         if run.exists() and not self.resume:
-            if not self.cfg.output.overwrite:
-                raise ConfigError(f"run directory {run} exists: use --resume, output.overwrite=true or another output.name")
-            shutil.rmtree(run)
+            check_not_input(run, run_inputs(self.cfg), "run directory")
+            check_replaceable(run, overwrite=self.cfg.output.overwrite, what="run directory",
+                              hint=": use --resume, output.overwrite=true or another output.name")
+            shutil.rmtree(run)  # a run folder llamaforge made (it carries the marker)
         run.mkdir(parents=True, exist_ok=True)
+        write_marker(run, "run")
         (run / "config.yaml").write_text(to_yaml(self.cfg))
 
     def _optimizer(self) -> torch.optim.Optimizer:
@@ -380,9 +397,14 @@ class FineTuneRecipe(ValidationWatch):
         if acc.is_main_process:
             model = acc.unwrap_model(self.model)
             self.tokenizer.chat_template = self.template.jinja  # plain transformers then renders the same way
-            model.save_pretrained(weights, safe_serialization=True)
-            self.tokenizer.save_pretrained(weights)
-            self.template.save(weights)
+            tmp = tmp_sibling(weights)  # written beside, renamed into place: never half an adapter
+            try:
+                model.save_pretrained(tmp, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+                self.template.save(tmp)
+                swap_into_place(tmp, weights)
+            finally:
+                remove_path(tmp)
             plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
             (self.run_dir / "summary.json").write_text(json.dumps(self.summary, indent=2))
             self._write_run_json("completed")
@@ -395,7 +417,7 @@ class FineTuneRecipe(ValidationWatch):
             "dataset_sha256": self.data.card["sha256"], "step": self.progress["step"],
             "total_steps": self.total_steps,
         }
-        (self.run_dir / "run.json").write_text(json.dumps(info, indent=2))
+        atomic_write_text(self.run_dir / "run.json", json.dumps(info, indent=2))
 
     def cleanup(self) -> None:
         self.accelerator.end_training()
