@@ -69,7 +69,8 @@ def json_problem(record: Any) -> tuple[str | None, str, bool] | None:
             continue
         elif isinstance(value, float):
             if not math.isfinite(value):
-                reason = f"the number {value} is not valid JSON (NaN and Infinity are not allowed)"
+                name = "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+                reason = f"the number {name} is not valid JSON (NaN and Infinity are not allowed)"
                 return _field(path), reason, False
         elif len(path) >= MAX_DEPTH and isinstance(value, (dict, list, tuple)):
             return _field(path[:1]), f"nested more than {MAX_DEPTH} levels deep", True

@@ -35,7 +35,14 @@ from llamaforge.device import default_device, resolve_precision
 from llamaforge.errors import ConfigError, LlamaforgeError
 from llamaforge.train.adapters import attach_method, count_parameters
 from llamaforge.train.batching import collate, collate_micro, length_grouped_batches, num_targets
-from llamaforge.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from llamaforge.train.checkpoint import (
+    interrupts_held,
+    list_checkpoints,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    save_rank_rng,
+)
 from llamaforge.train.knobs import build_optimizer, check_optimizer, seed_everything
 from llamaforge.train.losses import token_loss_sum
 from llamaforge.train.monitor import TrainingDiverged, ValidationWatch  # noqa: F401 - re-exported
@@ -195,7 +202,7 @@ class FineTuneRecipe(ValidationWatch):
         if not checkpoints:
             raise ConfigError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
         self.progress = load_checkpoint(checkpoints[-1], self.accelerator.unwrap_model(self.model),
-                                        self.optimizer, self.scheduler)
+                                        self.optimizer, self.scheduler, rank=self.accelerator.process_index)
         self._log(f"resumed from {checkpoints[-1].name} (step {self.progress['step']})")
 
     # ------------------------------------------------------------------ evaluation
@@ -264,6 +271,7 @@ class FineTuneRecipe(ValidationWatch):
                 if not groups:
                     raise ConfigError(f"too few training batches for {acc.num_processes} processes")
                 for g in range(self.progress["group"], len(groups)):
+                    self._boundary = (dict(self.progress), rng_state())  # what an interrupt mid-step saves
                     record = self._step(groups[g])
                     self.progress.update(group=g + 1, elapsed=time.perf_counter() - started)
                     step = self.progress["step"]
@@ -286,7 +294,7 @@ class FineTuneRecipe(ValidationWatch):
                         self._eval_and_log(metrics, self.progress["step"])
         except KeyboardInterrupt:
             bar.close()
-            path = self._checkpoint()
+            path = self._checkpoint(rng=self._rewind_to_boundary())
             self._write_run_json("interrupted")
             metrics.close("interrupted")
             raise TrainingInterrupted(
@@ -319,10 +327,11 @@ class FineTuneRecipe(ValidationWatch):
         grad_norm = None
         if cfg.train.max_grad_norm > 0:
             grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.progress["step"] += 1
+        with interrupts_held():  # the update lands whole or not at all
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.progress["step"] += 1
         loss = acc.reduce(torch.tensor(loss_total, device=acc.device), reduction="sum").item() / max(global_targets, 1)
         return {"loss": loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                 "target_tokens": global_targets}
@@ -380,14 +389,30 @@ class FineTuneRecipe(ValidationWatch):
         self.progress["target_tokens"] += local_targets
         return loss_total, global_targets
 
-    def _checkpoint(self) -> Path | None:
-        if not self.accelerator.is_main_process:
+    def _rewind_to_boundary(self) -> dict | None:
+        """After an interrupt: the progress and RNG of the last step boundary. A step cut short before
+        its update is undone (its draws and counters); one whose update landed is counted whole."""
+        boundary = getattr(self, "_boundary", None)
+        if boundary is None:
+            return None
+        progress, rng = boundary
+        if self.progress["step"] == progress["step"]:  # the update never happened: as if not started
+            self.progress = {**progress, "elapsed": self.progress["elapsed"]}
+            return rng
+        if (self.progress["epoch"], self.progress["group"]) == (progress["epoch"], progress["group"]):
+            self.progress["group"] += 1  # updated, but the loop had not yet moved past its group
+        return None  # the current RNG is that of the step's end
+
+    def _checkpoint(self, rng: dict | None = None) -> Path | None:
+        """Every process saves its RNG (rank 0 in the checkpoint, the others beside it); rank 0 the rest."""
+        acc, root = self.accelerator, self.run_dir / "checkpoints"
+        if not acc.is_main_process:
+            save_rank_rng(root, self.progress["step"], acc.process_index, rng)
             return None
         if self.monitor is not None:
             self.progress["monitor"] = self.monitor.state_dict()
-        return save_checkpoint(self.run_dir / "checkpoints", self.progress["step"],
-                               self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler,
-                               dict(self.progress), self.cfg.train.keep_checkpoints)
+        return save_checkpoint(root, self.progress["step"], acc.unwrap_model(self.model), self.optimizer,
+                               self.scheduler, dict(self.progress), self.cfg.train.keep_checkpoints, rng=rng)
 
     # ------------------------------------------------------------------ save / cleanup
     def save(self) -> Path:
