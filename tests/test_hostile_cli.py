@@ -256,6 +256,17 @@ def test_a_fifo_or_a_device_as_a_source_is_refused_at_once(tmp_path):
             read_source(sock_dir / "data.jsonl")
     finally:
         sock.close()
+    from llamaforge.data.curate.config import FiltersConfig
+    from llamaforge.data.curate.filters import Filters
+    from llamaforge.data.curate.review import read_verdicts
+    from llamaforge.data.curate.synth import read_document
+
+    with pytest.raises(DataError, match="FIFO"):
+        read_verdicts(fifo)  # a reviewed CSV
+    with pytest.raises(DataError, match="FIFO"):
+        read_document(fifo)  # a synth document
+    with pytest.raises(ConfigError, match="not a regular file"):
+        Filters(FiltersConfig(profanity_file=str(fifo)))
     job = tmp_path / "job.yaml"
     job.write_text(f"data:\n  sources: [{{path: {fifo}}}]\nprepare:\n  output_dir: {tmp_path / 'out'}\n")
     done = run_cli(["prepare", str(job)], tmp_path, timeout=60)  # a hang would time out

@@ -8,6 +8,10 @@ Memory: .jsonl, .csv and .parquet are streamed (one line / row / batch at a time
 and a .txt/.md file are read whole: a JSON array cannot be split without parsing it, but its
 records are still decoded one at a time with `raw_decode` so that each keeps its line number.
 
+Well-formed text the parser still cannot turn into values (a number of thousands of digits,
+nesting thousands of levels deep) is a problem of that record alone: the readers go on with the
+next one. Only regular files are read: a FIFO, socket or device is refused before any read.
+
 "Line" is the 1-based line where a record starts (for .csv the header is line 1); for .parquet it
 is the row index + 1; a .txt/.md file is one record at line 1. Bytes that are not UTF-8 are
 reported with their byte offset in the file.

@@ -148,6 +148,10 @@ def _row(
 
 
 def read_verdicts(path: Path) -> dict[str, dict[str, str]]:
+    from llamaforge.data.readers import require_regular
+
+    if path.exists():
+        require_regular(path, "a review CSV")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
