@@ -430,3 +430,54 @@ def test_apply_review_killed_midway_changes_nothing(tmp_path, monkeypatch):
     monkeypatch.undo()
     summary = apply_review(out, reviewed)
     assert summary["verdicts"] == {"reject": 1} and summary["splits"]["train"] == 3
+
+
+def test_a_save_killed_midway_leaves_no_half_adapter_and_the_run_is_refused(
+    tmp_path, tiny_llama_dir, monkeypatch
+):
+    """The final adapter is written beside its folder and renamed; until then run.json says "running"."""
+    from conftest import chat_rows, write_jsonl
+    from llamaforge.models import load_run, read_run_info
+    from llamaforge.train.recipe import FineTuneRecipe
+
+    data = write_jsonl(tmp_path / "data.jsonl", chat_rows(8))
+    cfg = load_config(
+        None,
+        [
+            f"model.source={tiny_llama_dir}",
+            f"data.sources=[{{path: {data}}}]",
+            "data.template=llama3",
+            "data.val_size=0",
+            f"output.dir={tmp_path / 'runs'}",
+            "output.name=r",
+            "eval.prompts=[]",
+            "eval.before_after=false",
+            "train.max_steps=1",
+            "train.batch_size=4",
+            "train.precision=fp32",
+            "method.rank=4",
+        ],
+    )
+    recipe = FineTuneRecipe(cfg)
+    recipe.setup()
+    try:
+        recipe.train()
+
+        def disk_full(folder):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(recipe.template, "save", disk_full)  # the tokenizer and weights were written
+        with pytest.raises(OSError, match="No space"):
+            recipe.save()
+        run = recipe.run_dir
+        assert not (run / "adapter").exists() and leftovers(run) == [MARKER]
+        assert json.loads((run / "run.json").read_text())["status"] == "running"
+        with pytest.raises(ModelSourceError, match="status is 'running'"):
+            load_run(run)
+        monkeypatch.undo()
+        recipe.save()
+    finally:
+        recipe.cleanup()
+    assert read_run_info(run)["status"] == "completed" and leftovers(run) == [MARKER]
+    model, _, _ = load_run(run)
+    assert model.peft_config["default"].r == 4
