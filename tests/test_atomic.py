@@ -100,7 +100,7 @@ def test_only_a_folder_llamaforge_made_is_replaced(tmp_path):
         check_replaceable(tmp_path / "fake", overwrite=True, what="output folder")
 
 
-def test_an_output_may_not_be_or_hold_an_input(tmp_path):
+def test_an_output_may_not_be_or_hold_an_input(tmp_path, monkeypatch):
     src = data_file(tmp_path / "work" / "data" / "train.jsonl")
     for out in (tmp_path / "work", tmp_path / "work" / "data", src):
         with pytest.raises(ConfigError, match="could delete it"):
@@ -111,6 +111,16 @@ def test_an_output_may_not_be_or_hold_an_input(tmp_path):
     check_not_input(tmp_path / "wor", [src], "output folder")  # a shared name prefix is not containment
     check_not_input(tmp_path / "work" / "data" / "out", [src], "output folder")  # beside an input is fine
     check_not_input(tmp_path / "out", [None, "", src], "output folder")
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")
+    for out in (".", tmp_path, "..", "../empty"):  # the folder the user works in, even empty
+        with pytest.raises(ConfigError, match="current folder"):
+            check_not_input(out, [src], "output folder")
+    with pytest.raises(ConfigError, match="current folder"):
+        run_prepare(prep_cfg(Path(".")), [DataSource(path=str(src))])
+    assert (tmp_path / "empty").is_dir() and snapshot(tmp_path / "work") == {
+        "data/train.jsonl": src.read_bytes()
+    }
 
 
 @pytest.mark.parametrize("name", ["..", ".", "../elsewhere", "a/b", "/etc", "a\\b", "  ", "x\x00y"])

@@ -120,8 +120,14 @@ def _resolved(path: str | Path) -> Path:
 
 
 def check_not_input(output: str | Path, inputs: Iterable[str | Path | None], what: str) -> None:
-    """Refuse an output that is, or contains, one of the inputs: replacing it would delete that input."""
+    """Refuse an output that is, or contains, one of the inputs (or the current folder): replacing it
+    would delete them."""
     out = _resolved(output)
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        raise ConfigError(
+            f"{what} {output} is, or holds, the current folder {cwd}: an output needs a folder of its own"
+        )
     for item in inputs:
         if item is None or str(item) == "":
             continue
@@ -163,7 +169,7 @@ def building_folder(target: str | Path, kind: str) -> Iterator[Path]:
     Call `check_replaceable` first: this swaps whatever is at `target` out. On any error the
     temporary folder is removed and `target` is left as it was.
     """
-    target = Path(target)
+    target = Path(os.path.abspath(target))  # "." or "x/.." have no name to put a sibling beside
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_sibling(target)
     tmp.mkdir()
