@@ -85,7 +85,10 @@ def test_only_a_folder_llamaforge_made_is_replaced(tmp_path):
     with pytest.raises(ConfigError, match="not a folder"):
         check_replaceable(tmp_path / "file", overwrite=True, what="output folder")
     (tmp_path / "empty").mkdir()
-    check_replaceable(tmp_path / "empty", overwrite=False, what="output folder")  # nothing to lose
+    check_replaceable(tmp_path / "empty", overwrite=True, what="output folder")  # nothing to lose: no marker
+    check_replaceable(tmp_path / "empty", overwrite=False, what="output folder", empty_ok=True)
+    with pytest.raises(ConfigError, match="exists"):
+        check_replaceable(tmp_path / "empty", overwrite=False, what="output folder")
     check_replaceable(tmp_path / "absent", overwrite=False, what="output folder")
     with building_folder(tmp_path / "made", "prepare") as tmp:
         (tmp / "train.jsonl").write_text("{}\n")

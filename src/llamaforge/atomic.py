@@ -140,25 +140,27 @@ def check_not_input(output: str | Path, inputs: Iterable[str | Path | None], wha
             )
 
 
-def check_replaceable(target: str | Path, *, overwrite: bool, what: str, hint: str = "") -> None:
+def check_replaceable(
+    target: str | Path, *, overwrite: bool, what: str, hint: str = "", empty_ok: bool = False
+) -> None:
     """An existing `target` may be replaced only with `overwrite`, and only when llamaforge made it.
 
-    An empty folder holds nothing to lose and may be reused; a non-empty folder without the marker,
-    or a file where a folder is expected, is refused whatever `overwrite` says.
+    A non-empty folder without the marker, or a file where a folder is expected, is refused whatever
+    `overwrite` says. An empty folder holds nothing to lose: it needs no marker, and with `empty_ok`
+    (prepare's long-standing rule) not even `overwrite`.
     """
     target = Path(target)
     if not (target.exists() or target.is_symlink()):
         return
     if not target.is_dir():
         raise ConfigError(f"{what} {target} exists and is not a folder; choose another output folder")
-    if not any(target.iterdir()):
-        return
-    if not is_ours(target):
+    empty = not any(target.iterdir())
+    if not empty and not is_ours(target):
         raise ConfigError(
             f"{what} {target} is not empty and was not created by llamaforge (no {MARKER} "
             "file): it is never replaced; choose another output folder"
         )
-    if not overwrite:
+    if not overwrite and not (empty and empty_ok):
         raise ConfigError(f"{what} {target} exists{hint}")
 
 

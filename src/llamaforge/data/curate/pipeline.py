@@ -147,7 +147,7 @@ class Pipeline:
         check_not_input(self.out, self._inputs(), "output folder")
         check_replaceable(
             self.out, overwrite=self.cfg.overwrite, what="output folder",
-            hint="; set prepare.overwrite=true or choose another prepare.output_dir",
+            hint="; set prepare.overwrite=true or choose another prepare.output_dir", empty_ok=True,
         )
 
     def _read(self, src: DataSource) -> Iterator[Conversation | Rejected]:
