@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import chat_rows, write_jsonl
+from llamaforge.atomic import MARKER
 from llamaforge.catalog import sha256_file
 from llamaforge.cli import main
 from llamaforge.errors import ModelSourceError
@@ -78,7 +79,8 @@ def _check_manifest(out: Path, run: Path, fmt: str, dtype: str) -> dict:
     assert manifest["format"] == fmt and manifest["dtype"] == dtype and manifest["source_run"] == str(run)
     assert manifest["base_model"] == info["base_model"] and manifest["method"] == "lora"
     assert manifest["dataset_sha256"] == info["dataset_sha256"] and len(info["dataset_sha256"]) == 64
-    on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name != "manifest.json")
+    on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+                     if p.is_file() and p.name not in ("manifest.json", MARKER))
     assert [f["path"] for f in manifest["files"]] == on_disk  # every file, and no leftover intermediate
     for f in manifest["files"]:
         assert f["sha256"] == sha256_file(out / f["path"]) and f["bytes"] == (out / f["path"]).stat().st_size
@@ -119,7 +121,7 @@ def test_gguf_export_with_adapter_and_modelfile(run, reference, tmp_path, capsys
     assert main(["export", str(run), "--format", "gguf", "--dtype", "f32", "--out", str(out)]) == 0
     assert "manifest.json" in capsys.readouterr().out
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["Modelfile", "manifest.json", "run-f32.gguf", "run-lora-f32.gguf"]
+    assert names == [MARKER, "Modelfile", "manifest.json", "run-f32.gguf", "run-lora-f32.gguf"]
     modelfile = (out / "Modelfile").read_text()
     assert "FROM ./run-f32.gguf" in modelfile and 'PARAMETER stop "<|eot_id|>"' in modelfile
     meta = read_gguf_metadata(str(out / "run-f32.gguf"))[0]
@@ -221,14 +223,19 @@ def test_existing_target_disk_space_and_cli_errors(run, tmp_path, monkeypatch, c
     (target / "keep.txt").write_text("keep me")
     with pytest.raises(ExportError, match="already exists.*overwrite"):
         export_run(run, target, export_format="safetensors")
+    with pytest.raises(ExportError, match="not created by llamaforge"):  # a folder the user made: never replaced
+        export_run(run, target, export_format="safetensors", overwrite=True)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
     with pytest.raises(ExportError, match="not enough disk space"):
-        export_run(run, target, export_format="gguf", overwrite=True)
+        export_run(run, tmp_path / "new", export_format="gguf")
     monkeypatch.undo()
     assert (target / "keep.txt").read_text() == "keep me" and not _debris(tmp_path)
     assert main(["export", str(run), "--format", "safetensors", "--out", str(target)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert main(["export", str(run), "--format", "safetensors", "--shard-size", "lots", "--out", str(tmp_path / "x")]) == 2
     assert "is not a size" in capsys.readouterr().err
-    export_run(run, target, export_format="safetensors", dtype="bf16", overwrite=True)
+    target = tmp_path / "ours"
+    export_run(run, target, export_format="safetensors", dtype="bf16")
+    (target / "keep.txt").write_text("left by an earlier export")
+    export_run(run, target, export_format="safetensors", dtype="bf16", overwrite=True)  # ours: replaced
     assert not (target / "keep.txt").exists() and _check_manifest(target, run, "safetensors", "bf16")

@@ -132,7 +132,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override '{text}' has an empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # not YAML (or absurd): the text as given
         value = raw
     if isinstance(value, dict) and not raw.lstrip().startswith("{"):
         value = raw  # "Be brief: always" is a sentence, not a mapping
@@ -153,14 +153,32 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+# libyaml's loader: safe like yaml.SafeLoader, but linear on deeply nested flow text (the pure-Python
+# scanner takes seconds on 20,000 brackets) and it refuses nesting deeper than 1,000 levels.
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"job file not found: {path}")
+    if not path.is_file():  # a folder, a FIFO (reading it could block forever), a device
+        raise ConfigError(f"{path}: a job file must be a regular file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                          "save the job file as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the job file: {exc.strerror or exc}") from None
+    try:
+        data = yaml.load(text, Loader=_SAFE_LOADER)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to read (a job file is a few levels deep)") from None
+    except ValueError as exc:  # e.g. an integer of thousands of digits
+        raise ConfigError(f"{path}: a value cannot be read: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -32,6 +32,11 @@ VAL_FILE = "val.jsonl"
 Status = Literal["running", "completed", "interrupted", "diverged", "failed"]
 STATUSES: tuple[str, ...] = ("running", "completed", "interrupted", "diverged", "failed")
 WEIGHTS = {"adapter": "adapter_config.json", "model": "config.json"}  # folder -> the file that proves it
+UNFINISHED = {
+    "running": "training has not finished, or its process was killed before saving",
+    "interrupted": "training was interrupted; finish it with `llamaforge train <run>/config.yaml --resume <run>`",
+    "diverged": "training diverged (the loss became NaN or infinite)",
+}
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -90,9 +95,14 @@ class Run:
 
     @classmethod
     def open(cls, path: str | Path) -> Run:
-        """A run whose weights can be loaded: run.json valid and the weights folder complete.
-        A run that did not complete is opened with a warning (its last saved weights are used)."""
+        """A finished run whose weights can be loaded: run.json valid, status completed (or not recorded,
+        as in a hand-written run.json) and the weights folder complete. The one gate every consumer
+        (eval, export, merge, serve, chat, generate) goes through: an unfinished run is half a result."""
         run = cls.read(path)
+        if run.status not in (None, "completed"):
+            why = UNFINISHED.get(run.status, "it did not complete")
+            raise ModelSourceError(f"{run.dir}: run status is '{run.status}', not 'completed': {why}. "
+                                   "Its weights are not used")
         proof = run.weights_dir / WEIGHTS[run.weights]
         if not proof.is_file():
             what = "adapter" if run.is_adapter else "model weights"
@@ -100,9 +110,13 @@ class Run:
                 f"{run.dir} has no {what} at {run.weights_dir} (no {proof.name}; status "
                 f"{run.status or 'unknown'}: was training interrupted before saving?)"
             )
-        if run.status not in (None, "completed"):
-            log.warning("run %s has status '%s': using the weights it saved", run.dir, run.status)
         return run
+
+    def as_dict(self) -> dict[str, Any]:
+        """run.json's recorded fields as written (names as in the file; unrecorded ones left out)."""
+        info = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "dir"}
+        info["template"] = info.pop("template_name")
+        return {k: v for k, v in info.items() if v is not None}
 
     @property
     def weights_dir(self) -> Path:

@@ -197,4 +197,15 @@ class EvalConfig(Section):
 class OutputConfig(Section):
     dir: str = "runs"
     name: str | None = Field(None, description="run name; default: <model>-<method>-<timestamp>")
-    overwrite: bool = False
+    overwrite: bool = Field(False, description="replace an existing run folder (only one llamaforge created)")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str | None) -> str | None:
+        """A run folder may be replaced: its name must not reach outside output.dir."""
+        from llamaforge.atomic import name_problem
+
+        problem = name_problem(name) if name is not None else None
+        if problem:
+            raise ValueError(problem)
+        return name

@@ -45,6 +45,7 @@ def run(args) -> int:
     import time
     from pathlib import Path
 
+    from llamaforge.atomic import MARKER
     from llamaforge.commands._common import setup_logging
     from llamaforge.export.cli_export import export_run
     from llamaforge.export.manifest import human_bytes
@@ -57,7 +58,7 @@ def run(args) -> int:
     started = time.perf_counter()
     out = export_run(args.run, args.out, export_format=args.export_format, dtype=args.dtype, bits=args.bits,
                      shard_size=args.shard_size, overwrite=args.overwrite, **extra)
-    files = sorted(p for p in Path(out).rglob("*") if p.is_file())
+    files = sorted(p for p in Path(out).rglob("*") if p.is_file() and p.name != MARKER)
     for f in files:
         print(f"  {f.relative_to(out)}  {human_bytes(f.stat().st_size)}")
     total = sum(f.stat().st_size for f in files)

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if cfg.filters.tokenizer:
         cfg.filters.tokenizer = _tokenizer_path(cfg.filters.tokenizer)
-    report = run_prepare(cfg, sources, base_dir=Path.cwd(), job=data, out_dir=out)
+    report = run_prepare(cfg, sources, base_dir=Path.cwd(), job=data, out_dir=out, protect=[args.job])
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return 0

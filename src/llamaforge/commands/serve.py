@@ -97,6 +97,10 @@ def build_config(args):
 def run(args) -> int:
     setup_logging()
     cfg = build_config(args)
+    from llamaforge.runs import Run, is_run_dir
+
+    if cfg.model and is_run_dir(cfg.model):
+        Run.open(cfg.model)  # an unfinished run is refused, saying why
     if args.print_vllm_command:
         from llamaforge.serve.vllm import command_line
 

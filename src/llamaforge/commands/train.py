@@ -32,6 +32,7 @@ def run(args) -> int:
     job, overrides = split_job_and_overrides(args)
     cfg = load_config(job, overrides)
     if args.dry_run:
+        check_sources(cfg)
         print(to_yaml(cfg))
         print(dry_run_report(cfg))
         return 0
@@ -48,6 +49,23 @@ def run(args) -> int:
     run_dir, summary = run_training(cfg, run_dir=run_dir, resume=args.resume is not None)
     print_summary(run_dir, summary)
     return 0
+
+
+def check_sources(cfg) -> None:
+    """Every data file the run would read exists and is a readable regular data file (or a catalog dataset)."""
+    from llamaforge import catalog
+    from llamaforge.data.readers import check_file
+    from llamaforge.errors import DataError
+
+    for key in ("sources", "val_sources"):
+        for i, src in enumerate(getattr(cfg.data, key)):
+            entry = catalog.CATALOG.get(src.path)
+            if entry is not None and entry.kind == "dataset":
+                continue
+            try:
+                check_file(Path(src.path).expanduser())
+            except DataError as exc:
+                raise DataError(f"data.{key}[{i}]: {exc.reason}", path=exc.path) from None
 
 
 def dry_run_report(cfg) -> str:

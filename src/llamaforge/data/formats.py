@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from llamaforge.data.jsonsafe import json_problem, snippet
 from llamaforge.data.readers import EXTENSIONS, READERS, RawItem, check_file
 from llamaforge.data.types import Conversation, Message, Rejected
 from llamaforge.errors import DataError
@@ -129,9 +130,14 @@ def _convert(
         if item.reason is not None:
             yield Rejected(source, item.line, item.field, item.reason, record)
             continue
+        problem = json_problem(record)
         if not isinstance(record, dict):
             reason = f"a record must be an object with named fields, got {_type_name(record)}"
-            yield Rejected(source, item.line, None, reason, record)
+            yield Rejected(source, item.line, None, reason, snippet(record) if problem and problem[2] else record)
+            continue
+        if problem is not None:  # NaN, a lone surrogate, a timestamp or bytes cell, absurd nesting
+            field, reason, too_deep = problem
+            yield Rejected(source, item.line, field, reason, snippet(record) if too_deep else record)
             continue
         if fmt is None:
             fmt = detect_format(record)

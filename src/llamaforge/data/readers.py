@@ -8,6 +8,10 @@ Memory: .jsonl, .csv and .parquet are streamed (one line / row / batch at a time
 and a .txt/.md file are read whole: a JSON array cannot be split without parsing it, but its
 records are still decoded one at a time with `raw_decode` so that each keeps its line number.
 
+Well-formed text the parser still cannot turn into values (a number of thousands of digits,
+nesting thousands of levels deep) is a problem of that record alone: the readers go on with the
+next one. Only regular files are read: a FIFO, socket or device is refused before any read.
+
 "Line" is the 1-based line where a record starts (for .csv the header is line 1); for .parquet it
 is the row index + 1; a .txt/.md file is one record at line 1. Bytes that are not UTF-8 are
 reported with their byte offset in the file.
@@ -57,6 +61,7 @@ def check_file(p: Path) -> str:
         raise DataError("data file not found", path=str(p))
     if p.is_dir():
         raise DataError("is a directory, not a data file", path=str(p))
+    require_regular(p)
     kind = EXTENSIONS.get(p.suffix.lower())
     if kind is None:
         supported = ", ".join(sorted(EXTENSIONS))
@@ -69,6 +74,46 @@ def check_file(p: Path) -> str:
     except OSError as exc:
         raise DataError(f"cannot read the file: {exc.strerror or exc}", path=str(p)) from None
     return kind
+
+
+def require_regular(p: Path, what: str = "a data file") -> None:
+    """Refuse a FIFO, socket or device: reading one can block forever or never end."""
+    if not p.is_file():
+        kind = ("a FIFO (named pipe)" if p.is_fifo() else "a socket" if p.is_socket()
+                else "a device" if p.is_char_device() or p.is_block_device() else "not a regular file")
+        raise DataError(f"is {kind}, not {what}: only regular files are read", path=str(p))
+
+
+def undecodable(exc: Exception) -> str:
+    """Why the JSON parser gave up on a record that is well-formed text (too deep, a huge number)."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply to read (thousands of levels)"
+    text = str(exc)
+    if "integer string conversion" in text:
+        return f"a number too long to read ({text.split(';')[0].split(': ', 1)[-1]})"
+    return f"cannot be read as JSON: {text}"
+
+
+def _value_end(text: str, pos: int) -> int:
+    """Where the JSON value starting at `pos` ends, from its brackets and strings only: lets a .json
+    array skip one record the parser could not turn into values and go on with the next."""
+    depth, i, n = 0, pos, len(text)
+    while i < n:
+        c = text[i]
+        if c == '"':
+            i += 1
+            while i < n and text[i] != '"':
+                i += 2 if text[i] == "\\" else 1
+        elif c in "[{":
+            depth += 1
+        elif c in "]}":
+            if depth <= 1:
+                return i + 1 if depth == 1 else i
+            depth -= 1
+        elif c == "," and depth == 0:
+            return i
+        i += 1
+    return n
 
 
 def _bad_bytes(text: str, match: re.Match[str], base_offset: int) -> str:
@@ -137,6 +182,15 @@ def _json_items(p: Path) -> Iterator[RawItem]:
             reason = f"malformed JSON: {exc.msg} (line {exc.lineno} column {exc.colno}); the rest of the file was not read"
             yield RawItem(exc.lineno, _line_text(text, exc.pos), reason)
             return
+        except (ValueError, RecursionError) as exc:  # well-formed, but too deep or a number too long
+            end = _value_end(text, pos)
+            yield RawItem(line_at(start), _clean(text[start : min(end, start + 2000)]), undecodable(exc))
+            pos = skip(end)
+            if in_array and pos < n and text[pos] == ",":
+                pos = skip(pos + 1)
+            elif in_array and pos < n and text[pos] == "]":
+                close, pos = pos, n
+            continue
         bad = _SURROGATE.search(text, start, end)
         if bad:
             yield RawItem(line_at(start), _clean(text[start:end]), _bad_bytes(text, bad, bom))
@@ -189,6 +243,9 @@ def _jsonl_items(p: Path) -> Iterator[RawItem]:
                 record = json.loads(text)
             except json.JSONDecodeError as exc:
                 yield RawItem(lineno, text.rstrip("\r\n"), f"malformed JSON: {exc.msg} at column {exc.colno}")
+                continue
+            except (ValueError, RecursionError) as exc:  # well-formed, but too deep or a number too long
+                yield RawItem(lineno, text[:2000].rstrip("\r\n"), undecodable(exc))
                 continue
             yield RawItem(lineno, record)
 
@@ -261,11 +318,26 @@ def _parquet_items(p: Path) -> Iterator[RawItem]:
         pf = pq.ParquetFile(p)
         row = 0
         for batch in pf.iter_batches(batch_size=1024):
-            for record in batch.to_pylist():
+            try:
+                records = batch.to_pylist()
+            except (ValueError, OverflowError, pa.ArrowException):  # e.g. a timestamp past year 9999
+                records = None
+            for i in range(batch.num_rows):
                 row += 1
-                yield RawItem(row, record)
+                yield RawItem(row, records[i]) if records is not None else _parquet_row(batch, i, row)
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"not a readable Parquet file: {exc}", path=str(p)) from None
+
+
+def _parquet_row(batch: Any, i: int, row: int) -> RawItem:
+    """One row of a batch that did not convert as a whole: the cell that fails becomes the reason."""
+    record = {}
+    for name, column in zip(batch.schema.names, batch.columns, strict=True):
+        try:
+            record[name] = column[i].as_py()
+        except (ValueError, OverflowError) as exc:
+            return RawItem(row, None, f"column '{name}' ({column.type}) has no Python value: {exc}", field=name)
+    return RawItem(row, record)
 
 
 def _text_items(p: Path) -> Iterator[RawItem]:

@@ -62,6 +62,15 @@ def export_gguf_run(run_dir: str | Path, out: str | Path, *, dtype: str = "f16",
     return out
 
 
+def _check_out(run_dir: str | Path, out: str | Path) -> None:
+    """--out may not be, or contain, the run or a local base model: replacing it would delete them."""
+    from llamaforge.atomic import check_not_input
+    from llamaforge.runs import Run
+
+    base = Run.open(run_dir).base_model
+    check_not_input(out, [run_dir, base if Path(base).exists() else None], "--out")
+
+
 def _safetensors(run_dir, out, *, dtype=None, bits=None, shard_size="2GB", overwrite=False, **options) -> Path:
     from llamaforge.export.safetensors import export_safetensors
 

@@ -1,9 +1,10 @@
 """What every export leaves behind, and how it is written without ever leaving half a file.
 
 - `atomic_file` / `atomic_dir`: write into a temporary sibling of the target, then rename it into
-  place. An existing target is refused unless `overwrite`; free disk space is checked against an
-  estimate *before* anything is written; on any error the temporary is removed and an existing
-  target is left untouched.
+  place (`llamaforge.atomic`). An existing target is refused unless `overwrite`, and an existing
+  folder that llamaforge did not create (no marker file) is refused even then; free disk space is
+  checked against an estimate *before* anything is written; on any error the temporary is removed
+  and an existing target is left untouched.
 - `build_manifest` / `write_manifest`: `manifest.json` naming the source run, the dataset sha256,
   the base model, the method, the dtype and every file with its size and sha256.
 """
@@ -12,14 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from llamaforge.atomic import MARKER, is_ours, remove_path, swap_into_place, tmp_sibling, write_marker
 from llamaforge.catalog import sha256_file
 from llamaforge.errors import LlamaforgeError
 
@@ -56,37 +56,13 @@ def check_disk_space(directory: Path, required_bytes: int) -> None:
         )
 
 
-def _refuse_existing(target: Path, overwrite: bool) -> None:
+def _refuse_existing(target: Path, overwrite: bool, *, folder: bool = False) -> None:
+    """Replace an existing target only with `overwrite`; a folder only when llamaforge made it."""
     if (target.exists() or target.is_symlink()) and not overwrite:
         raise ExportError(f"{target} already exists; pass --overwrite (overwrite=True) to replace it")
-
-
-def _tmp_sibling(target: Path, kind: str) -> Path:
-    return target.with_name(f".{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-
-def swap_into_place(tmp: Path, target: Path) -> None:
-    """Rename `tmp` to `target`; an existing target is moved aside first and deleted only after."""
-    old = None
-    if target.exists() or target.is_symlink():
-        old = _tmp_sibling(target, "old")
-        os.replace(target, old)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        if old is not None:
-            os.replace(old, target)
-        raise
-    if old is not None:
-        _remove(old)
+    if folder and target.is_dir() and any(target.iterdir()) and not is_ours(target):
+        raise ExportError(f"{target} is not empty and was not created by llamaforge (no {MARKER} file): "
+                          "it is never replaced, even with --overwrite; choose another --out")
 
 
 @contextlib.contextmanager
@@ -96,35 +72,36 @@ def atomic_file(target: Path, *, overwrite: bool = False, required_bytes: int = 
     _refuse_existing(target, overwrite)
     check_disk_space(target.parent, required_bytes)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(target, "tmp")
+    tmp = tmp_sibling(target, "tmp")
     try:
         yield tmp
         if not tmp.is_file():
             raise ExportError(f"internal error: nothing was written for {target}")
         swap_into_place(tmp, target)
     finally:
-        _remove(tmp)
+        remove_path(tmp)
 
 
 @contextlib.contextmanager
 def atomic_dir(target: Path, *, overwrite: bool = False, required_bytes: int = 0) -> Iterator[Path]:
     """Yield an empty temporary directory beside `target`; on success it becomes `target`."""
     target = Path(target)
-    _refuse_existing(target, overwrite)
+    _refuse_existing(target, overwrite, folder=True)
     if target.exists() and not target.is_dir():
         raise ExportError(f"{target} exists and is not a directory")
     check_disk_space(target.parent, required_bytes)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(target, "tmp")
+    tmp = tmp_sibling(target, "tmp")
     tmp.mkdir()
     try:
         yield tmp
+        write_marker(tmp, "export")
         swap_into_place(tmp, target)
     finally:
-        _remove(tmp)
+        remove_path(tmp)
 
 
-def describe_files(root: Path, exclude: tuple[str, ...] = (MANIFEST_NAME,)) -> list[dict[str, Any]]:
+def describe_files(root: Path, exclude: tuple[str, ...] = (MANIFEST_NAME, MARKER)) -> list[dict[str, Any]]:
     """Every file under `root` (relative path, bytes, sha256), sorted by path."""
     root = Path(root)
     paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())

@@ -8,8 +8,6 @@ are shared with `llamaforge export`.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 from llamaforge.dtypes import torch_dtype
@@ -47,23 +45,23 @@ def save_merged(model, tokenizer, template, folder: Path, *, max_shard_size: str
 
 
 def merge_run(run_dir: str | Path, out: str | Path, *, dtype: str = "float32", overwrite: bool = False) -> Path:
+    """Merge into `out`, written beside it and renamed into place; an existing `out` is replaced only
+    with `overwrite` and only when llamaforge made it; `out` may not be or contain the run or its base."""
+    from llamaforge.atomic import building_folder, check_not_input, check_replaceable
+
     out = Path(out)
     run = Run.open(run_dir)
     if not run.is_adapter:
         raise ConfigError(f"{run.dir} is a full fine-tune: its weights in {run.weights_dir} are already merged")
-    if out.exists() and not overwrite:
-        raise ConfigError(f"{out} exists; pass --overwrite to replace it")
     torch_dtype(dtype)  # an unknown name fails here, before any weights load
+    base = run.base_model if Path(run.base_model).exists() else None
+    check_not_input(out, [run.dir, base], "--out")
+    check_replaceable(out, overwrite=overwrite, what="--out", hint="; pass --overwrite to replace it")
 
     model, tokenizer, template = merged_model(run, dtype=dtype)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_merged(model, tokenizer, template, tmp)
-    (tmp / "llamaforge_merge.json").write_text(json.dumps(
-        {"run": str(run.dir), "base_model": run.base_model, "method": run.method, "dtype": dtype,
-         "dataset_sha256": run.dataset_sha256}, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    with building_folder(out, "merge") as tmp:
+        save_merged(model, tokenizer, template, tmp)
+        (tmp / "llamaforge_merge.json").write_text(json.dumps(
+            {"run": str(run.dir), "base_model": run.base_model, "method": run.method, "dtype": dtype,
+             "dataset_sha256": run.dataset_sha256}, indent=2))
     return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -180,11 +180,7 @@ def data_card(run_dir: Path) -> dict:
 def run_info(run_dir: Path) -> dict:
     """run.json's fields as Run reads and checks them ({} when there is no valid one yet)."""
     run = read_run(run_dir)
-    if run is None:
-        return {}
-    info = {f.name: getattr(run, f.name) for f in fields(run) if f.name != "dir"}
-    info["template"] = info.pop("template_name")
-    return {k: v for k, v in info.items() if v is not None}
+    return {} if run is None else run.as_dict()
 
 
 def rejects(run_dir: Path, query: str = "", offset: int = 0, limit: int = 50) -> dict:

@@ -27,6 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from llamaforge.atomic import MARKER, check_not_input, check_replaceable, is_ours, write_marker
 from llamaforge.config import to_yaml
 from llamaforge.errors import ConfigError
 from llamaforge.runs import run_status
@@ -183,7 +184,9 @@ def run_trial(trial: grid.Trial, trial_dir: Path, *, evaluate: bool, sha: str, p
     if reuse:
         result["train"] = previous["train"]
     else:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if run_dir.exists():  # an earlier attempt's run: replaced only if llamaforge made it
+            check_replaceable(run_dir, overwrite=True, what="trial run folder")
+            shutil.rmtree(run_dir, ignore_errors=True)
         child = run_child([*cli, "train", str(config)], trial_dir / "train.log")
         result["train"] = asdict(child)
     metrics = train_metrics(run_dir)
@@ -270,12 +273,17 @@ def run_sweep(
             echo(f"  {t.name}: {' '.join([*fixed, *t.overrides])}")
         return sweep_dir
     trials_dir = sweep_dir / "trials"
+    check_not_input(sweep_dir, [job, *(s.path for c in configs for s in c.data.sources)], "sweep folder")
+    if sweep_dir.is_dir() and any(sweep_dir.iterdir()) and not is_ours(sweep_dir):
+        raise ConfigError(f"sweep folder {sweep_dir} is not empty and was not created by llamaforge (no "
+                          f"{MARKER} file): nothing is written there; choose another --out")
     if trials_dir.is_dir() and any(trials_dir.iterdir()) and not (resume or retry_failed):
         raise ConfigError(
             f"sweep folder {sweep_dir} has trials already: add --resume to keep the completed ones "
             "(--retry-failed also reruns failed ones), or choose another --out"
         )
     trials_dir.mkdir(parents=True, exist_ok=True)
+    write_marker(sweep_dir, "sweep")
     definition = {
         "job": job,
         "axes": {a.key: a.texts for a in axes},

@@ -1,14 +1,20 @@
-"""Resumable checkpoints: trainable weights, optimizer, scheduler, RNG (torch CPU and CUDA, python,
-numpy) and data position.
+"""Resumable checkpoints: trainable weights, optimizer, scheduler, RNG and data position.
 
 Written to a temporary folder and renamed into place, so a process killed mid-save leaves the
 previous checkpoint intact. Only trainable tensors are stored (a LoRA checkpoint is megabytes,
 not the whole base model). Loaded with `weights_only=True`: nothing is unpickled.
+
+Every random generator a step draws from is saved (Python, NumPy, torch CPU and, where present,
+every CUDA device), for every process: rank 0's in the checkpoint folder (`rng-rank0.pt`), each
+other rank's beside it (`rng-rank<r>-step-<n>.pt`, written by that rank, so no process waits for
+another when a launch is interrupted). The recipe passes the state of the last step boundary, so
+a checkpoint taken on an interrupt mid-step resumes exactly where an uninterrupted run would be.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -19,52 +25,73 @@ import torch
 from safetensors.torch import load_file, save_file
 
 PREFIX = "step-"
+log = logging.getLogger(__name__)
+
+
+def rng_state() -> dict:
+    """Every generator a training step may draw from, as tensors and plain values (weights_only-safe)."""
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore `rng_state()`'s generators (CUDA ones only where the same devices are present)."""
+    random.setstate(_as_python_rng(state["python"]))
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+        torch.cuda.set_rng_state_all(cuda)
+    elif cuda:
+        log.warning("the checkpoint holds the RNG of %d CUDA device(s), this machine has %d: CUDA draws "
+                    "(dropout on GPU) will not repeat exactly", len(cuda),
+                    torch.cuda.device_count() if torch.cuda.is_available() else 0)
+
+
+def rank_rng_path(root: Path, step: int, rank: int) -> Path:
+    return root / f"rng-rank{rank}-{PREFIX}{step:08d}.pt"
+
+
+def save_rank_rng(root: Path, step: int, rank: int, rng: dict | None = None) -> Path:
+    """A process other than rank 0 saves its own RNG beside the checkpoint of `step` (atomically)."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = rank_rng_path(root, step, rank)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(rng if rng is not None else rng_state(), tmp)
+    os.replace(tmp, path)
+    return path
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def capture_rng() -> dict:
-    """Every random state a training step draws from: torch (CPU and each CUDA device), python, numpy."""
-    state = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-             "numpy_rng": _numpy_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict) -> None:
-    torch.set_rng_state(state["torch_rng"])
-    random.setstate(_as_python_rng(state["python_rng"]))
-    if "numpy_rng" in state:
-        kind, keys, pos, has_gauss, gauss = state["numpy_rng"]
-        np.random.set_state((kind, keys.numpy(), int(pos), int(has_gauss), float(gauss)))
-    if "cuda_rng" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-
-
-def _numpy_state() -> tuple:
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return (kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss)  # loadable with weights_only
-
-
 def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, progress: dict, keep: int,
-                    *, rng: dict | None = None) -> Path:
-    """`rng`: the random state to store (the last step boundary's); default the current one."""
+                    rng: dict | None = None) -> Path:
+    """Rank 0's checkpoint of `step`; `rng` is the generators' state at that step (default: now)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".tmp-{PREFIX}{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(trainable_state(model), tmp / "trainable.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **(rng or capture_rng())},
-               tmp / "state.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "state.pt")
+    torch.save(rng if rng is not None else rng_state(), tmp / "rng-rank0.pt")
     (tmp / "progress.json").write_text(json.dumps(progress, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+        for other in root.glob(f"rng-rank*-{old.name}.pt"):
+            other.unlink(missing_ok=True)
     return final
 
 
@@ -87,12 +114,19 @@ def load_trainable(path: Path, model) -> None:
             params[name].copy_(value)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> dict:
+    """Restore a checkpoint into this process: weights, optimizer, scheduler and this rank's RNG."""
     load_trainable(path, model)
     state = torch.load(path / "state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    restore_rng(state)
+    rng_path = path / "rng-rank0.pt" if rank == 0 else path.parent / f"rng-rank{rank}-{path.name}.pt"
+    if rng_path.is_file():
+        set_rng_state(torch.load(rng_path, weights_only=True))
+    elif "torch_rng" in state:  # a checkpoint from before per-rank RNG files: rank 0's state only
+        set_rng_state({"torch": state["torch_rng"], "python": state["python_rng"]})
+    else:
+        log.warning("no RNG state for process %d in %s: its random draws will not repeat exactly", rank, path)
     return json.loads((path / "progress.json").read_text())
 
 

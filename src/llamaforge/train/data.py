@@ -160,6 +160,8 @@ def _source_card(src: DataSource) -> dict:
 
 
 def write_rejects(path: Path, rejects: list[Rejected]) -> None:
+    from llamaforge.data.jsonsafe import json_line
+
     with open(path, "w", encoding="utf-8") as fh:
         for r in rejects:
-            fh.write(json.dumps(r.to_dict(), ensure_ascii=False, default=str) + "\n")
+            fh.write(json_line(r.to_dict()))  # a reject may hold what JSON cannot: made writable

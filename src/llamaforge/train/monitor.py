@@ -127,7 +127,7 @@ class TrainingMonitor:
 
 def save_best(root: Path, model, info: dict) -> Path:
     """Trainable tensors + best.json, written to a temp folder and renamed into place (as checkpoints)."""
-    from llamaforge.export.manifest import swap_into_place
+    from llamaforge.atomic import swap_into_place
 
     root.mkdir(parents=True, exist_ok=True)
     final, tmp = root / BEST_DIR, root / f".tmp-{BEST_DIR}"

@@ -19,6 +19,14 @@ from pathlib import Path
 
 import torch
 
+from llamaforge.atomic import (
+    check_not_input,
+    check_replaceable,
+    remove_path,
+    swap_into_place,
+    tmp_sibling,
+    write_marker,
+)
 from llamaforge.config import JobConfig, to_yaml
 from llamaforge.data.types import Message
 from llamaforge.device import default_device, resolve_precision
@@ -28,7 +36,13 @@ from llamaforge.losses import held_out_loss, num_targets
 from llamaforge.runs import Run, weights_kind, write_val_conversations
 from llamaforge.train.adapters import attach_method, count_parameters
 from llamaforge.train.batching import collate_micro, length_grouped_batches
-from llamaforge.train.checkpoint import capture_rng, list_checkpoints, load_checkpoint, save_checkpoint
+from llamaforge.train.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    save_rank_rng,
+)
 from llamaforge.train.knobs import build_optimizer, check_optimizer, seed_everything
 from llamaforge.train.monitor import TrainingDiverged, ValidationWatch  # noqa: F401 - re-exported
 from llamaforge.train.packing import packed_batches, verify_packing
@@ -47,6 +61,12 @@ def run_name(cfg: JobConfig) -> str:
         return cfg.output.name
     stem = Path(cfg.model.source.rstrip("/")).name.removesuffix(".gguf")
     return f"{stem}-{cfg.method.name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def run_inputs(cfg: JobConfig) -> list[str]:
+    """What a run reads from disk (data, a local model): its folder may be none of them, nor hold one."""
+    sources = [*cfg.data.sources, *cfg.data.val_sources]
+    return [s.path for s in sources] + [cfg.model.source]
 
 
 def check_launch(accelerator) -> None:
@@ -197,10 +217,12 @@ class FineTuneRecipe(ValidationWatch):
     def _prepare_run_dir(self) -> None:
         run = self.run_dir
         if run.exists() and not self.resume:
-            if not self.cfg.output.overwrite:
-                raise ConfigError(f"run directory {run} exists: use --resume, output.overwrite=true or another output.name")
-            shutil.rmtree(run)
+            check_not_input(run, run_inputs(self.cfg), "run directory")
+            check_replaceable(run, overwrite=self.cfg.output.overwrite, what="run directory",
+                              hint=": use --resume, output.overwrite=true or another output.name")
+            shutil.rmtree(run)  # a run folder llamaforge made (it carries the marker)
         run.mkdir(parents=True, exist_ok=True)
+        write_marker(run, "run")
         (run / "config.yaml").write_text(to_yaml(self.cfg))
 
     def _optimizer(self) -> torch.optim.Optimizer:
@@ -212,7 +234,7 @@ class FineTuneRecipe(ValidationWatch):
         if not checkpoints:
             raise ConfigError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
         self.progress = load_checkpoint(checkpoints[-1], self.accelerator.unwrap_model(self.model),
-                                        self.optimizer, self.scheduler)
+                                        self.optimizer, self.scheduler, rank=self.accelerator.process_index)
         self._log(f"resumed from {checkpoints[-1].name} (step {self.progress['step']})")
 
     # ------------------------------------------------------------------ evaluation
@@ -400,17 +422,20 @@ class FineTuneRecipe(ValidationWatch):
     def _mark_boundary(self) -> None:
         """Remember progress and RNG at a step boundary: an interrupt mid-step saves these, so a resume
         replays the interrupted step exactly (weights and optimizer only change at the boundary)."""
-        self._boundary = (copy.deepcopy(self.progress), capture_rng())
+        self._boundary = (copy.deepcopy(self.progress), rng_state())
 
     def _checkpoint(self, *, at_boundary: bool = False) -> Path | None:
-        if not self.accelerator.is_main_process:
-            return None
+        """Every process saves its RNG (rank 0 in the checkpoint, the others beside it); rank 0 the rest.
+        `at_boundary`: the progress and RNG of the last step boundary (after an interrupt mid-step)."""
+        acc, root = self.accelerator, self.run_dir / "checkpoints"
         progress, rng = self._boundary if at_boundary and self._boundary else (self.progress, None)
         progress = copy.deepcopy(progress)
+        if not acc.is_main_process:
+            save_rank_rng(root, progress["step"], acc.process_index, rng)
+            return None
         if self.monitor is not None:
             progress["monitor"] = self.monitor.state_dict()
-        return save_checkpoint(self.run_dir / "checkpoints", progress["step"],
-                               self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler,
+        return save_checkpoint(root, progress["step"], acc.unwrap_model(self.model), self.optimizer, self.scheduler,
                                progress, self.cfg.train.keep_checkpoints, rng=rng)
 
     # ------------------------------------------------------------------ save / cleanup
@@ -421,9 +446,14 @@ class FineTuneRecipe(ValidationWatch):
         if acc.is_main_process:
             model = acc.unwrap_model(self.model)
             self.tokenizer.chat_template = self.template.jinja  # plain transformers then renders the same way
-            model.save_pretrained(weights, safe_serialization=True)
-            self.tokenizer.save_pretrained(weights)
-            self.template.save(weights)
+            tmp = tmp_sibling(weights)  # written beside, renamed into place: never half an adapter
+            try:
+                model.save_pretrained(tmp, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+                self.template.save(tmp)
+                swap_into_place(tmp, weights)
+            finally:
+                remove_path(tmp)
             plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
             (self.run_dir / "summary.json").write_text(json.dumps(self.summary, indent=2))
             self._write_run_json("completed")

@@ -74,13 +74,13 @@ class Dedup:
                 if kept is None:
                     self._exact[key] = it.idx
                     it.cache["exact_key"] = key
+                    self._kept(it)
                 else:
                     self._duplicate(it, kept, "exact duplicate")
                     self.exact_dropped += 1
                     if it.reject is None:
                         self._exact[key] = it.idx
         if self._lsh is None:
-            self._finish(live)
             return
         survivors = [(it, t) for it, t in zip(live, texts, strict=False) if it.reject is None]
         if not survivors:
@@ -92,20 +92,24 @@ class Dedup:
             match = self._lsh.best_match(sig, k)
             if match is None:
                 self._lsh.insert(it.idx, sig, k)
+                self._kept(it)
                 continue
             other, sim = match
+            if self._resolve(other) == it.idx:  # `it` already replaced `other` (a longer exact duplicate)
+                self._lsh.insert(it.idx, sig, k)
+                self._lsh.remove_sig(other)
+                continue
             self._duplicate(it, other, f"near duplicate (Jaccard~{sim:.2f})")
             self.near_dropped += 1
             if it.reject is None:
                 self._lsh.insert(it.idx, sig, k)
                 self._lsh.remove_sig(other)
-        self._finish(live)
 
-    def _finish(self, live: list[Item]) -> None:
+    def _kept(self, item: Item) -> None:
+        """`item` is kept for now: with keep=longest its length is what a later duplicate is measured
+        against, from this moment on (a duplicate later in the same batch included)."""
         if self.cfg.keep == "longest":
-            for it in live:
-                if it.reject is None:
-                    self._length.setdefault(it.idx, len(it.answer))
+            self._length.setdefault(item.idx, len(item.answer))
 
     def summary(self) -> dict:
         sizes = sorted(((len(v) + 1, k) for k, v in self.clusters.items()), reverse=True)

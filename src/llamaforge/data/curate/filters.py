@@ -185,6 +185,8 @@ class Filters:
         words = list(_PROFANITY) + list(cfg.profanity_words)
         if cfg.profanity_file:
             path = Path(cfg.profanity_file)
+            if path.exists() and not path.is_file():  # a FIFO or a device would block or never end
+                raise ConfigError(f"filters.profanity_file: {path} is not a regular file")
             try:
                 words += [w.strip() for w in path.read_text(encoding="utf-8").splitlines() if w.strip()]
             except (OSError, UnicodeDecodeError) as exc:

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from llamaforge.atomic import building_folder, check_not_input, check_replaceable
 from llamaforge.data.curate import report as report_mod
 from llamaforge.data.curate.config import PrepareConfig
 from llamaforge.data.curate.contradictions import Contradictions
@@ -31,8 +32,9 @@ from llamaforge.data.curate.pii import PIIStep
 from llamaforge.data.curate.records import Item, content_hash
 from llamaforge.data.curate.review import export_review
 from llamaforge.data.curate.split import SPLITS, content_unit, split_of, stratified_assignment, stratum_of
+from llamaforge.data.jsonsafe import json_line
 from llamaforge.data.types import Conversation, Rejected
-from llamaforge.errors import ConfigError, DataError
+from llamaforge.errors import DataError
 from llamaforge.schema import DataSource
 
 log = logging.getLogger("llamaforge.prepare")
@@ -97,6 +99,7 @@ class Pipeline:
         teacher: Any = None,
         job: dict[str, Any] | None = None,
         out_dir: str | Path | None = None,
+        protect: Iterable[str | Path] = (),
     ):
         self.cfg = cfg
         self.sources = list(sources)
@@ -104,6 +107,7 @@ class Pipeline:
         self.tokenizer = tokenizer
         self.teacher = teacher
         self.job = job or {}
+        self.protect = list(protect)  # more inputs (the job file) the output must not hold
         out = Path(out_dir if out_dir is not None else cfg.output_dir)
         self.out = out if out.is_absolute() else self.base_dir / out
         self.stats: dict[str, StepStats] = defaultdict(StepStats)
@@ -125,15 +129,27 @@ class Pipeline:
         self.annotations[idx][key] = value
 
     # ------------------------------------------------------------------ input
-    def _prepare_out_dir(self) -> None:
-        if self.out.exists() and any(self.out.iterdir()):
-            if not self.cfg.overwrite:
-                raise ConfigError(
-                    f"output folder {self.out} is not empty; set prepare.overwrite=true or choose "
-                    "another prepare.output_dir"
-                )
-            shutil.rmtree(self.out)
-        (self.out / ".work").mkdir(parents=True, exist_ok=True)
+    def _inputs(self) -> list[Path]:
+        """Every file or folder the job reads: the output folder may be none of them, nor contain one."""
+        cfg = self.cfg
+        paths = [resolve_source_path(s.path, self.base_dir) for s in self.sources]
+        paths += [resolve_source_path(s.path, self.base_dir) for s in cfg.decontaminate.eval_sources]
+        for pattern in cfg.synth.documents if cfg.synth.enabled else []:
+            parts = Path(pattern).parts
+            fixed = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts))
+            paths.append(self.base_dir / Path(*parts[:fixed]) if fixed else self.base_dir)
+        for extra in (cfg.filters.tokenizer, cfg.filters.profanity_file):
+            if extra:
+                paths.append(self.base_dir / Path(extra).expanduser())
+        return paths + [Path(p) for p in self.protect]
+
+    def _check_out_dir(self) -> None:
+        """Refuse an output folder that would lose anything: see `llamaforge.atomic`."""
+        check_not_input(self.out, self._inputs(), "output folder")
+        check_replaceable(
+            self.out, overwrite=self.cfg.overwrite, what="output folder",
+            hint="; set prepare.overwrite=true or choose another prepare.output_dir", empty_ok=True,
+        )
 
     def _read(self, src: DataSource) -> Iterator[Conversation | Rejected]:
         from llamaforge.catalog import sha256_file
@@ -221,11 +237,24 @@ class Pipeline:
         return step == "contradictions" and self.cfg.contradictions.action == "review"
 
     def run(self) -> dict[str, Any]:
+        """Everything is written into a temporary folder beside the output, renamed into place at the
+        end: a run killed midway leaves the previous dataset (or none), never half of one."""
         t_start = time.perf_counter()
-        self._prepare_out_dir()
+        self._check_out_dir()
+        self.final_out = self.out
+        with building_folder(self.final_out, "prepare") as tmp:
+            self.out = tmp
+            try:
+                report = self._run_into(t_start)
+            finally:
+                self.out = self.final_out
+        return report
+
+    def _run_into(self, t_start: float) -> dict[str, Any]:
         steps = self.build_steps()
         self.step_objects = dict(steps)
         work = self.out / ".work"
+        work.mkdir()
         spool_path = work / "spool.jsonl"
         self._rejects = (self.out / "rejects.jsonl").open("w", encoding="utf-8")
         self._held_f = (self.out / "held_for_review.jsonl").open("w", encoding="utf-8")
@@ -271,7 +300,7 @@ class Pipeline:
         self.total_records = idx
 
     def _write_reject(self, row: dict[str, Any]) -> None:
-        self._rejects.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        self._rejects.write(json_line(row))
         self.rejects_n += 1
 
     def _reject_row(
@@ -312,7 +341,7 @@ class Pipeline:
                 if step == "dedup" and len(self.snippets) < 5000:
                     self.snippets[it.idx] = _snippet(it.conv)
                 if self._held(step):
-                    self._held_f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+                    self._held_f.write(json_line(row))
                     self.held_n += 1
                     self.snippets.setdefault(it.idx, _snippet(it.conv))
                 else:
@@ -324,7 +353,7 @@ class Pipeline:
                 "pt": it.cache.get("prompt_tokens"),
                 "at": it.cache.get("answer_tokens"),
             }
-            spool.write(json.dumps(row, ensure_ascii=False) + "\n")
+            spool.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")  # readers let only JSON in
 
     # ------------------------------------------------------------------ phase 2
     def _spool(self, path: Path) -> Iterator[tuple[int, Conversation, int | None, int | None]]:
@@ -363,7 +392,7 @@ class Pipeline:
                     step, reason = self.retracted[i]
                     row = self._reject_row(conv, i, step, reason, None)
                     if self._held(step):
-                        self._held_f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+                        self._held_f.write(json_line(row))
                         self.held_n += 1
                     else:
                         self._write_reject(row)
@@ -381,7 +410,7 @@ class Pipeline:
                 else:
                     split = split_of(content_unit(conv, cfg.split.seed), cfg.split)
                 repeat = int(conv.meta.get("repeat", 1)) if split == "train" else 1
-                line = json.dumps(conv.to_dict(), ensure_ascii=False) + "\n"
+                line = json.dumps(conv.to_dict(), ensure_ascii=False, allow_nan=False) + "\n"
                 for _ in range(repeat):
                     files[split].write(line)
                 counts[split] += repeat

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llamaforge.atomic import MARKER
 from llamaforge.data.curate.config import STEP_ORDER
 from llamaforge.data.curate.split import SPLITS
 
@@ -152,7 +153,7 @@ def write_outputs(pipeline, splits: dict[str, int], elapsed: float,
     }
     objs = pipeline.step_objects
     report: dict[str, Any] = {
-        "output_dir": str(out),
+        "output_dir": str(getattr(pipeline, "final_out", out)),
         "records_in": pipeline.stats["ingest"].seen,
         "records_out": sum(splits.values()),
         "splits": splits,
@@ -220,7 +221,7 @@ def write_card(out: Path, sources: dict[str, Any] | None = None) -> dict[str, An
         previous = json.loads(card_path.read_text(encoding="utf-8"))
     files = {}
     for p in sorted(out.rglob("*")):
-        if p.is_file() and p.name != CARD:
+        if p.is_file() and p.name not in (CARD, MARKER):
             files[str(p.relative_to(out)).replace(os.sep, "/")] = sha256_file(p)
     data_files = {k: v for k, v in files.items() if k.endswith(".jsonl") and k.split(".")[0] in SPLITS}
     digest = hashlib.sha256("".join(f"{k}:{v}\n" for k, v in sorted(data_files.items())).encode()).hexdigest()

@@ -13,6 +13,8 @@ import csv
 import hashlib
 import json
 import math
+import re
+import shutil
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,21 @@ COLUMNS = [
 ]
 VERDICTS = ("accept", "reject", "edit", "")
 HELD = "held_for_review.jsonl"
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection): such cells
+# get a leading apostrophe on export, taken off again on --apply-review. Cells that already start
+# with apostrophes before one of them get one more, so that the round trip is exact.
+_FORMULA = re.compile(r"^'*[=+\-@\t\r]")
+_ESCAPED = re.compile(r"^'+[=+\-@\t\r]")
+
+
+def neutralise(cell: Any) -> Any:
+    """The cell as written to review.csv: text a spreadsheet would evaluate gets a leading apostrophe."""
+    return "'" + cell if isinstance(cell, str) and _FORMULA.match(cell) else cell
+
+
+def restore(cell: str) -> str:
+    """The inverse of `neutralise`, for cells read back from a reviewed CSV."""
+    return cell[1:] if _ESCAPED.match(cell) else cell
 
 
 def _rank(rid: str, seed: int) -> str:
@@ -102,7 +119,7 @@ def export_review(out: Path, cfg: ReviewConfig) -> dict[str, Any]:
             for rid, conv in _iter_split(out, split):
                 if rid in chosen:
                     row = _row(rid, conv, "sample", split, cfg, "")
-                    per_stratum[row["stratum"]] += 1
+                    per_stratum[restore(row["stratum"])] += 1
                     w.writerow(row)
                     rows += 1
     return {"file": "review.csv", "rows": rows, "sampled": len(chosen), "per_stratum": dict(per_stratum)}
@@ -112,7 +129,7 @@ def _row(
     rid: str, conv: Conversation, kind: str, split: str, cfg: ReviewConfig, reason: str
 ) -> dict[str, Any]:
     stratum = split if cfg.stratify_by == "split" else stratum_of(conv, cfg.stratify_by)
-    return {
+    row = {
         "id": rid,
         "kind": kind,
         "split": split,
@@ -127,9 +144,14 @@ def _row(
         "edited_answer": "",
         "note": "",
     }
+    return {k: neutralise(v) for k, v in row.items()}
 
 
 def read_verdicts(path: Path) -> dict[str, dict[str, str]]:
+    from llamaforge.data.readers import require_regular
+
+    if path.exists():
+        require_regular(path, "a review CSV")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
@@ -143,8 +165,9 @@ def read_verdicts(path: Path) -> dict[str, dict[str, str]]:
     if missing:
         raise DataError(f"the review CSV lacks the column(s) {', '.join(missing)}", path=str(path))
     verdicts: dict[str, dict[str, str]] = {}
-    for row in reader:
+    for raw in reader:
         line = reader.line_num
+        row = {k: restore(v) if isinstance(v, str) else v for k, v in raw.items()}
         verdict = (row.get("verdict") or "").strip().lower()
         if verdict not in VERDICTS:
             raise DataError(
@@ -184,6 +207,23 @@ def apply_review(out: Path, csv_path: Path, split_cfg: SplitConfig | None = None
             "not a prepared dataset folder (no report.json); run llamaforge prepare first", path=str(out)
         )
     verdicts = read_verdicts(csv_path)
+    # applied to a copy beside the folder, renamed into place at the end: a kill midway leaves the
+    # dataset as it was, never half-reviewed splits under a card that no longer matches them
+    from llamaforge.atomic import remove_path, swap_into_place, tmp_sibling
+
+    work = tmp_sibling(out)
+    try:
+        shutil.copytree(out, work, symlinks=True)
+        summary = _apply(work, csv_path, verdicts, split_cfg)
+        swap_into_place(work, out)
+    finally:
+        remove_path(work)
+    return summary
+
+
+def _apply(
+    out: Path, csv_path: Path, verdicts: dict[str, dict[str, str]], split_cfg: SplitConfig | None
+) -> dict[str, Any]:
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     if split_cfg is None:
         prep = json.loads((out / "config.json").read_text(encoding="utf-8")).get("prepare", {})
@@ -281,8 +321,6 @@ def apply_review(out: Path, csv_path: Path, split_cfg: SplitConfig | None = None
     if report.get("arrow"):
         (out / ".work").mkdir(exist_ok=True)
         report["arrow"] = save_arrow(out)
-        import shutil
-
         shutil.rmtree(out / ".work", ignore_errors=True)
     summary = {
         "file": str(csv_path),

@@ -70,6 +70,10 @@ def html_to_text(text: str) -> str:
 
 def read_document(path: Path) -> str:
     """The text of one document; DataError (with the byte offset for bad UTF-8) when it cannot be read."""
+    from llamaforge.data.readers import require_regular
+
+    if path.exists():
+        require_regular(path, "a document")  # a FIFO would block forever
     suffix = path.suffix.lower()
     if suffix == ".pdf":
         try:
