@@ -50,9 +50,16 @@ def test_unreadable_or_missing_run_json(tmp_path):
 
 
 def test_open_needs_the_weights_read_does_not(tmp_path):
-    run = make_run(tmp_path, status="interrupted")
+    run = make_run(tmp_path, status="completed")
     (run / "adapter" / "adapter_config.json").unlink()
-    with pytest.raises(ModelSourceError, match="has no adapter at .*status interrupted"):
+    with pytest.raises(ModelSourceError, match="has no adapter at .*status completed"):
+        Run.open(run)
+    assert Run.read(run).status == "completed" == run_status(run)
+
+
+def test_open_refuses_an_unfinished_run_read_does_not(tmp_path):
+    run = make_run(tmp_path, status="interrupted")  # weights there: a checkpoint-era adapter, say
+    with pytest.raises(ModelSourceError, match="status is 'interrupted'.*--resume"):
         Run.open(run)
     assert Run.read(run).status == "interrupted" == run_status(run)
 

@@ -102,6 +102,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, export_format: str, dtyp
                bits: int | None = None, shard_size: str = "2GB", overwrite: bool = False, **options) -> Path:
     """Dispatch one export to its registered exporter (registry.EXPORTERS); returns the export folder."""
     exporter = EXPORTERS.get(export_format, field="--format")
+    _check_out(run_dir, out)
     started = time.perf_counter()
     path = exporter.export(run_dir, out, dtype=dtype, bits=bits, shard_size=shard_size, overwrite=overwrite,
                            **options)
