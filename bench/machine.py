@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -74,9 +74,10 @@ def cuda_peak_flops(dtype_name: str, seconds: float = 1.0, n: int = 8192) -> flo
 
 
 def describe(precision: str | None = "auto", *, device: str | None = None, peak: bool = True,
-             peak_seconds: float = 1.0) -> Machine:
+             peak_seconds: float = 1.0, asked_by: str = "asked for on the command line") -> Machine:
     """The machine as this process sees it. `precision`: auto/bf16/fp32/fp16 is resolved as training
-    would resolve it (and its peak measured when `peak`); None for benches that do no tensor math."""
+    would resolve it (and its peak measured when `peak`); None for benches that do no tensor math.
+    An explicit precision that is also what `auto` picks is described with auto's reason."""
     import torch
 
     from llamaforge.device import choose_precision
@@ -86,6 +87,10 @@ def describe(precision: str | None = "auto", *, device: str | None = None, peak:
     if dev.type == "cpu":
         configure_threads()  # as every command does: the usable cores, or OMP_NUM_THREADS
     choice = choose_precision(precision, dev) if precision else None
+    if choice and precision != "auto":
+        auto = choose_precision("auto", dev)
+        choice = auto if auto.precision == choice.precision else \
+            replace(choice, reason=choice.reason.replace("set in the config", asked_by))
     if dev.type == "cuda":
         index = dev.index if dev.index is not None else torch.cuda.current_device()
         major, minor = torch.cuda.get_device_capability(index)
