@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: one script for a CUDA machine, at most ~8 minutes, results as JSON.
 #
-#   bash bench/gpu_check.sh            # results in $RESULTS_DIR (default: $OUT if set, else gpu-check-results/)
+#   bash bench/gpu_check.sh            # results in $RESULTS_DIR (default: $OUT if set, else bench/results/gpu-check/)
 #
 # Parts, each time-boxed with `timeout` inside a total budget (GPU_CHECK_BUDGET_S, default 470 s);
 # a part that fails or runs out of time is recorded as such and the next one runs; the summary
@@ -25,7 +25,7 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-RESULTS=${RESULTS_DIR:-${OUT:-$ROOT/gpu-check-results}}
+RESULTS=${RESULTS_DIR:-${OUT:-$ROOT/bench/results/gpu-check}}
 WORK=${GPU_CHECK_WORK:-/tmp/llamaforge-gpu-check}
 WHEELS=${WHEELS:-$ROOT/.whl}
 BUDGET=${GPU_CHECK_BUDGET_S:-470}
