@@ -58,8 +58,10 @@ import sys
 import time
 from pathlib import Path
 
+# The race is on the CPU, every variant: a GPU on the machine is hidden from them all (the GPU's own check is
+# bench/gpu_check.sh).
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
-                  TOKENIZERS_PARALLELISM="false")
+                  TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
@@ -116,12 +118,16 @@ def child_llamaforge(a, work: Path, tag: str, packing: bool) -> dict:
     from llamaforge.config import load_config
     from llamaforge.train.recipe import FineTuneRecipe
 
-    cfg = load_config(None, [
+    if a.llamaforge_batch_size == "auto":  # its default: the planner picks the micro-batch
+        batching = ["train.batch_size=auto", f"train.effective_batch_size={a.batch_size}"]
+    else:
+        micro = int(a.llamaforge_batch_size)
+        batching = [f"train.batch_size={micro}", f"train.grad_accum={a.batch_size // micro}"]
+    cfg = load_config(None, batching + [
         f"model.source={a.model}", f"data.sources=[{{path: {work / 'train_messages.jsonl'}, format: messages}}]",
         "data.val_size=0", f"data.max_length={a.data_max_length}", "data.template=auto",
         "method.name=lora", f"method.rank={LORA['r']}", f"method.alpha={LORA['lora_alpha']}",
         f"method.dropout={LORA['lora_dropout']}", "method.targets=all-linear",
-        f"train.batch_size={a.llamaforge_batch_size}", f"train.effective_batch_size={a.batch_size}",
         f"train.max_steps={a.steps}", f"train.lr={a.lr}", "train.scheduler=cosine", "train.warmup_ratio=0.05",
         "train.weight_decay=0", "train.max_grad_norm=1.0", f"train.packing={str(packing).lower()}",
         f"train.pack_length={a.pack_length}", f"train.precision={a.precision}",
@@ -217,7 +223,6 @@ def child_hf(a, work: Path, tag: str, max_length_padding: bool) -> dict:
     if max_length_padding:
         collator, config = default_data_collator, f"padding=max_length {n}, batch {a.batch_size}"
     else:
-        data["length"] = [len(x) for x in data["input_ids"]]  # group_by_length reads it instead of measuring
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
         config = f"DataCollatorForSeq2Seq, group_by_length, batch {a.batch_size}"
     args = TrainingArguments(**_common_args(a, work, tag, group_by_length=not max_length_padding))
@@ -376,7 +381,7 @@ def run_precision(a, precision: str, names: list[str], work: Path, eval_rows: li
         r["final_train_loss"] = sum(r["losses"][-5:]) / max(1, len(r["losses"][-5:]))
         adapter, r["eval_steps"], r["eval_examples"] = r["adapter"], a.steps, r["examples"]
         if name in PACKED:  # the same examples as the padded variants, over a complete lr schedule
-            steps = max(1, round(a.steps * a.batch_size / (r["examples"] / a.steps)))
+            steps = max(1, round(a.steps * a.batch_size / (max(r["examples"], 1) / a.steps)))
             again = run_child(a, name, work, steps, precision, f"{tag}-equal-examples")
             if "error" in again:
                 r["error"] = again["error"]
@@ -415,6 +420,10 @@ def main() -> None:
     if a.child:
         return child_main(a)
 
+    if a.llamaforge_batch_size != "auto" and (not a.llamaforge_batch_size.isdigit() or int(a.llamaforge_batch_size) < 1
+                                              or a.batch_size % int(a.llamaforge_batch_size)):
+        raise SystemExit(f"--llamaforge-batch-size: {a.llamaforge_batch_size!r} is neither auto nor a divisor of "
+                         f"--batch-size {a.batch_size}")
     names = [v.strip() for v in a.variants.split(",") if v.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
