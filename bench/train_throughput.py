@@ -189,8 +189,7 @@ def _common_args(a, work: Path, tag: str, group_by_length: bool = False) -> dict
     args = dict(output_dir=str(work / tag), per_device_train_batch_size=a.batch_size, gradient_accumulation_steps=1,
                 max_steps=a.steps, learning_rate=a.lr, lr_scheduler_type="cosine", warmup_steps=int(0.05 * a.steps),
                 weight_decay=0.0, max_grad_norm=1.0, bf16=a.precision == "bf16", use_cpu=True, logging_steps=1,
-                save_strategy="no", report_to="none", dataloader_num_workers=0, seed=a.seed,
-                gradient_checkpointing=False)
+                save_strategy="no", report_to="none", dataloader_num_workers=0, seed=a.seed)  # no checkpointing
     if group_by_length:  # transformers 5 renamed the flag
         if "group_by_length" in inspect.signature(TrainingArguments).parameters:
             args["group_by_length"] = True
