@@ -123,3 +123,27 @@ def slow_precision_reason(precision: str, device: str = "cpu") -> str | None:
     from llamaforge.device import choose_precision
 
     return choose_precision(precision, torch.device(device)).warning
+
+
+def plan_precisions(requested: str, allow_slow: bool) -> tuple[list[str], dict[str, str]]:
+    """The precisions to run and those skipped with the reason. auto = what this machine resolves, then the
+    other of bf16/fp32 (an fp32 table beside a bf16 one; bf16 beside fp32 only where it is not slow)."""
+    import torch
+
+    from llamaforge.device import choose_precision
+
+    if requested == "auto":
+        resolved = choose_precision("auto", torch.device("cpu")).precision
+        wanted = [resolved, "fp32" if resolved == "bf16" else "bf16"]
+    else:
+        wanted = [p.strip() for p in requested.split(",") if p.strip()]
+    run, skipped = [], {}
+    for p in dict.fromkeys(wanted):
+        if p not in ("bf16", "fp32"):
+            raise SystemExit(f"--precision: {p!r} is not one of auto, bf16, fp32 (CPU benches)")
+        reason = slow_precision_reason(p) if p == "bf16" else None
+        if reason and not allow_slow:
+            skipped[p] = reason
+        else:
+            run.append(p)
+    return run, skipped

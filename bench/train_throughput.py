@@ -339,31 +339,6 @@ def run_child(a, name: str, work: Path, steps: int, precision: str, tag: str) ->
     return json.loads(out.read_text())
 
 
-def plan_precisions(requested: str, allow_slow: bool) -> tuple[list[str], dict[str, str]]:
-    """The precisions to run and those skipped with the reason. auto = what this machine resolves, then the
-    other of bf16/fp32 (an fp32 table beside a bf16 one; bf16 beside fp32 only where it is not slow)."""
-    import torch
-
-    from llamaforge.device import choose_precision
-    from machine import slow_precision_reason
-
-    if requested == "auto":
-        resolved = choose_precision("auto", torch.device("cpu")).precision
-        wanted = [resolved, "fp32" if resolved == "bf16" else "bf16"]
-    else:
-        wanted = [p.strip() for p in requested.split(",") if p.strip()]
-    run, skipped = [], {}
-    for p in dict.fromkeys(wanted):
-        if p not in ("bf16", "fp32"):
-            raise SystemExit(f"--precision: {p!r} is not one of auto, bf16, fp32 (the bench trains on the CPU)")
-        reason = slow_precision_reason(p) if p == "bf16" else None
-        if reason and not allow_slow:
-            skipped[p] = reason
-        else:
-            run.append(p)
-    return run, skipped
-
-
 def run_precision(a, precision: str, names: list[str], work: Path, eval_rows: list[dict]) -> dict:
     from machine import describe
 
@@ -427,6 +402,8 @@ def main() -> None:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
+    from machine import plan_precisions
+
     precisions, skipped = plan_precisions(a.precision, a.allow_slow_bf16)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
