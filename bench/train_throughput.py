@@ -1,6 +1,6 @@
 """Training throughput: llamaforge vs HF Trainer + peft vs TRL SFTTrainer, one run, the whole table.
 
-Real run (idle machine, ~1 h on 2 cores; `make bench-train` after `pip install -e ".[bench]"`):
+Real run (idle machine, roughly an hour on 2 cores; `make bench-train` installs the `bench` extra and runs it):
 
     python bench/train_throughput.py --steps 30
 
