@@ -153,6 +153,7 @@ def child_llamaforge(a, work: Path, tag: str, packing: bool) -> dict:
     shape = f"{a.batch_size} packed rows of {a.pack_length}" if packing else "length-grouped padding"
     return {**counter.result(), "train_seconds": summary["train_seconds"], "adapter": str(adapter),
             "losses": [r["loss"] for r in rows if "loss" in r], "trainable_params": summary["trainable_params"],
+            "gradient_checkpointing": bool(recipe.summary["gradient_checkpointing"]),
             "config": f"{shape}, micro-batch {micro} x {accum} accumulated"}
 
 
@@ -177,8 +178,9 @@ def _run_trainer(trainer, counter: Counter, work: Path, tag: str) -> dict:
     adapter = work / tag / "adapter"
     trainer.model.save_pretrained(adapter)
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    checkpointing = bool(getattr(trainer.args, "activation_checkpointing", None) or trainer.args.gradient_checkpointing)
     return {**counter.result(), "train_seconds": out.metrics["train_runtime"], "adapter": str(adapter),
-            "losses": losses, "trainable_params": _lora_params(trainer.model)}
+            "losses": losses, "trainable_params": _lora_params(trainer.model), "gradient_checkpointing": checkpointing}
 
 
 def _common_args(a, work: Path, tag: str, group_by_length: bool = False) -> dict:
@@ -189,9 +191,12 @@ def _common_args(a, work: Path, tag: str, group_by_length: bool = False) -> dict
     args = dict(output_dir=str(work / tag), per_device_train_batch_size=a.batch_size, gradient_accumulation_steps=1,
                 max_steps=a.steps, learning_rate=a.lr, lr_scheduler_type="cosine", warmup_steps=int(0.05 * a.steps),
                 weight_decay=0.0, max_grad_norm=1.0, bf16=a.precision == "bf16", use_cpu=True, logging_steps=1,
-                save_strategy="no", report_to="none", dataloader_num_workers=0, seed=a.seed)  # no checkpointing
+                save_strategy="no", report_to="none", dataloader_num_workers=0, seed=a.seed)
+    # checkpointing off for the peers, said explicitly: TRL's SFTConfig defaults it to on (llamaforge: its auto)
+    params = inspect.signature(TrainingArguments).parameters
+    args["activation_checkpointing" if "activation_checkpointing" in params else "gradient_checkpointing"] = False
     if group_by_length:  # transformers 5 renamed the flag
-        if "group_by_length" in inspect.signature(TrainingArguments).parameters:
+        if "group_by_length" in params:
             args["group_by_length"] = True
         else:
             args["train_sampling_strategy"] = "group_by_length"
@@ -449,7 +454,8 @@ def report(a, tables: dict, skipped: dict, data_info: dict) -> None:
                 lines.append(f"| {LABELS[name]} | failed: {r['error']} |" + " |" * 9)
                 continue
             s = r["train_seconds"]
-            lines.append(f"| {LABELS[name]} | {r['config']} | {r['target_tokens'] / s:.0f} | {r['all_tokens'] / s:.0f} "
+            config = r["config"] + (", gradient checkpointing ON" if r.get("gradient_checkpointing") else "")
+            lines.append(f"| {LABELS[name]} | {config} | {r['target_tokens'] / s:.0f} | {r['all_tokens'] / s:.0f} "
                          f"| {r['examples'] / a.steps:.1f} | {r['peak_rss_mb']:.0f} | {r['final_train_loss']:.4f} "
                          f"| {r['eval_loss']:.4f} | {r['eval_examples']} ({r['eval_steps']} steps) | {s:.1f} "
                          f"| {100 * r['mfu']:.1f}% |")
