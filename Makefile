@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.llamaforge-installed
 
-.PHONY: setup quickstart test test-slow test-browser lint bench clean
+.PHONY: setup quickstart test test-slow test-browser lint bench bench-train gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,15 @@ test-slow: setup
 test-browser: setup
 	test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
 	$(BIN)/pytest -m browser tests/test_studio_browser.py
+
+# The training race (llamaforge vs HF Trainer vs TRL, ~1 h on 2 cores): on an idle machine only.
+bench-train: setup
+	$(BIN)/pip install -q -e ".[bench]"
+	$(BIN)/python bench/train_throughput.py --steps 30
+
+# On a CUDA machine: makes its own venv on the machine's CUDA torch; JSON in $$RESULTS_DIR.
+gpu-check:
+	bash bench/gpu_check.sh
 
 lint: setup
 	$(BIN)/ruff check src tests bench

@@ -1,14 +1,15 @@
 """Throughput of `llamaforge prepare` on 100,000 alpaca-like records.
 
-The records are built by resampling the real demo set (../shared/data/alpaca_en_demo.json, or
-the `alpaca-demo` catalog entry) and perturbing each copy strongly (word substitutions, sentence
+The records are built by resampling the real demo set (the `alpaca-demo` catalog entry) and perturbing each copy strongly (word substitutions, sentence
 shuffles) so that copies are distinct records; then known duplicates are planted (exact copies,
 and near copies with case / spacing / a few words changed) together with PII. The pipeline runs
 normalise + filters + PII + exact and near dedup + split (rejects, report and card included;
 Arrow export off) and the benchmark reports records/s per step, peak RSS and the recall of the
-planted duplicates. Writes bench/results/curate_throughput.json. Never asserts on time.
+planted duplicates, below the machine line (bench/machine.py: CPU, ISA, cores; no precision, the pipeline
+does no tensor math). Writes bench/results/curate_throughput_<minhash>.json. Never asserts on time.
 
-    python bench/curate_throughput.py [--records 100000] [--tokenizer PATH|none] [--minhash classic|oph]
+    python bench/curate_throughput.py [--records 100000] [--tokenizer llama3-tokenizer|PATH|none]
+        [--minhash classic|oph]
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "src"))
 
-SHARED = ROOT.parent / "shared"
 PII_SNIPPETS = [
     "Contact me at {f}.{l}@example.com for details.",
     "Call +1 415 555 {n4} for help.",
@@ -38,11 +39,9 @@ PII_SNIPPETS = [
 
 
 def load_demo() -> list[dict]:
-    path = SHARED / "data" / "alpaca_en_demo.json"
-    if not path.is_file():
-        from llamaforge.catalog import resolve
+    from llamaforge.catalog import resolve
 
-        path = resolve("alpaca-demo")
+    path = resolve("alpaca-demo")
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -117,8 +116,8 @@ def build(n: int, seed: int = 0) -> tuple[list[dict], dict[int, int]]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", type=int, default=100_000)
-    default_tok = SHARED / "assets" / "llama3-tokenizer"
-    ap.add_argument("--tokenizer", default=str(default_tok) if default_tok.is_dir() else "none")
+    ap.add_argument("--tokenizer", default="llama3-tokenizer",
+                    help="a tokenizer folder, a catalog name, or none (length filters in characters)")
     ap.add_argument("--lengths", choices=["exact", "bounds"], default="bounds")
     ap.add_argument("--minhash", choices=["classic", "oph"], default="classic")
     ap.add_argument("--keep", action="store_true", help="keep the generated data and outputs")
@@ -127,6 +126,14 @@ def main() -> int:
     from llamaforge.config import DataSource
     from llamaforge.data.curate.config import PrepareConfig
     from llamaforge.data.curate.pipeline import run_prepare
+    from machine import describe
+
+    if args.tokenizer != "none" and not Path(args.tokenizer).is_dir():
+        from llamaforge.catalog import resolve
+
+        args.tokenizer = str(resolve(args.tokenizer))
+    machine = describe(None)
+    print(machine.line(), flush=True)
 
     t0 = time.perf_counter()
     records, planted = build(args.records)
@@ -190,6 +197,8 @@ def main() -> int:
         "splits": report["splits"],
         "pii": report.get("pii", {}).get("counts"),
     }
+    result["machine"] = machine.record()
+    print(machine.line())
     print(f"{'step':<15}{'in':>9}{'out':>9}{'seconds':>9}{'cpu s':>8}{'records/s':>11}")
     for k, v in result["steps"].items():
         print(

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
 
@@ -45,7 +46,10 @@ def main() -> None:
     from llamaforge.evaluate.runner import GenerationSettings, generate_outputs
     from llamaforge.models import load_model
     from llamaforge.templates import get_template
+    from machine import describe
 
+    machine = describe(args.precision)
+    print(machine.line(), flush=True)
     convs = [c for c in read_source(resolve("alpaca-demo"), "alpaca") if isinstance(c, Conversation)]
     prompts = [c.messages[:-1] for c in convs[: args.prompts]]
     model, tokenizer = load_model(args.model)
@@ -74,9 +78,10 @@ def main() -> None:
     for row in rows:
         row["speedup_vs_batch1"] = round(row["output_tokens_per_s"] / base, 2) if base else None
 
+    print(f"\n{machine.line()}")
     print(
-        f"\n{args.model}: {len(prompts)} prompts, max_new_tokens={args.max_new_tokens}, greedy, "
-        f"precision={args.precision}, torch threads={torch.get_num_threads()}"
+        f"{args.model}: {len(prompts)} prompts, max_new_tokens={args.max_new_tokens}, greedy, "
+        f"precision={machine.precision}, torch threads={torch.get_num_threads()}"
     )
     print(
         f"{'batch':>5} {'out tokens':>10} {'seconds':>8} {'tok/s':>8} {'ex/s':>7} {'speedup':>8} {'load':>5}"
@@ -93,20 +98,13 @@ def main() -> None:
         "model": args.model,
         "prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens,
-        "precision": args.precision,
+        "precision": machine.precision,
         "decoding": "greedy",
         "rows": rows,
         "best_batch_size": best["batch_size"],
         "best_speedup_vs_batch1": best["speedup_vs_batch1"],
         "target_speedup": 3.0,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "cuda": torch.cuda.is_available(),
-            "platform": platform.platform(),
-            "note": "CPU shared with other jobs: see load_avg columns",
-        },
+        "machine": {**machine.record(), "cuda": torch.cuda.is_available(), "platform": platform.platform()},
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     out = Path(args.out)

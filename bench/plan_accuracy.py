@@ -1,7 +1,8 @@
 """How close is `llamaforge plan` to the real peak memory of a training step? (CPU here)
 
 For each configuration a fresh subprocess builds the model, runs a tiny first step (it allocates
-the AdamW state) and then one steady-state step at full size: forward under bf16 autocast, chunked
+the AdamW state) and then one steady-state step at full size: forward under autocast in the machine's
+precision (`--precision auto`: what `llamaforge train` resolves here; bf16 only where it is fast), chunked
 cross-entropy, backward, gradient clipping, AdamW step, zero_grad. The method is attached and the
 loss computed by the training recipe's own code (llamaforge.train.adapters / losses: peft LoRA,
 prepare_model_for_kbit_training for QLoRA, each loss chunk recomputed in backward), with a plain
@@ -21,7 +22,8 @@ oneDNN buffers that RSS adds. RSS is what we measure, not time: the CPU is share
 
     python bench/plan_accuracy.py            # 11 configurations (~5-10 min on 2 cores)
     python bench/plan_accuracy.py --quick    # the two random models only
-Writes bench/results/plan_accuracy.json and prints a table. Never asserts.
+Writes bench/results/plan_accuracy.json (with the machine record) and prints a table below the machine
+line. Never asserts.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "src"))
 
 TINY_A = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
@@ -123,7 +126,7 @@ def attach(model, method: str, ckpt: bool):
                                              targets=TARGETS), gradient_checkpointing=ckpt)
 
 
-def build(model_name: str, method: str, dtype_name: str, ckpt: bool, tmp: Path):
+def build(model_name: str, method: str, dtype_name: str, ckpt: bool, tmp: Path, precision: str):
     import torch
     from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
@@ -139,7 +142,7 @@ def build(model_name: str, method: str, dtype_name: str, ckpt: bool, tmp: Path):
     if method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
+            bnb_4bit_compute_dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     model = LlamaForCausalLM.from_pretrained(source, **kwargs)
     # Own every tensor (no views of the mmapped file), as after any real load-and-train.
     with torch.no_grad():
@@ -160,14 +163,16 @@ def make_optimizer(model):
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
 
-def train_steps(model, opt, batch: int, seq: int, chunk: int, steps: int, vocab: int):
+def train_steps(model, opt, batch: int, seq: int, chunk: int, steps: int, vocab: int, precision: str):
+    import contextlib
+
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
     gen = torch.Generator().manual_seed(0)
     for _ in range(steps):
         ids = torch.randint(0, vocab, (batch, seq), generator=gen)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext():
             loss = loss_sum(model, ids, chunk) / (batch * (seq - 1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -188,21 +193,21 @@ def child(spec: dict) -> dict:
     # (oneDNN kernels, thread pools, bitsandbytes) are in the baseline.
     with tempfile.TemporaryDirectory() as wt:
         MODELS["warmup"] = dict(TINY_A, num_hidden_layers=1, vocab_size=512)
-        warm = build("warmup", spec["method"], spec["dtype"], spec["ckpt"], Path(wt))
-        train_steps(warm, make_optimizer(warm), 1, 32, 16, 1, 512)
+        warm = build("warmup", spec["method"], spec["dtype"], spec["ckpt"], Path(wt), spec["precision"])
+        train_steps(warm, make_optimizer(warm), 1, 32, 16, 1, 512, spec["precision"])
         del warm
     gc.collect()
     base_rss = _status("VmRSS")
     t0 = time.time()
-    model = build(spec["model"], spec["method"], spec["dtype"], spec["ckpt"], tmp)
+    model = build(spec["model"], spec["method"], spec["dtype"], spec["ckpt"], tmp, spec["precision"])
     gc.collect()
     loaded = _status("VmRSS") - base_rss
     vocab = model.config.vocab_size
     opt = make_optimizer(model)
-    train_steps(model, opt, 1, 16, spec["chunk"], 1, vocab)  # a tiny first step allocates the AdamW state
+    train_steps(model, opt, 1, 16, spec["chunk"], 1, vocab, spec["precision"])  # a tiny first step allocates the AdamW state
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    train_steps(model, opt, spec["batch"], spec["seq"], spec["chunk"], 1, vocab)  # a steady-state step
+    train_steps(model, opt, spec["batch"], spec["seq"], spec["chunk"], 1, vocab, spec["precision"])  # a steady-state step
     peak = _status("VmHWM") - base_rss
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     try:
@@ -226,7 +231,7 @@ def estimate_for(spec: dict):
     cfg = MODELS[spec["model"]]
     arch = load_arch("smollm2-135m") if cfg is None else Arch.from_config(cfg, spec["model"])
     setup = Setup(method=spec["method"], batch=spec["batch"], seq=spec["seq"], checkpointing=spec["ckpt"],
-                  loss_chunk=spec["chunk"], weights_dtype=spec["dtype"], precision="bf16", rank=RANK,
+                  loss_chunk=spec["chunk"], weights_dtype=spec["dtype"], precision=spec["precision"], rank=RANK,
                   targets=TARGETS, dropout=DROPOUT, device="cpu")
     return estimate(arch, setup)
 
@@ -255,6 +260,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="skip SmolLM2-135M (needs the catalog download)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                        help="autocast of the measured steps; auto: what training resolves on this machine")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "plan_accuracy.json"))
     args = parser.parse_args()
     if args.child:
@@ -263,6 +270,10 @@ def main() -> int:
 
     import tempfile
 
+    from machine import describe
+
+    machine = describe(args.precision, peak=False)  # memory, not speed: no peak needed
+    print(machine.line(), flush=True)
     smol = None if args.quick else resolve_default_model()
     rows = []
     MiB = 1024**2
@@ -275,7 +286,7 @@ def main() -> int:
             if args.quick and MODELS[model] is None:
                 continue
             spec = dict(model=model, method=method, ckpt=ckpt, dtype=dtype, batch=batch, seq=seq, chunk=chunk,
-                        tmp=tmp)
+                        tmp=tmp, precision=machine.precision)
             est = estimate_for(spec)
             if MODELS[model] is None and smol is None:
                 print(f"{model:14} {method:6} skipped: the default model could not be fetched (offline?)")
@@ -304,7 +315,8 @@ def main() -> int:
             for c in codes))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": "cpu", "measure": "VmHWM - baseline RSS", "rows": rows}, indent=2))
+    out.write_text(json.dumps({"device": "cpu", "machine": machine.record(), "measure": "VmHWM - baseline RSS",
+                               "rows": rows}, indent=2))
     print(f"wrote {out}")
     return 0
 

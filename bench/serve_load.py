@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
 PROMPTS = [
@@ -207,12 +208,14 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results" / "serve_load.json"))
     args = ap.parse_args()
 
-    import torch
     import uvicorn
 
     from llamaforge.serve.app import create_app
     from llamaforge.serve.config import ServeConfig
+    from machine import describe
 
+    machine = describe(args.precision)
+    print(machine.line(), flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="serve-load-"))
     t0 = time.perf_counter()
     adapters = make_adapters(args.model, tmp)
@@ -257,8 +260,9 @@ def main() -> None:
     server.should_exit = True
 
     base = rows[0]["output_tokens_per_s"] or float("nan")
+    print(f"\n{machine.line()}")
     print(
-        f"\n{'clients':>7} {'req':>4} {'err':>3} {'lost':>4} {'req/s':>6} {'out tok/s':>9} {'x1':>5} "
+        f"{'clients':>7} {'req':>4} {'err':>3} {'lost':>4} {'req/s':>6} {'out tok/s':>9} {'x1':>5} "
         f"{'ttft p50':>8} {'ttft p95':>8} {'lat p50':>7} {'lat p95':>7} {'batch':>5} {'prefix hit':>10}"
     )
     for r in rows:
@@ -276,12 +280,10 @@ def main() -> None:
                 "model": args.model,
                 "adapters": list(adapters),
                 "max_tokens": args.max_tokens,
-                "precision": args.precision,
+                "precision": machine.precision,
                 "system_prompt_tokens": args.system_prompt_tokens,
                 "prefix_cache_tokens": args.prefix_cache_tokens,
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-                "machine": platform.machine(),
+                "machine": {**machine.record(), "arch": platform.machine()},
                 "note": "server and clients share this process and the machine's CPU",
                 "levels": rows,
             },

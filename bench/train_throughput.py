@@ -1,24 +1,50 @@
-"""Training throughput: llamaforge (packed) vs HF Trainer + peft (padded to 512) vs TRL SFTTrainer.
+"""Training throughput: llamaforge vs HF Trainer + peft vs TRL SFTTrainer, one run, the whole table.
 
-Same model (default smollm2-135m-instruct), same data (the 999-example alpaca demo with the model's
-own chat template, tokenized once by llamaforge so every variant trains on the same ids and the same
-assistant-only labels), LoRA r=8 alpha=16 dropout 0.05 all-linear, bf16 autocast over fp32 weights, the
-same batch size (rows per step), steps, lr schedule and clipping; gradient checkpointing off. Each
-variant runs in its own subprocess (clean peak RSS); the eval loss is computed afterwards here, in the
-parent, by one function on each saved adapter (token-weighted cross-entropy over the assistant tokens
-of the same held-out examples, fp32), so the numbers compare.
+Real run (idle machine, roughly an hour on 2 cores; `make bench-train` installs the `bench` extra and runs it):
+
+    python bench/train_throughput.py --steps 30
+
+Smoke (checks that every variant runs; its numbers mean nothing):
+
+    OMP_NUM_THREADS=1 python bench/train_throughput.py --steps 2 --batch-size 2 --eval-size 4 \
+        --data-max-length 256 --pack-length 256 --hf-max-length 256
+
+Variants, same model (default smollm2-135m-instruct), same data (the alpaca demo with the model's own
+chat template, tokenized once by llamaforge so every variant trains on the same ids and assistant-only
+labels), LoRA r=8 alpha=16 dropout 0.05 all-linear, the same examples per optimizer step (--batch-size),
+steps, lr schedule and clipping, gradient checkpointing off (llamaforge: its default, auto):
+  llamaforge          its defaults: length-grouped dynamic padding, micro-batch chosen by the planner
+                      (batch_size auto), gradient accumulation up to --batch-size examples per step
+  llamaforge_packed   train.packing: true, --batch-size packed rows of --pack-length tokens per step
+  hf                  the fair HF recipe: dynamic padding (DataCollatorForSeq2Seq), group_by_length
+  hf_max_length       the tutorial recipe: padding="max_length" to --hf-max-length, no grouping
+  trl_padding_free    TRL SFTTrainer, padding_free=True
+  trl_packing         TRL SFTTrainer, packing=True (bfd) to --pack-length
+Both TRL modes are published; the headline ratios are against the faster TRL mode and the fair HF row.
+
+Precision: --precision auto (the default) is what this machine resolves (llamaforge.device, as `llamaforge
+train` would), plus an fp32 table when that is bf16; a bf16 table on a CPU where bf16 is slow (no bf16
+instructions: emulated, ~100x slower) is skipped with the reason. Every table has its machine line (bench/
+machine.py: CPU, ISA, bf16 instructions, cores, torch, precision and reason, that dtype's matmul peak as
+best of short bursts), and MFU is against that peak.
+
+Eval loss at equal examples seen: one function scores every variant's adapter on the same held-out
+examples (token-weighted cross-entropy over the assistant tokens, fp32, in this parent process). Padded
+variants see steps x batch examples; a packed row holds several examples, so each packed variant is
+trained a second time, for the steps that make the same number of examples (from its first run's
+examples per step, complete lr schedule), and that adapter is scored; the table gives the examples each
+scored adapter saw.
 
 Tokens are counted from the batches each variant actually trains on: target = label positions that are
 predicted (labels shifted by one), real = non-pad positions, all = every position (padding included).
-MFU = useful FLOPs / train seconds / peak, with the peak a timed bf16 matmul loop on this machine and,
-for a frozen base with LoRA (no weight gradients for the base; activation gradients still flow):
+MFU = useful FLOPs / train seconds / peak, for a frozen base with LoRA (no weight gradients for the base;
+activation gradients still flow):
     4 * N_linear * real + 4 * V * d * target + 6 * N_lora * real + 6 * L * d_attn * sum(n * (n + 1))
 N_linear = decoder matmul params, V * d the lm_head (needed at target positions only), the last term
 causal attention (QK^T and AV, forward 2 * d_attn * (p + 1) FLOPs each at position p, backward twice
 that) summed over each example of length n. Padding and cross-example attention are not useful work.
-
-Smoke: `python bench/train_throughput.py --steps 2`. Real run (idle machine): `--steps 30`.
-Never a timed assert: it prints a table and writes bench/results/train_throughput.json.
+Each variant runs in its own subprocess (clean peak RSS). Never a timed assert: it prints the tables and
+writes bench/results/train_throughput.json.
 """
 
 from __future__ import annotations
@@ -32,11 +58,22 @@ import sys
 import time
 from pathlib import Path
 
+# The race is on the CPU, every variant: a GPU on the machine is hidden from them all (the GPU's own check is
+# bench/gpu_check.sh).
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
-                  TOKENIZERS_PARALLELISM="false")
+                  TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "src"))
 
 IGNORE = -100
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"}
+VARIANTS = ("llamaforge", "llamaforge_packed", "hf", "hf_max_length", "trl_padding_free", "trl_packing")
+PACKED = ("llamaforge_packed", "trl_packing")
+LABELS = {"llamaforge": "llamaforge, default", "llamaforge_packed": "llamaforge, packing",
+          "hf": "HF Trainer + peft, dynamic padding + group_by_length", "hf_max_length":
+          "HF Trainer + peft, padding=max_length", "trl_padding_free": "TRL SFTTrainer, padding_free",
+          "trl_packing": "TRL SFTTrainer, packing"}
 
 
 # ---------------------------------------------------------------------- counting (in the children)
@@ -77,19 +114,24 @@ def _lora_params(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def child_llamaforge(a, work: Path, packing: bool = True) -> dict:
+def child_llamaforge(a, work: Path, tag: str, packing: bool) -> dict:
     from llamaforge.config import load_config
     from llamaforge.train.recipe import FineTuneRecipe
 
-    cfg = load_config(None, [
+    if a.llamaforge_batch_size == "auto":  # its default: the planner picks the micro-batch
+        batching = ["train.batch_size=auto", f"train.effective_batch_size={a.batch_size}"]
+    else:
+        micro = int(a.llamaforge_batch_size)
+        batching = [f"train.batch_size={micro}", f"train.grad_accum={a.batch_size // micro}"]
+    cfg = load_config(None, batching + [
         f"model.source={a.model}", f"data.sources=[{{path: {work / 'train_messages.jsonl'}, format: messages}}]",
         "data.val_size=0", f"data.max_length={a.data_max_length}", "data.template=auto",
         "method.name=lora", f"method.rank={LORA['r']}", f"method.alpha={LORA['lora_alpha']}",
         f"method.dropout={LORA['lora_dropout']}", "method.targets=all-linear",
-        f"train.batch_size={a.batch_size}", f"train.max_steps={a.steps}", f"train.lr={a.lr}",
-        "train.scheduler=cosine", "train.warmup_ratio=0.05", "train.weight_decay=0", "train.max_grad_norm=1.0",
-        f"train.packing={str(packing).lower()}", f"train.pack_length={a.pack_length}", "train.precision=bf16",
-        "eval.before_after=false", "eval.prompts=[]", f"output.dir={work}", "output.name=llamaforge",
+        f"train.max_steps={a.steps}", f"train.lr={a.lr}", "train.scheduler=cosine", "train.warmup_ratio=0.05",
+        "train.weight_decay=0", "train.max_grad_norm=1.0", f"train.packing={str(packing).lower()}",
+        f"train.pack_length={a.pack_length}", f"train.precision={a.precision}",
+        "eval.before_after=false", "eval.prompts=[]", f"output.dir={work}", f"output.name={tag}",
         "output.overwrite=true", f"train.seed={a.seed}",
     ])
     recipe = FineTuneRecipe(cfg)
@@ -107,10 +149,12 @@ def child_llamaforge(a, work: Path, packing: bool = True) -> dict:
     adapter = recipe.save()
     recipe.cleanup()
     rows = [json.loads(x) for x in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
+    micro, accum = recipe.summary["micro_batch"], recipe.summary["grad_accum"]
+    shape = f"{a.batch_size} packed rows of {a.pack_length}" if packing else "length-grouped padding"
     return {**counter.result(), "train_seconds": summary["train_seconds"], "adapter": str(adapter),
             "losses": [r["loss"] for r in rows if "loss" in r], "trainable_params": summary["trainable_params"],
-            "config": f"packed rows of {a.pack_length}, batch {a.batch_size} rows" if packing
-            else f"length-grouped padding, batch {a.batch_size}"}
+            "gradient_checkpointing": bool(recipe.summary["gradient_checkpointing"]),
+            "config": f"{shape}, micro-batch {micro} x {accum} accumulated"}
 
 
 def _hf_model(a):
@@ -122,7 +166,7 @@ def _hf_model(a):
     return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA)), tokenizer
 
 
-def _run_trainer(trainer, counter: Counter, work: Path, name: str) -> dict:
+def _run_trainer(trainer, counter: Counter, work: Path, tag: str) -> dict:
     compute_loss = trainer.compute_loss
 
     def counting(model, inputs, *args, **kwargs):
@@ -131,67 +175,98 @@ def _run_trainer(trainer, counter: Counter, work: Path, name: str) -> dict:
 
     trainer.compute_loss = counting
     out = trainer.train()
-    adapter = work / name / "adapter"
+    adapter = work / tag / "adapter"
     trainer.model.save_pretrained(adapter)
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    checkpointing = bool(getattr(trainer.args, "activation_checkpointing", None) or trainer.args.gradient_checkpointing)
     return {**counter.result(), "train_seconds": out.metrics["train_runtime"], "adapter": str(adapter),
-            "losses": losses, "trainable_params": _lora_params(trainer.model)}
+            "losses": losses, "trainable_params": _lora_params(trainer.model), "gradient_checkpointing": checkpointing}
 
 
-def _common_args(a, work: Path, name: str) -> dict:
-    return dict(output_dir=str(work / name), per_device_train_batch_size=a.batch_size, gradient_accumulation_steps=1,
+def _common_args(a, work: Path, tag: str, group_by_length: bool = False) -> dict:
+    import inspect
+
+    from transformers import TrainingArguments
+
+    args = dict(output_dir=str(work / tag), per_device_train_batch_size=a.batch_size, gradient_accumulation_steps=1,
                 max_steps=a.steps, learning_rate=a.lr, lr_scheduler_type="cosine", warmup_steps=int(0.05 * a.steps),
-                weight_decay=0.0, max_grad_norm=1.0, bf16=True, use_cpu=True, logging_steps=1, save_strategy="no",
-                report_to="none", dataloader_num_workers=0, seed=a.seed, gradient_checkpointing=False)
+                weight_decay=0.0, max_grad_norm=1.0, bf16=a.precision == "bf16", use_cpu=True, logging_steps=1,
+                save_strategy="no", report_to="none", dataloader_num_workers=0, seed=a.seed)
+    # checkpointing off for the peers, said explicitly: TRL's SFTConfig defaults it to on (llamaforge: its auto)
+    params = inspect.signature(TrainingArguments).parameters
+    args["activation_checkpointing" if "activation_checkpointing" in params else "gradient_checkpointing"] = False
+    if group_by_length:  # transformers 5 renamed the flag
+        if "group_by_length" in params:
+            args["group_by_length"] = True
+        else:
+            args["train_sampling_strategy"] = "group_by_length"
+    return args
 
 
-def child_hf(a, work: Path) -> dict:
-    """The tutorial way: every example tokenised with padding="max_length", max_length=512."""
+def child_hf(a, work: Path, tag: str, max_length_padding: bool) -> dict:
+    """max_length_padding: the tutorial way, every example padded to --hf-max-length, no grouping.
+    Else the fair way: examples as they are, padded per batch, batches grouped by length."""
     import torch
     from datasets import Dataset
-    from transformers import Trainer, TrainingArguments, default_data_collator
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, default_data_collator
 
     model, tokenizer = _hf_model(a)
     pad, n = tokenizer.pad_token_id, a.hf_max_length
     data = {"input_ids": [], "attention_mask": [], "labels": []}
     for r in _rows(work / "train.jsonl"):
-        ids, labels = r["input_ids"][:n], r["labels"][:n]
-        data["input_ids"].append(ids + [pad] * (n - len(ids)))
-        data["attention_mask"].append([1] * len(ids) + [0] * (n - len(ids)))
-        data["labels"].append(labels + [IGNORE] * (n - len(ids)))
-    args = TrainingArguments(**_common_args(a, work, "hf"))
-    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_dict(data),
-                      data_collator=default_data_collator)
+        ids, labels = r["input_ids"], r["labels"]
+        if max_length_padding:
+            ids, labels = ids[:n], labels[:n]
+            data["input_ids"].append(ids + [pad] * (n - len(ids)))
+            data["attention_mask"].append([1] * len(ids) + [0] * (n - len(ids)))
+            data["labels"].append(labels + [IGNORE] * (n - len(ids)))
+        else:
+            data["input_ids"].append(ids)
+            data["attention_mask"].append([1] * len(ids))
+            data["labels"].append(labels)
+    if max_length_padding:
+        collator, config = default_data_collator, f"padding=max_length {n}, batch {a.batch_size}"
+    else:
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
+        config = f"DataCollatorForSeq2Seq, group_by_length, batch {a.batch_size}"
+    args = TrainingArguments(**_common_args(a, work, tag, group_by_length=not max_length_padding))
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_dict(data), data_collator=collator)
     torch.manual_seed(a.seed)
-    return {**_run_trainer(trainer, Counter(pad), work, "hf"),
-            "config": f"padding=max_length {n}, batch {a.batch_size}"}
+    return {**_run_trainer(trainer, Counter(pad), work, tag), "config": config}
 
 
-def child_trl(a, work: Path) -> dict:
+def child_trl(a, work: Path, tag: str, packing: bool) -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     model, tokenizer = _hf_model(a)
     rows = _rows(work / "train.jsonl")
     data = Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]})
-    packing = a.trl_mode == "packing"
-    args = SFTConfig(**_common_args(a, work, "trl"), packing=packing, padding_free=not packing,
+    args = SFTConfig(**_common_args(a, work, tag), packing=packing, padding_free=not packing,
                      max_length=a.pack_length if packing else None)
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
     config = f"packing bfd {a.pack_length}" if packing else "padding_free"
-    return {**_run_trainer(trainer, Counter(tokenizer.pad_token_id), work, "trl"),
+    return {**_run_trainer(trainer, Counter(tokenizer.pad_token_id), work, tag),
             "config": f"{config}, batch {a.batch_size}"}
+
+
+CHILDREN = {
+    "llamaforge": lambda a, w, t: child_llamaforge(a, w, t, packing=False),
+    "llamaforge_packed": lambda a, w, t: child_llamaforge(a, w, t, packing=True),
+    "hf": lambda a, w, t: child_hf(a, w, t, max_length_padding=False),
+    "hf_max_length": lambda a, w, t: child_hf(a, w, t, max_length_padding=True),
+    "trl_padding_free": lambda a, w, t: child_trl(a, w, t, packing=False),
+    "trl_packing": lambda a, w, t: child_trl(a, w, t, packing=True),
+}
 
 
 def child_main(a) -> None:
     started = time.perf_counter()
     work = Path(a.work)
-    fn = {"llamaforge": child_llamaforge, "hf": child_hf, "trl": child_trl,
-          "llamaforge_padded": lambda a, work: child_llamaforge(a, work, packing=False)}[a.child]
-    result = fn(a, work)
+    result = CHILDREN[a.child](a, work, a.tag)
     result.update(wall_seconds=time.perf_counter() - started,
                   peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    (work / f"{a.child}-{a.trl_mode}.json").write_text(json.dumps(result))
+    (work / f"{a.tag}.json").write_text(json.dumps(result))
 
 
 # ---------------------------------------------------------------------- the parent
@@ -217,19 +292,6 @@ def prepare(a, work: Path) -> tuple[list[dict], dict]:
             fh.write(json.dumps({"input_ids": r["input_ids"], "labels": r["labels"]}) + "\n")
     return val_rows, {"train_examples": len(train_rows), "eval_examples": len(val_rows), "rejected": len(rejects),
                       "template": template.name}
-
-
-def matmul_peak_gflops(seconds: float = 3.0, n: int = 2048) -> float:
-    import torch
-
-    x, y = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
-    for _ in range(2):
-        x @ y
-    iters, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        x @ y
-        iters += 1
-    return 2 * n**3 * iters / (time.perf_counter() - start) / 1e9
 
 
 def eval_loss(model_source: str, adapter: str, rows: list[dict], batch_size: int = 8) -> float:
@@ -266,100 +328,148 @@ def model_flops(model_source: str, r: dict) -> float:
             + 6 * r["trainable_params"] * r["real_tokens"] + 6 * layers * dq * r["sum_n_n1"])
 
 
-def run_child(a, name: str, work: Path, steps: int, trl_mode: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", name, "--work", str(work), "--steps", str(steps),
-           "--trl-mode", trl_mode] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
-                                      if k in ("model", "batch_size", "lr", "pack_length", "hf_max_length",
-                                               "data_max_length", "seed")]
-    print(f"-- {name} ({trl_mode if name == 'trl' else ''}) {steps} steps", flush=True)
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if a.quiet else None)
-    return json.loads((work / f"{name}-{trl_mode}.json").read_text())
+def run_child(a, name: str, work: Path, steps: int, precision: str, tag: str) -> dict:
+    """One variant in its own process; a failure is recorded (and fails the run at the end), not fatal."""
+    cmd = [sys.executable, __file__, "--child", name, "--tag", tag, "--work", str(work), "--steps", str(steps),
+           "--precision", precision] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
+                                        if k in ("model", "batch_size", "llamaforge_batch_size", "lr",
+                                                 "pack_length", "hf_max_length", "data_max_length", "seed")]
+    print(f"-- {tag}: {steps} steps", flush=True)
+    out = work / f"{tag}.json"
+    out.unlink(missing_ok=True)
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL if a.quiet else None)
+    if proc.returncode != 0 or not out.is_file():
+        return {"error": f"{tag} exited with status {proc.returncode} (its log is above)"}
+    return json.loads(out.read_text())
+
+
+def run_precision(a, precision: str, names: list[str], work: Path, eval_rows: list[dict]) -> dict:
+    from machine import describe
+
+    machine = describe(precision)
+    print(machine.line(), flush=True)
+    table = {}
+    for name in names:
+        tag = f"{precision}-{name}"
+        r = run_child(a, name, work, a.steps, precision, tag)
+        if "error" in r:
+            table[name] = r
+            continue
+        r["mfu"] = model_flops(a.model, r) / r["train_seconds"] / (machine.peak_gflops * 1e9)
+        r["final_train_loss"] = sum(r["losses"][-5:]) / max(1, len(r["losses"][-5:]))
+        adapter, r["eval_steps"], r["eval_examples"] = r["adapter"], a.steps, r["examples"]
+        if name in PACKED:  # the same examples as the padded variants, over a complete lr schedule
+            steps = max(1, round(a.steps * a.batch_size / (max(r["examples"], 1) / a.steps)))
+            again = run_child(a, name, work, steps, precision, f"{tag}-equal-examples")
+            if "error" in again:
+                r["error"] = again["error"]
+                table[name] = r
+                continue
+            adapter, r["eval_steps"], r["eval_examples"] = again["adapter"], steps, again["examples"]
+        r["eval_loss"] = eval_loss(a.model, adapter, eval_rows)
+        table[name] = r
+    return {"machine": machine.record(), "variants": table, "ratios": speed_ratios(table)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=8, help="rows per optimizer step, every variant")
+    p.add_argument("--batch-size", type=int, default=8, help="examples (packed: rows) per optimizer step, every "
+                   "variant")
+    p.add_argument("--llamaforge-batch-size", default="auto", help="llamaforge's micro-batch: auto (its default, "
+                   "planned) or a divisor of --batch-size")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--eval-size", type=int, default=50)
     p.add_argument("--pack-length", type=int, default=512, help="tokens per packed row (llamaforge, TRL packing)")
-    p.add_argument("--hf-max-length", type=int, default=512, help="padding=max_length for the HF Trainer baseline")
+    p.add_argument("--hf-max-length", type=int, default=512, help="padding=max_length for the hf_max_length row")
     p.add_argument("--data-max-length", type=int, default=1024)
-    p.add_argument("--variants", default="llamaforge,llamaforge_padded,hf,trl",
-                   help="llamaforge (packed), llamaforge_padded (its default), hf, trl")
-    p.add_argument("--trl-mode", default="auto", choices=["auto", "packing", "padding_free"])
-    p.add_argument("--probe-steps", type=int, default=3, help="steps per TRL mode when --trl-mode auto")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=", ".join(VARIANTS))
+    p.add_argument("--precision", default="auto", help="auto (this machine's resolved precision, and fp32 beside "
+                   "bf16), or a list: bf16,fp32")
+    p.add_argument("--allow-slow-bf16", action="store_true", help="run bf16 even where it is emulated and slow")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--work", default="/tmp/llamaforge-bench-train")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_throughput.json"))
+    p.add_argument("--out", default=str(HERE / "results" / "train_throughput.json"))
     p.add_argument("--quiet", action="store_true", help="hide the children's progress bars")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--tag", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         return child_main(a)
 
+    if a.llamaforge_batch_size != "auto" and (not a.llamaforge_batch_size.isdigit() or int(a.llamaforge_batch_size) < 1
+                                              or a.batch_size % int(a.llamaforge_batch_size)):
+        raise SystemExit(f"--llamaforge-batch-size: {a.llamaforge_batch_size!r} is neither auto nor a divisor of "
+                         f"--batch-size {a.batch_size}")
+    names = [v.strip() for v in a.variants.split(",") if v.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
+    from machine import plan_precisions
+
+    precisions, skipped = plan_precisions(a.precision, a.allow_slow_bf16)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     eval_rows, data_info = prepare(a, work)
-    peak = matmul_peak_gflops()
-    print(f"data: {data_info}; bf16 matmul peak {peak:.0f} GFLOP/s", flush=True)
-    probes = {}
-    trl_mode = a.trl_mode
-    names = [v.strip() for v in a.variants.split(",") if v.strip()]
-    if "trl" in names and trl_mode == "auto":  # TRL's two fast paths here; keep the faster
-        for mode in ("packing", "padding_free"):
-            r = run_child(a, "trl", work, a.probe_steps, mode)
-            probes[mode] = r["target_tokens"] / r["train_seconds"]
-        trl_mode = max(probes, key=probes.get)
-        print(f"TRL probe, target tokens/s: {probes} -> {trl_mode}", flush=True)
-    results = {}
-    for name in names:
-        r = run_child(a, name, work, a.steps, trl_mode)
-        r["eval_loss"] = eval_loss(a.model, r["adapter"], eval_rows)
-        r["mfu"] = model_flops(a.model, r) / r["train_seconds"] / (peak * 1e9)
-        r["final_train_loss"] = sum(r["losses"][-5:]) / len(r["losses"][-5:])
-        results[name] = r
-    report(a, results, peak, probes, data_info)
+    print(f"data: {data_info}", flush=True)
+    for prec, reason in skipped.items():
+        print(f"{prec} rows skipped: {reason}", flush=True)
+    tables = {prec: run_precision(a, prec, names, work, eval_rows) for prec in precisions}
+    report(a, tables, skipped, data_info)
+    failed = [f"{prec}/{n}" for prec, t in tables.items() for n, r in t["variants"].items() if "error" in r]
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)}")
 
 
-def speed_ratios(results: dict) -> dict[str, float]:
-    """Target tokens/s of each llamaforge variant over (b) and (c); its eval loss vs (c), in percent.
-    llamaforge_padded is the default configuration, llamaforge the packed one."""
-    tps = {n: r["target_tokens"] / r["train_seconds"] for n, r in results.items()}
-    ratios = {}
-    for mine in ("llamaforge_padded", "llamaforge"):
+def speed_ratios(table: dict) -> dict[str, float]:
+    """Target tokens/s of each llamaforge variant over the fair HF row, the faster TRL mode and the
+    max_length HF row; its eval loss (equal examples) vs that TRL mode's in percent; peak RSS over TRL's."""
+    ok = {n: r for n, r in table.items() if "error" not in r}
+    tps = {n: r["target_tokens"] / r["train_seconds"] for n, r in ok.items()}
+    trl = [n for n in ("trl_padding_free", "trl_packing") if n in tps]
+    best_trl = max(trl, key=tps.get) if trl else None
+    ratios: dict[str, float | str] = {"faster_trl_mode": best_trl} if best_trl else {}
+    for mine in ("llamaforge", "llamaforge_packed"):
         if mine not in tps:
             continue
-        for other in ("hf", "trl"):
+        for other, key in (("hf", "hf"), (best_trl, "trl"), ("hf_max_length", "hf_max_length")):
             if other in tps:
-                ratios[f"{mine}_over_{other}"] = tps[mine] / tps[other]
-        if "trl" in results:
-            ratios[f"{mine}_eval_loss_vs_trl_pct"] = 100 * (results[mine]["eval_loss"] / results["trl"]["eval_loss"] - 1)
+                ratios[f"{mine}_over_{key}"] = round(tps[mine] / tps[other], 3)
+        if best_trl:
+            ratios[f"{mine}_eval_loss_vs_trl_pct"] = round(100 * (ok[mine]["eval_loss"] / ok[best_trl]["eval_loss"]
+                                                                  - 1), 3)
+            ratios[f"{mine}_peak_rss_over_trl"] = round(ok[mine]["peak_rss_mb"] / ok[best_trl]["peak_rss_mb"], 3)
     return ratios
 
 
-def report(a, results: dict, peak: float, probes: dict, data_info: dict) -> None:
-    label = {"llamaforge": "(a) llamaforge packed", "llamaforge_padded": "(a') llamaforge padded",
-             "hf": "(b) HF Trainer + peft", "trl": "(c) TRL SFTTrainer"}
-    lines = ["| variant | config | target tok/s | all tok/s | examples/step | peak RSS MB | train loss (last 5) "
-             "| eval loss | train s | wall s | MFU |", "|" + "---|" * 11]
-    for name, r in results.items():
-        s = r["train_seconds"]
-        lines.append(f"| {label[name]} | {r['config']} | {r['target_tokens'] / s:.0f} | {r['all_tokens'] / s:.0f} "
-                     f"| {r['examples'] / a.steps:.1f} | {r['peak_rss_mb']:.0f} | {r['final_train_loss']:.4f} "
-                     f"| {r['eval_loss']:.4f} | {s:.1f} | {r['wall_seconds']:.1f} | {100 * r['mfu']:.1f}% |")
-    ratios = speed_ratios(results)
-    print("\n".join(lines))
-    for k, v in ratios.items():
-        print(f"{k}: {v:.2f}")
+def report(a, tables: dict, skipped: dict, data_info: dict) -> None:
+    for t in tables.values():
+        print(f"\n{t['machine']['line']}")
+        lines = ["| variant | config | target tok/s | all tok/s | examples/step | peak RSS MB | train loss (last 5) "
+                 "| eval loss | examples seen (eval) | train s | MFU |", "|" + "---|" * 11]
+        for name, r in t["variants"].items():
+            if "error" in r:
+                lines.append(f"| {LABELS[name]} | failed: {r['error']} |" + " |" * 9)
+                continue
+            s = r["train_seconds"]
+            config = r["config"] + (", gradient checkpointing ON" if r.get("gradient_checkpointing") else "")
+            lines.append(f"| {LABELS[name]} | {config} | {r['target_tokens'] / s:.0f} | {r['all_tokens'] / s:.0f} "
+                         f"| {r['examples'] / a.steps:.1f} | {r['peak_rss_mb']:.0f} | {r['final_train_loss']:.4f} "
+                         f"| {r['eval_loss']:.4f} | {r['eval_examples']} ({r['eval_steps']} steps) | {s:.1f} "
+                         f"| {100 * r['mfu']:.1f}% |")
+        print("\n".join(lines))
+        for k, v in t["ratios"].items():
+            print(f"{k}: {v}")
+    for prec, reason in skipped.items():
+        print(f"\n{prec} rows skipped: {reason}")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(a).items() if k not in ("child", "quiet")}
-    out.write_text(json.dumps({"settings": settings, "data": data_info, "bf16_matmul_peak_gflops": peak,
-                               "trl_probe_target_tok_s": probes, "ratios": ratios,
-                               "results": {n: {k: v for k, v in r.items() if k != "adapter"}
-                                           for n, r in results.items()}}, indent=2))
+    settings = {k: v for k, v in vars(a).items() if k not in ("child", "quiet", "tag")}
+    clean = {prec: {**t, "variants": {n: {k: v for k, v in r.items() if k != "adapter"}
+                                      for n, r in t["variants"].items()}} for prec, t in tables.items()}
+    out.write_text(json.dumps({"settings": settings, "data": data_info, "eval_loss_at": "equal examples seen",
+                               "tables": clean, "skipped": skipped}, indent=2))
     print(f"wrote {out}")
 
 
