@@ -29,11 +29,23 @@ from llamaforge.train.preference_data import (  # noqa: E402
 TOL = 1e-5
 PAIRS = [
     {"prompt": "Name a colour of the sky.", "chosen": "Blue, on a clear day.", "rejected": "Seven."},
-    {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Two plus two?"}],
-     "chosen": [{"role": "assistant", "content": "Four."}],
-     "rejected": [{"role": "assistant", "content": "It is five, or maybe twenty-two, depending on how you count."}]},
-    {"chosen": [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}],
-     "rejected": [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Berlin."}]},
+    {
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Two plus two?"}],
+        "chosen": [{"role": "assistant", "content": "Four."}],
+        "rejected": [
+            {"role": "assistant", "content": "It is five, or maybe twenty-two, depending on how you count."}
+        ],
+    },
+    {
+        "chosen": [
+            {"role": "user", "content": "Capital of France?"},
+            {"role": "assistant", "content": "Paris."},
+        ],
+        "rejected": [
+            {"role": "user", "content": "Capital of France?"},
+            {"role": "assistant", "content": "Berlin."},
+        ],
+    },
 ]
 
 
@@ -94,7 +106,9 @@ def test_sequence_logps_match_trl_in_value_and_gradient(setup, tmp_path, average
     batch = pref.pair_batch(_pair_rows(template, tmp_path), tokenizer.pad_token_id)
     weights = torch.linspace(0.5, 1.5, batch["input_ids"].shape[0])
     # chunk_size 3 forces several chunks, so the checkpointed path is the one compared
-    ours, g_ours = _run(model, lambda: (pref.sequence_logps(model, batch, average=average, chunk_size=3) * weights).sum())
+    ours, g_ours = _run(
+        model, lambda: (pref.sequence_logps(model, batch, average=average, chunk_size=3) * weights).sum()
+    )
     theirs, g_trl = _run(model, lambda: (_trl_logps(model, batch, average) * weights).sum())
     mine = pref.sequence_logps(model, batch, average=average, chunk_size=3).detach()
     assert torch.allclose(mine, _trl_logps(model, batch, average).detach(), atol=TOL, rtol=0)
@@ -135,7 +149,9 @@ def test_dpo_matches_trl_on_the_same_batch(setup, tmp_path, record_property):
     out = {}
 
     def ours():
-        out["ours"] = pref.dpo_loss(*pref.sequence_logps(model, batch, chunk_size=4).chunk(2), ref_c, ref_r, beta)
+        out["ours"] = pref.dpo_loss(
+            *pref.sequence_logps(model, batch, chunk_size=4).chunk(2), ref_c, ref_r, beta
+        )
         return out["ours"].loss
 
     def trl():
@@ -152,7 +168,9 @@ def test_dpo_matches_trl_on_the_same_batch(setup, tmp_path, record_property):
     assert float(loss) != pytest.approx(float(torch.log(torch.tensor(2.0))), abs=1e-4)  # policy != reference
     metrics = pref.preference_metrics(out["ours"])
     assert set(metrics) == {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"}
-    assert metrics["rewards/margins"] == pytest.approx(metrics["rewards/chosen"] - metrics["rewards/rejected"], abs=1e-6)
+    assert metrics["rewards/margins"] == pytest.approx(
+        metrics["rewards/chosen"] - metrics["rewards/rejected"], abs=1e-6
+    )
 
 
 # ------------------------------------------------------------------------------ KTO
@@ -168,16 +186,20 @@ def _trl_kto(policy, ref, labels, policy_kl, ref_kl, beta, dw, uw):
     kl = (policy_kl - ref_kl).mean().detach().clamp(min=0)
     chosen_lr = policy.index_select(0, idx_c) - ref.index_select(0, idx_c)
     rejected_lr = policy.index_select(0, idx_r) - ref.index_select(0, idx_r)
-    losses = torch.cat((dw * (1 - F.sigmoid(beta * (chosen_lr - kl))), uw * (1 - F.sigmoid(beta * (kl - rejected_lr)))))
+    losses = torch.cat(
+        (dw * (1 - F.sigmoid(beta * (chosen_lr - kl))), uw * (1 - F.sigmoid(beta * (kl - rejected_lr))))
+    )
     return losses.nanmean()
 
 
 def test_kto_matches_trl_on_the_same_batch(setup, record_property):
     model, tokenizer, template = setup
-    examples = [BinaryExample([_user("Name a colour of the sky.")], "Blue.", True),
-                BinaryExample([_user("Two plus two?")], "Five, surely.", False),
-                BinaryExample([_user("Capital of France?")], "Paris, on the Seine.", True),
-                BinaryExample([_user("Opposite of up?")], "Sideways.", False)]
+    examples = [
+        BinaryExample([_user("Name a colour of the sky.")], "Blue.", True),
+        BinaryExample([_user("Two plus two?")], "Five, surely.", False),
+        BinaryExample([_user("Capital of France?")], "Paris, on the Seine.", True),
+        BinaryExample([_user("Opposite of up?")], "Sideways.", False),
+    ]
     rows = [tokenize_binary(template, e) for e in examples]
     labels = torch.tensor([r["label"] for r in rows])
     batch = collate(rows, tokenizer.pad_token_id)
@@ -189,7 +211,9 @@ def test_kto_matches_trl_on_the_same_batch(setup, record_property):
     def ours():
         with torch.no_grad():
             kl = pref.kto_kl(pref.sequence_logps(model, kl_batch), ref_kl)
-        return pref.kto_loss(pref.sequence_logps(model, batch, chunk_size=4), ref, labels, kl, beta, dw, uw).loss
+        return pref.kto_loss(
+            pref.sequence_logps(model, batch, chunk_size=4), ref, labels, kl, beta, dw, uw
+        ).loss
 
     def trl():
         with torch.no_grad():
@@ -270,12 +294,18 @@ def test_precompute_reference_matches_per_batch_reference(setup, tmp_path, tiny_
 
     model, tokenizer, template = setup
     rows = _pair_rows(template, tmp_path)
-    singles = [{"input_ids": r[f"{k}_input_ids"], "labels": r[f"{k}_labels"]} for r in rows for k in ("chosen", "rejected")]
+    singles = [
+        {"input_ids": r[f"{k}_input_ids"], "labels": r[f"{k}_labels"]}
+        for r in rows
+        for k in ("chosen", "rejected")
+    ]
     pre = pref.precompute_reference(model, singles, tokenizer.pad_token_id, batch_size=4)
     each = torch.cat([pref.reference_logps(model, collate([s], tokenizer.pad_token_id)) for s in singles])
     assert pre.shape == (len(singles),) and torch.allclose(pre, each, atol=TOL)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float64)  # full fine-tuning
-    assert torch.allclose(pref.precompute_reference(base, singles, tokenizer.pad_token_id, batch_size=3), pre, atol=TOL)
+    assert torch.allclose(
+        pref.precompute_reference(base, singles, tokenizer.pad_token_id, batch_size=3), pre, atol=TOL
+    )
 
 
 # ------------------------------------------------------------------------------ data
@@ -288,16 +318,24 @@ def test_bad_records_are_rejected_naming_file_line_and_field(tmp_path):
         {"prompt": "Hi", "chosen": "Hello."},
         {"prompt": "Hi", "chosen": "Same.", "rejected": "Same."},
         {"prompt": [{"role": "assistant", "content": "x"}], "chosen": "a", "rejected": "b"},
-        {"chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
-         "rejected": [{"role": "user", "content": "Other Q"}, {"role": "assistant", "content": "B"}]},
+        {
+            "chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+            "rejected": [{"role": "user", "content": "Other Q"}, {"role": "assistant", "content": "B"}],
+        },
         {"prompt": "Hi", "chosen": [{"role": "user", "content": "no"}], "rejected": "b"},
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in lines) + "{broken\n")
     items = list(read_preferences(path, "pairs"))
     assert items[0].chosen == "Blue, on a clear day." and items[0].line == 1
     bad = [(i.line, i.field) for i in items[1:]]
-    assert bad == [(2, "rejected"), (3, "rejected"), (4, "prompt[0].role"),
-                   (5, "rejected"), (6, "chosen"), (7, None)]
+    assert bad == [
+        (2, "rejected"),
+        (3, "rejected"),
+        (4, "prompt[0].role"),
+        (5, "rejected"),
+        (6, "chosen"),
+        (7, None),
+    ]
     assert all(i.source == str(path) for i in items[1:])
     with pytest.raises(DataError, match=r"p\.jsonl:2: missing field 'rejected'"):
         list(read_preferences(path, "pairs", strict=True))
@@ -305,9 +343,11 @@ def test_bad_records_are_rejected_naming_file_line_and_field(tmp_path):
 
 def test_kto_records_need_a_boolean_label(tmp_path):
     path = tmp_path / "k.jsonl"
-    rows = [{"prompt": "Q?", "completion": "A.", "label": True},
-            {"prompt": "Q?", "completion": "B.", "label": "false"},
-            {"prompt": "Q?", "completion": "C."}]
+    rows = [
+        {"prompt": "Q?", "completion": "A.", "label": True},
+        {"prompt": "Q?", "completion": "B.", "label": "false"},
+        {"prompt": "Q?", "completion": "C."},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     items = list(read_preferences(path, "binary"))
     assert isinstance(items[0], BinaryExample) and items[0].label is True

@@ -33,15 +33,18 @@ OBJECTIVES: tuple[str, ...] = ("sft", "dpo", "kto", "orpo")
 
 def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = head(hidden)
-    return -F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="none")
+    return -F.cross_entropy(
+        logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="none"
+    )
 
 
 def _is_prefix_tuning(model) -> bool:
     return getattr(model, "peft_type", None) is not None and str(model.peft_type).endswith("PREFIX_TUNING")
 
 
-def sequence_logps(model, batch: dict[str, torch.Tensor], *, average: bool = False,
-                   chunk_size: int = 1024) -> torch.Tensor:
+def sequence_logps(
+    model, batch: dict[str, torch.Tensor], *, average: bool = False, chunk_size: int = 1024
+) -> torch.Tensor:
     """Per-sequence sum (or mean, `average=True`) of log p(target) over the labelled tokens; shape (batch,).
 
     Labels are shifted by one as in causal LM training, and -100 positions (prompt, pads) are skipped.
@@ -53,7 +56,7 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], *, average: bool = Fal
     wanted = targets[mask]
     if _is_prefix_tuning(model):  # its prompt enters through the cache: the full-logits path
         kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
-        logits = model(input_ids=batch["input_ids"], use_cache=False, **kwargs).logits[:, -labels.shape[1]:]
+        logits = model(input_ids=batch["input_ids"], use_cache=False, **kwargs).logits[:, -labels.shape[1] :]
         per_token = _chunk_logps(torch.nn.Identity(), logits[:, :-1][mask], wanted)
     else:
         hidden = decoder_hidden(model, without_redundant_mask(batch))
@@ -67,7 +70,11 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], *, average: bool = Fal
                 parts.append(checkpoint(_chunk_logps, head, h, y, use_reentrant=False))
             else:
                 parts.append(_chunk_logps(head, h, y))
-        per_token = torch.cat(parts) if parts else picked.new_zeros(0, dtype=torch.promote_types(picked.dtype, torch.float32))
+        per_token = (
+            torch.cat(parts)
+            if parts
+            else picked.new_zeros(0, dtype=torch.promote_types(picked.dtype, torch.float32))
+        )
     totals = per_token.new_zeros(labels.shape[0]).index_add(0, rows, per_token)
     if not average:
         return totals
@@ -86,8 +93,13 @@ class PreferenceLoss:
     rejected_rewards: torch.Tensor
 
 
-def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float = 0.1) -> PreferenceLoss:
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
+) -> PreferenceLoss:
     """DPO with the sigmoid loss on summed log-probs (TRL DPOTrainer, loss_type="sigmoid", reverse KL)."""
     chosen_logratios = policy_chosen - ref_chosen
     rejected_logratios = policy_rejected - ref_rejected
@@ -101,8 +113,15 @@ def kto_kl(policy_kl: torch.Tensor, ref_kl: torch.Tensor) -> torch.Tensor:
     return (policy_kl - ref_kl).mean().detach().clamp(min=0)
 
 
-def kto_loss(policy: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor, kl: torch.Tensor, beta: float = 0.1,
-             desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> PreferenceLoss:
+def kto_loss(
+    policy: torch.Tensor,
+    ref: torch.Tensor,
+    labels: torch.Tensor,
+    kl: torch.Tensor,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> PreferenceLoss:
     """KTO (Ethayarajh et al. 2024, eq. 7) on summed log-probs; `labels` is True for a desirable completion.
 
     The loss is the mean over the batch of the weighted desirable and undesirable terms, as in TRL."""
@@ -112,7 +131,9 @@ def kto_loss(policy: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor, kl: 
     chosen_losses = 1 - torch.sigmoid(beta * (chosen_logratios - kl))
     rejected_losses = 1 - torch.sigmoid(beta * (kl - rejected_logratios))
     losses = torch.cat((desirable_weight * chosen_losses, undesirable_weight * rejected_losses))
-    return PreferenceLoss(losses.nanmean(), beta * chosen_logratios.detach(), beta * rejected_logratios.detach())
+    return PreferenceLoss(
+        losses.nanmean(), beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+    )
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -120,8 +141,12 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
-def orpo_loss(policy_chosen_mean: torch.Tensor, policy_rejected_mean: torch.Tensor, chosen_nll: torch.Tensor,
-              beta: float = 0.1) -> PreferenceLoss:
+def orpo_loss(
+    policy_chosen_mean: torch.Tensor,
+    policy_rejected_mean: torch.Tensor,
+    chosen_nll: torch.Tensor,
+    beta: float = 0.1,
+) -> PreferenceLoss:
     """ORPO (Hong et al. 2024): the chosen NLL minus beta * log sigmoid(log odds ratio), on *mean*
     per-token log-probs; no reference model. Rewards are beta * mean log-probs, as TRL logs them."""
     chosen, rejected = policy_chosen_mean.float(), policy_rejected_mean.float()
@@ -156,8 +181,10 @@ def reference_model(model) -> Iterator[None]:
     eval mode (dropout would make the reference noisy). A model without an adapter has no base to go
     back to once training has changed it, so it needs `precompute_reference`."""
     if not hasattr(model, "disable_adapter"):
-        raise ConfigError("a reference model without an adapter needs its log-probs computed before training: "
-                          "set method.precompute_reference: true (full fine-tuning changes the base weights)")
+        raise ConfigError(
+            "a reference model without an adapter needs its log-probs computed before training: "
+            "set method.precompute_reference: true (full fine-tuning changes the base weights)"
+        )
     was_training = model.training
     model.eval()
     try:
@@ -168,16 +195,18 @@ def reference_model(model) -> Iterator[None]:
 
 
 @torch.no_grad()
-def reference_logps(model, batch: dict[str, torch.Tensor], *, average: bool = False,
-                    chunk_size: int = 1024) -> torch.Tensor:
+def reference_logps(
+    model, batch: dict[str, torch.Tensor], *, average: bool = False, chunk_size: int = 1024
+) -> torch.Tensor:
     """Per-sequence log-probs of the reference (the base with the adapter disabled)."""
     with reference_model(model):
         return sequence_logps(model, batch, average=average, chunk_size=chunk_size)
 
 
 @torch.no_grad()
-def precompute_reference(model, rows: Sequence[dict], pad_id: int, *, batch_size: int = 4,
-                         chunk_size: int = 1024) -> torch.Tensor:
+def precompute_reference(
+    model, rows: Sequence[dict], pad_id: int, *, batch_size: int = 4, chunk_size: int = 1024
+) -> torch.Tensor:
     """Reference summed log-probs of every row (input_ids + labels), once, before training; shape (len(rows),).
 
     Called before the first step, so a model without an adapter is still the base; a peft model runs

@@ -52,12 +52,16 @@ class BinaryExample:
 
 def _messages(value: Any, field: str) -> list[tuple[str, str, str]]:
     if not isinstance(value, list) or not value:
-        raise _Invalid(field, f"'{field}' must be text or a non-empty list of messages, got {_type_name(value)}")
+        raise _Invalid(
+            field, f"'{field}' must be text or a non-empty list of messages, got {_type_name(value)}"
+        )
     turns = []
     for i, turn in enumerate(value):
         base = f"{field}[{i}]"
         if not isinstance(turn, dict):
-            raise _Invalid(base, f"'{base}' must be an object with 'role' and 'content', got {_type_name(turn)}")
+            raise _Invalid(
+                base, f"'{base}' must be an object with 'role' and 'content', got {_type_name(turn)}"
+            )
         role, role_field = _role(turn, "role", base, MESSAGE_ROLES)
         turns.append((role, _content(turn.get("content", _MISSING), f"{base}.content", None), role_field))
     return turns
@@ -67,11 +71,17 @@ def _prompt(record: dict[str, Any]) -> list[tuple[str, str, str]]:
     value = record.get("prompt", _MISSING)
     if value is _MISSING:
         raise _Invalid("prompt", "missing field 'prompt'")
-    turns = [("user", _text(value, "prompt", None), "prompt")] if isinstance(value, str) else _messages(value, "prompt")
+    turns = (
+        [("user", _text(value, "prompt", None), "prompt")]
+        if isinstance(value, str)
+        else _messages(value, "prompt")
+    )
     system = record.get("system")
     if system is not None:
         if turns[0][0] == "system":
-            raise _Invalid("system", "a system prompt is given twice: in 'system' and as the first prompt turn")
+            raise _Invalid(
+                "system", "a system prompt is given twice: in 'system' and as the first prompt turn"
+            )
         turns.insert(0, ("system", _text(system, "system", None), "system"))
     if turns[-1][0] != "user":
         raise _Invalid(turns[-1][2], f"the prompt must end with a user turn, not {turns[-1][0]}")
@@ -93,13 +103,17 @@ def _answer(record: dict[str, Any], key: str) -> str:
 
 def _split_conversations(record: dict[str, Any]) -> tuple[list[tuple[str, str, str]], str, str]:
     """chosen/rejected as whole conversations: the shared turns are the prompt, the last turn the answer."""
-    chosen, rejected = _messages(record.get("chosen", _MISSING), "chosen"), _messages(
-        record.get("rejected", _MISSING), "rejected")
+    chosen, rejected = (
+        _messages(record.get("chosen", _MISSING), "chosen"),
+        _messages(record.get("rejected", _MISSING), "rejected"),
+    )
     for key, turns in (("chosen", chosen), ("rejected", rejected)):
         if turns[-1][0] != "assistant":
             raise _Invalid(turns[-1][2], f"'{key}' must end with an assistant turn, not {turns[-1][0]}")
     if [t[:2] for t in chosen[:-1]] != [t[:2] for t in rejected[:-1]]:
-        raise _Invalid("rejected", "without a 'prompt', 'chosen' and 'rejected' must share every turn but the last")
+        raise _Invalid(
+            "rejected", "without a 'prompt', 'chosen' and 'rejected' must share every turn but the last"
+        )
     if len(chosen) < 2:
         raise _Invalid("chosen", "without a 'prompt', 'chosen' needs at least a user turn before the answer")
     _check_turns(chosen)
@@ -120,8 +134,11 @@ def parse_pair(record: Any) -> PreferencePair:
         prompt, chosen, rejected = _split_conversations(record)
     else:
         keys = ", ".join(map(str, record)) or "none"
-        raise _Invalid("prompt", f"missing field 'prompt' (fields: {keys}); a pair is {{prompt, chosen, rejected}} "
-                       "or chosen/rejected as whole conversations")
+        raise _Invalid(
+            "prompt",
+            f"missing field 'prompt' (fields: {keys}); a pair is {{prompt, chosen, rejected}} "
+            "or chosen/rejected as whole conversations",
+        )
     if chosen == rejected:
         raise _Invalid("rejected", "'chosen' and 'rejected' are the same answer: the pair teaches nothing")
     return PreferencePair(_to_messages(prompt), chosen, rejected)
@@ -136,12 +153,15 @@ def parse_binary(record: Any) -> BinaryExample:
     if label is _MISSING:
         raise _Invalid("label", "missing field 'label'")
     if not isinstance(label, bool):
-        raise _Invalid("label", f"'label' must be true or false (a JSON boolean), got {_type_name(label)} {label!r}")
+        raise _Invalid(
+            "label", f"'label' must be true or false (a JSON boolean), got {_type_name(label)} {label!r}"
+        )
     return BinaryExample(_to_messages(prompt), completion, label)
 
 
-def read_preferences(path: str | Path, kind: str = "pairs", *, strict: bool = False
-                     ) -> Iterator[PreferencePair | BinaryExample | Rejected]:
+def read_preferences(
+    path: str | Path, kind: str = "pairs", *, strict: bool = False
+) -> Iterator[PreferencePair | BinaryExample | Rejected]:
     """Stream one file's records as pairs (`kind="pairs"`) or KTO examples (`kind="binary"`), and Rejected
     for the bad ones; `strict` raises a DataError at the first. File-level problems always raise."""
     if kind not in ("pairs", "binary"):
@@ -177,8 +197,16 @@ def read_preferences(path: str | Path, kind: str = "pairs", *, strict: bool = Fa
 # ------------------------------------------------------------------------------ tokenizing
 
 
-def encode_answer(template, prompt: list[Message], answer: str, *, max_length: int | None = None,
-                  source: str = "", line: int | None = None, field: str = "chosen") -> dict[str, list[int]]:
+def encode_answer(
+    template,
+    prompt: list[Message],
+    answer: str,
+    *,
+    max_length: int | None = None,
+    source: str = "",
+    line: int | None = None,
+    field: str = "chosen",
+) -> dict[str, list[int]]:
     """input_ids and labels of prompt + answer with the SFT template; only the answer is labelled.
 
     Raises DataError (naming `field`) when the pair is over max_length or when the template's tokens
@@ -187,14 +215,22 @@ def encode_answer(template, prompt: list[Message], answer: str, *, max_length: i
     enc = template.encode(conv)
     prompt_ids = template.encode_prompt(prompt)
     if enc.input_ids[: len(prompt_ids)] != prompt_ids:
-        raise DataError("the prompt's tokens are not a prefix of prompt + answer with this template",
-                        path=source, line=line, field=field)
-    labels = [IGNORE_INDEX] * len(prompt_ids) + enc.labels[len(prompt_ids):]
+        raise DataError(
+            "the prompt's tokens are not a prefix of prompt + answer with this template",
+            path=source,
+            line=line,
+            field=field,
+        )
+    labels = [IGNORE_INDEX] * len(prompt_ids) + enc.labels[len(prompt_ids) :]
     if all(t == IGNORE_INDEX for t in labels):
         raise DataError("no answer tokens to train on", path=source, line=line, field=field)
     if max_length is not None and len(enc.input_ids) > max_length:
-        raise DataError(f"{len(enc.input_ids)} tokens is over data.max_length={max_length}", path=source, line=line,
-                        field=field)
+        raise DataError(
+            f"{len(enc.input_ids)} tokens is over data.max_length={max_length}",
+            path=source,
+            line=line,
+            field=field,
+        )
     return {"input_ids": enc.input_ids, "labels": labels}
 
 
@@ -202,27 +238,42 @@ def tokenize_pair(template, pair: PreferencePair, *, max_length: int | None = No
     """A row for `preference.pair_batch`: chosen_* and rejected_* input_ids and labels."""
     row: dict[str, list[int]] = {}
     for key, answer in (("chosen", pair.chosen), ("rejected", pair.rejected)):
-        enc = encode_answer(template, pair.prompt, answer, max_length=max_length, source=pair.source,
-                            line=pair.line, field=key)
+        enc = encode_answer(
+            template,
+            pair.prompt,
+            answer,
+            max_length=max_length,
+            source=pair.source,
+            line=pair.line,
+            field=key,
+        )
         row[f"{key}_input_ids"], row[f"{key}_labels"] = enc["input_ids"], enc["labels"]
     return row
 
 
 def tokenize_binary(template, example: BinaryExample, *, max_length: int | None = None) -> dict[str, Any]:
-    enc = encode_answer(template, example.prompt, example.completion, max_length=max_length,
-                        source=example.source, line=example.line, field="completion")
+    enc = encode_answer(
+        template,
+        example.prompt,
+        example.completion,
+        max_length=max_length,
+        source=example.source,
+        line=example.line,
+        field="completion",
+    )
     return {**enc, "label": example.label}
 
 
 def kl_rows(rows: list[dict[str, Any]]) -> list[dict[str, list[int]]]:
     """KTO's mismatched pairs for the KL reference point: each prompt with the previous example's
     completion (TRL's cycling within the batch: completions[-1:] + completions[:-1])."""
-    prompts = [(r["input_ids"][: _first_label(r)], r["input_ids"][_first_label(r):]) for r in rows]
+    prompts = [(r["input_ids"][: _first_label(r)], r["input_ids"][_first_label(r) :]) for r in rows]
     out = []
     for i, (prompt_ids, _) in enumerate(prompts):
         completion = prompts[i - 1][1]
-        out.append({"input_ids": prompt_ids + completion,
-                    "labels": [IGNORE_INDEX] * len(prompt_ids) + completion})
+        out.append(
+            {"input_ids": prompt_ids + completion, "labels": [IGNORE_INDEX] * len(prompt_ids) + completion}
+        )
     return out
 
 
