@@ -367,3 +367,104 @@ def _write(tmp_path, rows):
     path = tmp_path / "one.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+# ------------------------------------------------------------------------------ a micro-batch's loss
+
+
+def _kto_rows(tmp_path, template):
+    from llamaforge.config import DataConfig, DataSource
+    from llamaforge.train.preference_data import prepare_preferences
+
+    rows = [
+        {"prompt": "Name a colour of the sky.", "completion": "Blue.", "label": True},
+        {"prompt": "Two plus two?", "completion": "Five, surely.", "label": False},
+        {"prompt": "Capital of France?", "completion": "Paris.", "label": True},
+    ]
+    cfg = DataConfig(sources=[DataSource(path=str(_write(tmp_path, rows)))], val_size=0)
+    return prepare_preferences(cfg, "binary", template).train
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_precomputed_reference_gives_the_same_loss(setup, tmp_path, objective):
+    model, tokenizer, template = setup
+    rows = _pair_rows(template, tmp_path) if objective == "dpo" else _kto_rows(tmp_path, template)
+    with torch.no_grad():
+        live = pref.objective_loss(model, rows, objective, tokenizer.pad_token_id, beta=0.2)
+        pref.attach_reference(model, rows, objective, tokenizer.pad_token_id, batch_size=2)
+        assert {"dpo": "ref_chosen", "kto": "ref_kl"}[objective] in rows[0]
+        pre = pref.objective_loss(model, rows, objective, tokenizer.pad_token_id, beta=0.2)
+    assert abs(float(live.loss - pre.loss)) < 1e-9
+    assert torch.allclose(live.chosen_rewards, pre.chosen_rewards, atol=1e-9)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto", "orpo"])
+def test_a_few_steps_of_each_objective_lower_its_loss(tiny_llama_dir, tmp_path, objective):
+    """A fresh LoRA (policy = reference) in float32: DPO starts at exactly log 2 with zero rewards; a few
+    Adam steps lower every objective's loss, and DPO then prefers the chosen answers."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from llamaforge.models import load_tokenizer
+    from llamaforge.templates import get_template
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
+    tokenizer = load_tokenizer(str(tiny_llama_dir))
+    template = get_template("llama3", tokenizer)
+    rows = _pair_rows(template, tmp_path) if objective != "kto" else _kto_rows(tmp_path, template)
+    pad = tokenizer.pad_token_id
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    losses, metrics_at_start = [], {}
+    for _ in range(6):
+        result = pref.objective_loss(model, rows, objective, pad, beta=0.5)
+        losses.append(float(result.loss.detach()))
+        if objective == "dpo" and not metrics_at_start:
+            metrics_at_start.update(pref.preference_metrics(result))
+        optimizer.zero_grad()
+        result.loss.backward()
+        optimizer.step()
+    if objective == "dpo":
+        assert losses[0] == pytest.approx(float(torch.log(torch.tensor(2.0))), abs=1e-6)
+        with torch.no_grad():
+            metrics = pref.preference_metrics(pref.objective_loss(model, rows, objective, pad, beta=0.5))
+        assert metrics_at_start["rewards/margins"] == 0 and metrics_at_start["rewards/accuracies"] == 0
+        assert metrics["rewards/margins"] > 0 and metrics["rewards/accuracies"] > 0
+    assert losses[-1] < losses[0] - 1e-3, losses
+
+
+def test_unknown_objective_is_an_error(setup, tmp_path):
+    model, tokenizer, template = setup
+    with pytest.raises(ConfigError, match="expected one of dpo, kto, orpo"):
+        pref.objective_loss(model, _pair_rows(template, tmp_path), "ipo", tokenizer.pad_token_id)
+
+
+# ------------------------------------------------------------------------------ the job's data
+
+
+def test_prepare_preferences_splits_applies_the_system_prompt_and_keeps_rejects(setup, tmp_path):
+    from llamaforge.config import DataConfig, DataSource
+    from llamaforge.train.preference_data import prepare_preferences
+
+    _, tokenizer, template = setup
+    path = _write(tmp_path, [*PAIRS, {"prompt": "Hi", "chosen": "Hello."}])
+    cfg = DataConfig(
+        sources=[DataSource(path=str(path))], val_size=1, system_prompt="You are terse.", max_length=64
+    )
+    data = prepare_preferences(cfg, "pairs", template)
+    assert (data.card["train_records"], data.card["val_records"]) == (2, 1)
+    assert [(r.line, r.field) for r in data.rejects] == [(4, "rejected")]
+    texts = [tokenizer.decode(r["chosen_input_ids"]) for r in data.train + data.val]
+    assert sum("You are terse." in t for t in texts) == 2  # PAIRS[1] has its own system prompt
+    assert any("Be brief." in t and "You are terse." not in t for t in texts)
+    again = prepare_preferences(cfg, "pairs", template)
+    assert again.card["sha256"] == data.card["sha256"] and again.val == data.val
+
+
+def test_prepare_kto_rows_carry_mismatched_kl_pairs(setup, tmp_path):
+    _, tokenizer, template = setup
+    rows = _kto_rows(tmp_path, template)
+    assert [r["label"] for r in rows] == [True, False, True]
+    first_kl = tokenizer.decode(rows[0]["kl_input_ids"])
+    assert "Name a colour of the sky." in first_kl and first_kl.removesuffix("<|eot_id|>").endswith("Paris.")

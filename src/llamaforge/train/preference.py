@@ -242,3 +242,75 @@ def pair_batch(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     chosen = [{"input_ids": r["chosen_input_ids"], "labels": r["chosen_labels"]} for r in rows]
     rejected = [{"input_ids": r["rejected_input_ids"], "labels": r["rejected_labels"]} for r in rows]
     return collate(chosen + rejected, pad_id)
+
+
+def _rows(rows: Sequence[dict], prefix: str) -> list[dict]:
+    return [{"input_ids": r[f"{prefix}input_ids"], "labels": r[f"{prefix}labels"]} for r in rows]
+
+
+def _reference(model, rows, keys, batch, chunk_size):
+    """Precomputed reference log-probs when the rows carry them, else the adapter-disabled forward."""
+    if all(k in rows[0] for k in keys):
+        dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
+        return torch.tensor([r[k] for k in keys for r in rows], device=batch["input_ids"].device, dtype=dtype)
+    return reference_logps(model, batch, chunk_size=chunk_size)
+
+
+def objective_loss(
+    model,
+    rows: Sequence[dict],
+    objective: str,
+    pad_id: int,
+    *,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    chunk_size: int = 1024,
+) -> PreferenceLoss:
+    """The loss of one micro-batch of prepared rows (preference_data) under `objective` (dpo, kto, orpo).
+
+    Rows carrying `ref_*` columns (from `attach_reference`) use them; otherwise the reference is the
+    adapter-disabled forward on this batch."""
+    device = next(model.parameters()).device
+    if objective in ("dpo", "orpo"):
+        batch = {k: v.to(device) for k, v in pair_batch(rows, pad_id).items()}
+        if objective == "dpo":
+            ref_c, ref_r = _reference(model, rows, ("ref_chosen", "ref_rejected"), batch, chunk_size).chunk(2)
+            policy_c, policy_r = sequence_logps(model, batch, chunk_size=chunk_size).chunk(2)
+            return dpo_loss(policy_c, policy_r, ref_c, ref_r, beta)
+        sums = sequence_logps(model, batch, chunk_size=chunk_size)
+        counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1)
+        n = len(rows)
+        nll = -sums[:n].sum() / counts[:n].sum()  # the SFT loss on the chosen answers (token mean)
+        means = sums / counts.clamp(min=1)
+        return orpo_loss(means[:n], means[n:], nll, beta)
+    if objective == "kto":
+        batch = {k: v.to(device) for k, v in collate(_rows(rows, ""), pad_id).items()}
+        kl_batch = {k: v.to(device) for k, v in collate(_rows(rows, "kl_"), pad_id).items()}
+        ref = _reference(model, rows, ("ref",), batch, chunk_size)
+        ref_kl = _reference(model, rows, ("ref_kl",), kl_batch, chunk_size)
+        with torch.no_grad():
+            kl = kto_kl(sequence_logps(model, kl_batch, chunk_size=chunk_size), ref_kl)
+        labels = torch.tensor([bool(r["label"]) for r in rows], device=device)
+        policy = sequence_logps(model, batch, chunk_size=chunk_size)
+        return kto_loss(policy, ref, labels, kl, beta, desirable_weight, undesirable_weight)
+    raise ConfigError(
+        f"unknown preference objective {objective!r}; expected one of {', '.join(OBJECTIVES[1:])}"
+    )
+
+
+def attach_reference(
+    model, rows: list[dict], objective: str, pad_id: int, *, batch_size: int = 4, chunk_size: int = 1024
+) -> None:
+    """`precompute_reference`: the reference log-probs of every row, once, before training, stored in
+    the rows (ref_chosen/ref_rejected for DPO, ref/ref_kl for KTO). ORPO has no reference."""
+    columns = {
+        "dpo": (("chosen_", "ref_chosen"), ("rejected_", "ref_rejected")),
+        "kto": (("", "ref"), ("kl_", "ref_kl")),
+    }.get(objective, ())
+    for prefix, key in columns:
+        values = precompute_reference(
+            model, _rows(rows, prefix), pad_id, batch_size=batch_size, chunk_size=chunk_size
+        )
+        for row, value in zip(rows, values.tolist()):
+            row[key] = value

@@ -16,7 +16,7 @@ Only the final assistant answer is labelled: assistant turns inside the prompt a
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -266,7 +266,8 @@ def tokenize_binary(template, example: BinaryExample, *, max_length: int | None 
 
 def kl_rows(rows: list[dict[str, Any]]) -> list[dict[str, list[int]]]:
     """KTO's mismatched pairs for the KL reference point: each prompt with the previous example's
-    completion (TRL's cycling within the batch: completions[-1:] + completions[:-1])."""
+    completion (TRL's cycling, completions[-1:] + completions[:-1]; TRL cycles within a batch, we cycle
+    over the whole split once, so the pairs are fixed and their reference log-probs can be precomputed)."""
     prompts = [(r["input_ids"][: _first_label(r)], r["input_ids"][_first_label(r) :]) for r in rows]
     out = []
     for i, (prompt_ids, _) in enumerate(prompts):
@@ -279,3 +280,116 @@ def kl_rows(rows: list[dict[str, Any]]) -> list[dict[str, list[int]]]:
 
 def _first_label(row: dict[str, Any]) -> int:
     return next(i for i, t in enumerate(row["labels"]) if t != IGNORE_INDEX)
+
+
+# ------------------------------------------------------------------------------ the job's data
+
+
+@dataclass
+class PreparedPreferences:
+    """Tokenized train/validation rows (pair rows or KTO rows), the rejects and a card like SFT's."""
+
+    train: list[dict[str, Any]]
+    val: list[dict[str, Any]]
+    card: dict[str, Any]
+    rejects: list[Rejected]
+
+
+def _as_conversation(example: PreferencePair | BinaryExample) -> Conversation:
+    """For the content hash that splits the data: the prompt and every answer, so a pair is one unit."""
+    answers = (
+        [example.chosen, example.rejected] if isinstance(example, PreferencePair) else [example.completion]
+    )
+    extra = [] if isinstance(example, PreferencePair) else [Message("system", str(example.label))]
+    return Conversation([*example.prompt, *(Message("assistant", a) for a in answers), *extra])
+
+
+def _with_system(
+    example: PreferencePair | BinaryExample, system: str | None
+) -> PreferencePair | BinaryExample:
+    if system and example.prompt[0].role != "system":
+        example.prompt = [Message("system", system), *example.prompt]
+    return example
+
+
+def _read_sources(
+    sources, kind: str, strict: bool, rejects: list[Rejected]
+) -> list[PreferencePair | BinaryExample]:
+    from llamaforge.train.data import source_path
+
+    out: list[PreferencePair | BinaryExample] = []
+    for src in sources:
+        taken = 0
+        examples: list[PreferencePair | BinaryExample] = []
+        for item in read_preferences(source_path(src), kind, strict=strict):
+            if isinstance(item, Rejected):
+                rejects.append(item)
+                continue
+            examples.append(item)
+            taken += 1
+            if src.max_samples is not None and taken >= src.max_samples:
+                break
+        out.extend(examples * src.repeat)
+    return out
+
+
+def prepare_preferences(cfg, kind: str, template) -> PreparedPreferences:
+    """The job's data sources (DataConfig) as preference rows: the system prompt applied, split by content
+    hash like SFT data (a repeated record never straddles the split), tokenized with the SFT template."""
+    import hashlib
+
+    from llamaforge.train.data import _source_card, content_hash, split_of
+
+    rejects: list[Rejected] = []
+    examples = _read_sources(cfg.sources, kind, cfg.strict, rejects)
+    if cfg.val_sources:
+        train, val = examples, _read_sources(cfg.val_sources, kind, cfg.strict, rejects)
+    elif 0 < cfg.val_size < 1:
+        train = [e for e in examples if split_of(_as_conversation(e), cfg.val_size) == "train"]
+        seen: set[str] = set()
+        val = []
+        for e in examples:
+            key = content_hash(_as_conversation(e))
+            if split_of(_as_conversation(e), cfg.val_size) == "val" and key not in seen:
+                seen.add(key)
+                val.append(e)
+    else:
+        unique = {content_hash(_as_conversation(e)): e for e in examples}
+        val_keys = set(sorted(unique)[: int(cfg.val_size)])
+        val = [unique[k] for k in sorted(val_keys)]
+        train = [e for e in examples if content_hash(_as_conversation(e)) not in val_keys]
+    tokenize = tokenize_pair if kind == "pairs" else tokenize_binary
+
+    def rows_of(part):
+        rows = []
+        for e in part:
+            try:
+                rows.append(tokenize(template, _with_system(e, cfg.system_prompt), max_length=cfg.max_length))
+            except DataError as exc:
+                if cfg.strict:
+                    raise
+                rejects.append(Rejected(exc.path or e.source, exc.line, exc.field, exc.reason, asdict(e)))
+        return rows
+
+    train_rows, val_rows = rows_of(train), rows_of(val)
+    if not train_rows:
+        raise DataError("no usable preference records in data.sources (see rejects.jsonl for why)")
+    if kind == "binary":  # fixed mismatched pairs, so the KL reference point can be precomputed too
+        for part in (train_rows, val_rows):
+            for row, kl in zip(part, kl_rows(part)):
+                row["kl_input_ids"], row["kl_labels"] = kl["input_ids"], kl["labels"]
+    digest = hashlib.sha256()
+    for split, part in (("train", train), ("val", val)):
+        for e in part:
+            digest.update(f"{split}\t{content_hash(_as_conversation(e))}\n".encode())
+    card = {
+        "sha256": digest.hexdigest(),
+        "kind": kind,
+        "sources": [_source_card(s) for s in cfg.sources],
+        "val_sources": [_source_card(s) for s in cfg.val_sources],
+        "template": template.name,
+        "train_records": len(train_rows),
+        "val_records": len(val_rows),
+        "rejected": len(rejects),
+    }
+    return PreparedPreferences(train_rows, val_rows, card, rejects)
