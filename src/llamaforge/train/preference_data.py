@@ -293,6 +293,7 @@ class PreparedPreferences:
     val: list[dict[str, Any]]
     card: dict[str, Any]
     rejects: list[Rejected]
+    val_examples: list[PreferencePair | BinaryExample]
 
 
 def _as_conversation(example: PreferencePair | BinaryExample) -> Conversation:
@@ -302,6 +303,12 @@ def _as_conversation(example: PreferencePair | BinaryExample) -> Conversation:
     )
     extra = [] if isinstance(example, PreferencePair) else [Message("system", str(example.label))]
     return Conversation([*example.prompt, *(Message("assistant", a) for a in answers), *extra])
+
+
+def answer_conversation(example: PreferencePair | BinaryExample) -> Conversation:
+    """The prompt and the preferred (or the KTO) answer: what val.jsonl holds for eval's references."""
+    answer = example.chosen if isinstance(example, PreferencePair) else example.completion
+    return Conversation([*example.prompt, Message("assistant", answer)], example.source, example.line)
 
 
 def _with_system(
@@ -360,7 +367,7 @@ def prepare_preferences(cfg, kind: str, template) -> PreparedPreferences:
         train = [e for e in examples if content_hash(_as_conversation(e)) not in val_keys]
     tokenize = tokenize_pair if kind == "pairs" else tokenize_binary
 
-    def rows_of(part):
+    def rows_of(part, kept):
         rows = []
         for e in part:
             try:
@@ -369,9 +376,12 @@ def prepare_preferences(cfg, kind: str, template) -> PreparedPreferences:
                 if cfg.strict:
                     raise
                 rejects.append(Rejected(exc.path or e.source, exc.line, exc.field, exc.reason, asdict(e)))
+                continue
+            kept.append(e)
         return rows
 
-    train_rows, val_rows = rows_of(train), rows_of(val)
+    val_kept: list[PreferencePair | BinaryExample] = []
+    train_rows, val_rows = rows_of(train, []), rows_of(val, val_kept)
     if not train_rows:
         raise DataError("no usable preference records in data.sources (see rejects.jsonl for why)")
     if kind == "binary":  # fixed mismatched pairs, so the KL reference point can be precomputed too
@@ -392,4 +402,4 @@ def prepare_preferences(cfg, kind: str, template) -> PreparedPreferences:
         "val_records": len(val_rows),
         "rejected": len(rejects),
     }
-    return PreparedPreferences(train_rows, val_rows, card, rejects)
+    return PreparedPreferences(train_rows, val_rows, card, rejects, val_kept)
