@@ -101,3 +101,31 @@ def test_orpo_lora_run_and_packing_is_refused(tmp_path, tiny_llama_dir):
         run_training(
             job(tmp_path / "c", tiny_llama_dir, data, **{"method.objective": "orpo", "train.packing": True})
         )
+
+
+@pytest.mark.slow  # ~2 min: three full fine-tuning runs
+def test_resumed_full_kto_run_reloads_its_reference_and_continues_the_same_losses(tmp_path, tiny_llama_dir):
+    """A resumed run reads the reference log-probs saved by its first start, and continues the losses of a
+    straight run exactly."""
+    from conftest import step_losses
+    from llamaforge.train.recipe import FineTuneRecipe
+
+    data = write_jsonl(tmp_path / "kto.jsonl", kto_rows(12))
+    extra = {
+        "method.objective": "kto",
+        "method.name": "full",
+        "method.precompute_reference": True,
+        "train.max_steps": 6,
+        "train.save_every": 3,
+        "train.lr": 1e-3,
+        "eval.before_after": False,
+    }
+    straight, _ = run_training(job(tmp_path / "a", tiny_llama_dir, data, **extra))
+    first = job(tmp_path / "b", tiny_llama_dir, data, **extra)
+    recipe = FineTuneRecipe(first)
+    recipe.setup()
+    recipe.total_steps = 3  # stop half-way, as an interrupted run would
+    recipe.train()
+    resumed, _ = run_training(first, run_dir=recipe.run_dir, resume=True)
+    assert len(step_losses(resumed)) == 6
+    assert step_losses(resumed) == pytest.approx(step_losses(straight), rel=1e-5)

@@ -86,17 +86,13 @@ class PreferenceObjective:
             return
         path = run_dir / REFERENCE_FILE
         splits = {"train": [dict(r) for r in data.train], "val": data.val}
-        if resume and path.is_file():  # a resumed full fine-tune is no longer the reference
+        if resume and path.is_file():  # the values of the first start, not recomputed
             saved = torch.load(path)
             for split, rows in splits.items():
                 for key, values in saved[split].items():
                     for row, value in zip(rows, values):
                         row[key] = value
-        elif resume and not hasattr(model, "disable_adapter"):
-            raise ConfigError(
-                f"--resume: {path} is missing, and the trained model is not the reference any more"
-            )
-        else:
+        else:  # before any step (and before a resume restores the weights), the model is the base
             for rows in splits.values():
                 if rows:
                     pref.attach_reference(
