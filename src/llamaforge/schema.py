@@ -75,6 +75,16 @@ class MethodConfig(Section):
         default_factory=list, description="also train these fully, e.g. [embed_tokens, lm_head] for base models"
     )
     num_virtual_tokens: int = Field(20, ge=1, description="prefix tuning only")
+    objective: Literal["sft", "dpo", "kto", "orpo"] = Field(
+        "sft", description="sft on conversations; dpo/orpo on {prompt, chosen, rejected} pairs; kto on "
+        "{prompt, completion, label} records (train/preference.py)"
+    )
+    beta: float = Field(0.1, gt=0, description="dpo/kto: strength of the pull to the reference; orpo: odds-ratio weight")
+    precompute_reference: bool = Field(
+        False, description="dpo/kto: reference log-probs computed once before training (required for full)"
+    )
+    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the desirable examples' loss")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the undesirable examples' loss")
 
     @field_validator("name")
     @classmethod

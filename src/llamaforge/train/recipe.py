@@ -123,7 +123,11 @@ class FineTuneRecipe(ValidationWatch):
         )
         self.template = get_template(cfg.data.template, self.tokenizer)
         warn_if_chat_tokens_untrained(model, self.tokenizer, self.template)
-        self.data = prepare_data(cfg.data, self.template)
+        from llamaforge.train.objective import objective_for
+
+        self.objective = objective_for(cfg, self.tokenizer.pad_token_id)  # None: plain SFT
+        self.data = self.objective.prepare(cfg.data, self.template) if self.objective else prepare_data(
+            cfg.data, self.template)
         write_rejects(self.run_dir / "rejects.jsonl", self.data.rejects)
         write_val_conversations(self.run_dir, self.data.val_conversations)
         (self.run_dir / "data_card.json").write_text(json.dumps(self.data.card, indent=2))
@@ -132,6 +136,8 @@ class FineTuneRecipe(ValidationWatch):
 
         self._resolve_batch(model, device)
         self.model = attach_method(model, cfg.method, gradient_checkpointing=cfg.train.gradient_checkpointing)
+        if self.objective:
+            self.objective.start(self.model, self.data, self.accelerator, self.run_dir, self.resume)
         trainable, total = count_parameters(self.model)
         self._log(f"{cfg.method.name}: {trainable:,} trainable of {total:,} parameters "
                   f"({100 * trainable / total:.2f}%), precision {self.precision}"
@@ -241,6 +247,9 @@ class FineTuneRecipe(ValidationWatch):
     @torch.no_grad()
     def evaluate(self) -> dict | None:
         """Token-weighted loss over the validation set, with the training masks."""
+        if self.objective:
+            return self.objective.evaluate(self.model, self.data.val, self.cfg.train.batch_size * 2,
+                                           self.accelerator.autocast) if self.data.val else None
         if self.data.val is None:
             return None
         self.model.eval()
@@ -273,7 +282,8 @@ class FineTuneRecipe(ValidationWatch):
             before = self.evaluate()
             self.summary["before"] = {**(before or {}), "answers": self.sample_answers()}
             if before:
-                self._log(f"eval loss before training: {before['eval_loss']:.4f} (ppl {before['eval_ppl']:.2f})")
+                ppl = f" (ppl {before['eval_ppl']:.2f})" if "eval_ppl" in before else ""
+                self._log(f"eval loss before training: {before['eval_loss']:.4f}{ppl}")
         trackers = open_trackers(cfg, self.run_dir, resume=self.resume) if acc.is_main_process else []
         metrics = MetricsLog(self.run_dir / "metrics.jsonl", append=self.resume, trackers=trackers)
         self.monitor = self._new_monitor()
@@ -346,7 +356,8 @@ class FineTuneRecipe(ValidationWatch):
             after={**(final or {}), "answers": self.sample_answers()},
         )
         if final:
-            self._log(f"eval loss after training: {final['eval_loss']:.4f} (ppl {final['eval_ppl']:.2f})")
+            ppl = f" (ppl {final['eval_ppl']:.2f})" if "eval_ppl" in final else ""
+            self._log(f"eval loss after training: {final['eval_loss']:.4f}{ppl}")
         return self.summary
 
     def _step(self, group: list[list[int]], index: int) -> dict:
@@ -364,7 +375,7 @@ class FineTuneRecipe(ValidationWatch):
             self._mark_boundary()
         loss = acc.reduce(torch.tensor(loss_total, device=acc.device), reduction="sum").item() / max(global_targets, 1)
         return {"loss": loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                "target_tokens": global_targets}
+                "target_tokens": global_targets, **(self.objective.last_metrics if self.objective else {})}
 
     def _packed(self) -> bool:
         if self.cfg.train.packing and self.cfg.method.name == "prefix":
@@ -402,6 +413,8 @@ class FineTuneRecipe(ValidationWatch):
         A micro-batch is a list of example indices (padded rows) or of bins of them (packed rows).
         """
         acc = self.accelerator
+        if self.objective:  # a preference step: (summed example loss, example count), rewards kept for the log
+            return self.objective.accumulate(self.model, acc, self.data.train, group, self.progress)
         micro = [self._collate(idx) for idx in group]
         local_targets = sum(num_targets(b) for b, _ in micro)
         global_targets = int(acc.reduce(torch.tensor(local_targets, device=acc.device), reduction="sum").item())
