@@ -99,10 +99,10 @@ def main() -> None:
     import torch
 
     from llamaforge.config import MethodConfig
+    from llamaforge.losses import token_loss_sum
     from llamaforge.planning.arch import Arch
     from llamaforge.planning.memory import Setup, estimate
     from llamaforge.train.adapters import attach_method
-    from llamaforge.train.losses import token_loss_sum
     from machine import describe
 
     out = Path(a.out)

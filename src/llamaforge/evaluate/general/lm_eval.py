@@ -100,7 +100,7 @@ def wrap(model, tokenizer, *, batch_size: int = 8, precision: str = "fp32"):
             return totals
 
         def generate_until(self, requests) -> list[str]:
-            from llamaforge.evaluate.generate import generate
+            from llamaforge.generation import generate
 
             outputs = []
             for context, kwargs in (r.args for r in requests):
