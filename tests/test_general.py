@@ -312,6 +312,7 @@ def test_lm_eval_hub_unreachable_is_said(tmp_path, monkeypatch):
         lm_eval.check_lm_eval("nosuchtask", manager)
 
 
+@pytest.mark.slow  # the real suite / lm-eval: minutes on 2 cores (make test-slow)
 def test_lm_eval_wrapper_matches_lm_evals_own_hf_model(tiny_llama_dir):
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
@@ -361,6 +362,7 @@ def general_run(tmp_path_factory, tiny_llama_dir):
     return run, summary
 
 
+@pytest.mark.slow  # the real suite / lm-eval: minutes on 2 cores (make test-slow)
 def test_training_hook_scores_base_and_tuned(general_run):
     run, summary = general_run
     results = json.loads((run / "general" / "results.json").read_text())
@@ -376,6 +378,7 @@ def test_training_hook_scores_base_and_tuned(general_run):
         assert len(rows) == 6 and {r["task"] for r in rows} == {"sports", "arithmetic", "misconceptions"}
 
 
+@pytest.mark.slow  # the real suite / lm-eval: minutes on 2 cores (make test-slow)
 def test_eval_cli_suite_general_and_gate(general_run, tmp_path, capsys):
     from llamaforge.cli import main
     from llamaforge.evaluate.general.run import read_suite_jsonl
@@ -397,6 +400,7 @@ def test_eval_cli_suite_general_and_gate(general_run, tmp_path, capsys):
         main(["eval", "--suite", "nope"])
 
 
+@pytest.mark.slow  # the real suite / lm-eval: minutes on 2 cores (make test-slow)
 def test_sweep_report_shows_general_columns(general_run):
     from llamaforge.sweep.report import parse_metric, table
     from llamaforge.sweep.runner import train_metrics

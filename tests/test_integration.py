@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 from llamaforge.config import load_config
 from llamaforge.train.recipe import run_training
 
 
+@pytest.mark.slow  # ~2 min of real training on 2 CPU cores; `make quickstart` runs the same job shape
 def test_identity_lora_on_the_default_model(tmp_path):
     cfg = load_config(None, [
         "data.sources=[{path: identity, variables: {name: Forge, author: the llamaforge team}}]",
