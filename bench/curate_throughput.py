@@ -116,8 +116,11 @@ def build(n: int, seed: int = 0) -> tuple[list[dict], dict[int, int]]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", type=int, default=100_000)
-    ap.add_argument("--tokenizer", default="llama3-tokenizer",
-                    help="a tokenizer folder, a catalog name, or none (length filters in characters)")
+    ap.add_argument(
+        "--tokenizer",
+        default="llama3-tokenizer",
+        help="a tokenizer folder, a catalog name, or none (length filters in characters)",
+    )
     ap.add_argument("--lengths", choices=["exact", "bounds"], default="bounds")
     ap.add_argument("--minhash", choices=["classic", "oph"], default="classic")
     ap.add_argument("--keep", action="store_true", help="keep the generated data and outputs")

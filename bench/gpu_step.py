@@ -26,11 +26,27 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
-LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
-                 rms_norm_eps=1e-5, tie_word_embeddings=False)
+LLAMA3_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
 # Dense bf16 tensor-core peaks from the vendors' data sheets (no sparsity), TFLOP/s.
-DATASHEET_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10": 125.0, "L4": 121.0}
+DATASHEET_BF16_TFLOPS = {
+    "H200": 989.4,
+    "H100": 989.4,
+    "A100": 312.0,
+    "L40S": 362.1,
+    "A10": 125.0,
+    "L4": 121.0,
+}
 
 
 def datasheet_peak(name: str) -> float | None:
@@ -63,8 +79,12 @@ def load(method: str, model_dir: Path):
 
     if method == "qlora":
         model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=torch.bfloat16, quantization_config=_quantization_config("4bit", torch.bfloat16),
-            attn_implementation="sdpa", device_map={"": 0})
+            model_dir,
+            dtype=torch.bfloat16,
+            quantization_config=_quantization_config("4bit", torch.bfloat16),
+            attn_implementation="sdpa",
+            device_map={"": 0},
+        )
         keep_4bit_gradients_exact(model)
         return model
     torch.manual_seed(0)
@@ -80,8 +100,12 @@ def model_flops(trainable: int, batch: int, seq: int) -> float:
     dq, dkv = c["num_attention_heads"] * head, c["num_key_value_heads"] * head
     n_linear = layers * (d * dq + 2 * d * dkv + dq * d + 3 * d * ff)
     tokens, targets = batch * seq, batch * (seq - 1)
-    return (4 * n_linear * tokens + 4 * vocab * d * targets + 6 * trainable * tokens
-            + 6 * layers * dq * batch * seq * (seq + 1))
+    return (
+        4 * n_linear * tokens
+        + 4 * vocab * d * targets
+        + 6 * trainable * tokens
+        + 6 * layers * dq * batch * seq * (seq + 1)
+    )
 
 
 def main() -> None:
@@ -126,8 +150,9 @@ def main() -> None:
         result["build_and_save_seconds"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
     model = load(a.method, Path(a.model_dir))
-    model = attach_method(model, MethodConfig(name=a.method, rank=a.rank, alpha=2 * a.rank, dropout=0.05,
-                                              targets="all-linear"))
+    model = attach_method(
+        model, MethodConfig(name=a.method, rank=a.rank, alpha=2 * a.rank, dropout=0.05, targets="all-linear")
+    )
     model.train()
     result["load_seconds"] = round(time.perf_counter() - t0, 1)
     params = [q for q in model.parameters() if q.requires_grad]
@@ -157,18 +182,35 @@ def main() -> None:
     peak = torch.cuda.max_memory_allocated()
 
     arch = Arch.from_config(LLAMA3_8B, "llama3-8b-shaped")
-    setup = Setup(method=a.method, batch=a.batch, seq=a.seq, checkpointing=False, weights_dtype="bfloat16",
-                  precision="bf16", rank=a.rank, targets="all-linear", dropout=0.05, device="cuda")
+    setup = Setup(
+        method=a.method,
+        batch=a.batch,
+        seq=a.seq,
+        checkpointing=False,
+        weights_dtype="bfloat16",
+        precision="bf16",
+        rank=a.rank,
+        targets="all-linear",
+        dropout=0.05,
+        device="cuda",
+    )
     planned = estimate(arch, setup)
     flops = model_flops(trainable, a.batch, a.seq) * a.steps
     result.update(
-        status="ok", gpu=name, trainable_params=trainable, timed_steps=a.steps, step_seconds=round(seconds / a.steps, 3),
+        status="ok",
+        gpu=name,
+        trainable_params=trainable,
+        timed_steps=a.steps,
+        step_seconds=round(seconds / a.steps, 3),
         tokens_per_s=round(a.batch * a.seq * a.steps / seconds, 1),
-        target_tokens_per_s=round(targets * a.steps / seconds, 1), losses=[round(x, 4) for x in losses],
+        target_tokens_per_s=round(targets * a.steps / seconds, 1),
+        losses=[round(x, 4) for x in losses],
         mfu_vs_datasheet=round(flops / seconds / sheet, 4) if sheet else None,
         mfu_vs_measured_peak=round(flops / seconds / (machine.peak_gflops * 1e9), 4),
-        peak_memory_gib=round(peak / 2**30, 2), peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
-        plan_estimate_gib=round(planned.peak / 2**30, 2), plan_peak_phase=planned.peak_phase,
+        peak_memory_gib=round(peak / 2**30, 2),
+        peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
+        plan_estimate_gib=round(planned.peak / 2**30, 2),
+        plan_peak_phase=planned.peak_phase,
         plan_error=round((planned.peak - peak) / peak, 4),
     )
     write()

@@ -37,7 +37,10 @@ class Machine:
     when: str
 
     def line(self) -> str:
-        parts = [f"{self.processor} ({self.isa}", f"bf16 instructions {'yes' if self.bf16_instructions else 'no'}"]
+        parts = [
+            f"{self.processor} ({self.isa}",
+            f"bf16 instructions {'yes' if self.bf16_instructions else 'no'}",
+        ]
         if self.device == "cpu":
             parts.append(f"{self.cores} of {self.usable_cores} usable cores")
         head = ", ".join(parts) + f"), torch {self.torch}"
@@ -45,7 +48,11 @@ class Machine:
             head += f"; precision {self.precision} ({self.precision_reason})"
         if self.peak_gflops:
             head += f"; {self.precision} matmul peak {self.peak_gflops:,.0f} GFLOP/s (best of short bursts)"
-        if self.load_avg_1m is not None and self.device == "cpu" and self.load_avg_1m >= self.usable_cores + 0.5:
+        if (
+            self.load_avg_1m is not None
+            and self.device == "cpu"
+            and self.load_avg_1m >= self.usable_cores + 0.5
+        ):
             head += f"; LOAD {self.load_avg_1m:.1f}: cores shared, timings not representative"
         return "machine: " + head
 
@@ -73,8 +80,14 @@ def cuda_peak_flops(dtype_name: str, seconds: float = 1.0, n: int = 8192) -> flo
     return best
 
 
-def describe(precision: str | None = "auto", *, device: str | None = None, peak: bool = True,
-             peak_seconds: float = 1.0, asked_by: str = "asked for on the command line") -> Machine:
+def describe(
+    precision: str | None = "auto",
+    *,
+    device: str | None = None,
+    peak: bool = True,
+    peak_seconds: float = 1.0,
+    asked_by: str = "asked for on the command line",
+) -> Machine:
     """The machine as this process sees it. `precision`: auto/bf16/fp32/fp16 is resolved as training
     would resolve it (and its peak measured when `peak`); None for benches that do no tensor math.
     An explicit precision that is also what `auto` picks is described with auto's reason."""
@@ -89,29 +102,47 @@ def describe(precision: str | None = "auto", *, device: str | None = None, peak:
     choice = choose_precision(precision, dev) if precision else None
     if choice and precision != "auto":
         auto = choose_precision("auto", dev)
-        choice = auto if auto.precision == choice.precision else \
-            replace(choice, reason=choice.reason.replace("set in the config", asked_by))
+        choice = (
+            auto
+            if auto.precision == choice.precision
+            else replace(choice, reason=choice.reason.replace("set in the config", asked_by))
+        )
     if dev.type == "cuda":
         index = dev.index if dev.index is not None else torch.cuda.current_device()
         major, minor = torch.cuda.get_device_capability(index)
-        processor, isa, bf16 = torch.cuda.get_device_name(index), f"compute capability {major}.{minor}", major >= 8
+        processor, isa, bf16 = (
+            torch.cuda.get_device_name(index),
+            f"compute capability {major}.{minor}",
+            major >= 8,
+        )
     else:
         info = cpu_info()
         processor, isa, bf16 = info.model, info.isa, info.bf16_instructions
     rate = None
     if choice and peak:
-        flops = cuda_peak_flops(choice.precision, peak_seconds) if dev.type == "cuda" else \
-            peak_flops(choice.precision, peak_seconds)
+        flops = (
+            cuda_peak_flops(choice.precision, peak_seconds)
+            if dev.type == "cuda"
+            else peak_flops(choice.precision, peak_seconds)
+        )
         rate = round(flops / 1e9, 1)
     try:
         load = round(os.getloadavg()[0], 2)
     except (AttributeError, OSError):
         load = None
     return Machine(
-        device=dev.type, processor=processor, isa=isa, bf16_instructions=bf16, cores=torch.get_num_threads(),
-        usable_cores=usable_cores(), torch=torch.__version__,
-        precision=choice.precision if choice else None, precision_reason=choice.reason if choice else None,
-        precision_warning=choice.warning if choice else None, peak_gflops=rate, load_avg_1m=load,
+        device=dev.type,
+        processor=processor,
+        isa=isa,
+        bf16_instructions=bf16,
+        cores=torch.get_num_threads(),
+        usable_cores=usable_cores(),
+        torch=torch.__version__,
+        precision=choice.precision if choice else None,
+        precision_reason=choice.reason if choice else None,
+        precision_warning=choice.warning if choice else None,
+        peak_gflops=rate,
+        load_avg_1m=load,
         when=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
 

@@ -40,10 +40,26 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "src"))
 
-TINY_A = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
-              num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=4096)
-TINY_B = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-              num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=4096)
+TINY_A = dict(
+    hidden_size=256,
+    intermediate_size=704,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    vocab_size=32000,
+    tie_word_embeddings=False,
+    max_position_embeddings=4096,
+)
+TINY_B = dict(
+    hidden_size=512,
+    intermediate_size=1408,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    vocab_size=32000,
+    tie_word_embeddings=False,
+    max_position_embeddings=4096,
+)
 MODELS = {"random-19M": TINY_A, "random-55M": TINY_B, "smollm2-135m": None}
 
 # model, method, gradient checkpointing, base dtype, batch, seq, loss chunk
@@ -86,8 +102,9 @@ def chunked_cross_entropy(hidden, labels, weight, chunk: int):
     flat_h, flat_y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     total = torch.zeros((), dtype=torch.float32)
     for start in range(0, flat_y.numel(), chunk):
-        total = total + checkpoint(one, flat_h[start:start + chunk], flat_y[start:start + chunk], weight,
-                                   use_reentrant=False)
+        total = total + checkpoint(
+            one, flat_h[start : start + chunk], flat_y[start : start + chunk], weight, use_reentrant=False
+        )
     return total
 
 
@@ -120,10 +137,21 @@ def attach(model, method: str, ckpt: bool):
 
         if method == "qlora":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ckpt)
-        return get_peft_model(model, LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=DROPOUT,
-                                                target_modules=TARGETS, task_type="CAUSAL_LM"))
-    return attach_method(model, MethodConfig(name=method, rank=RANK, alpha=2 * RANK, dropout=DROPOUT,
-                                             targets=TARGETS), gradient_checkpointing=ckpt)
+        return get_peft_model(
+            model,
+            LoraConfig(
+                r=RANK,
+                lora_alpha=2 * RANK,
+                lora_dropout=DROPOUT,
+                target_modules=TARGETS,
+                task_type="CAUSAL_LM",
+            ),
+        )
+    return attach_method(
+        model,
+        MethodConfig(name=method, rank=RANK, alpha=2 * RANK, dropout=DROPOUT, targets=TARGETS),
+        gradient_checkpointing=ckpt,
+    )
 
 
 def build(model_name: str, method: str, dtype_name: str, ckpt: bool, tmp: Path, precision: str):
@@ -141,8 +169,11 @@ def build(model_name: str, method: str, dtype_name: str, ckpt: bool, tmp: Path, 
     kwargs = {"dtype": dtype, "attn_implementation": "sdpa"}
     if method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+        )
     model = LlamaForCausalLM.from_pretrained(source, **kwargs)
     # Own every tensor (no views of the mmapped file), as after any real load-and-train.
     with torch.no_grad():
@@ -204,10 +235,14 @@ def child(spec: dict) -> dict:
     loaded = _status("VmRSS") - base_rss
     vocab = model.config.vocab_size
     opt = make_optimizer(model)
-    train_steps(model, opt, 1, 16, spec["chunk"], 1, vocab, spec["precision"])  # a tiny first step allocates the AdamW state
+    train_steps(
+        model, opt, 1, 16, spec["chunk"], 1, vocab, spec["precision"]
+    )  # a tiny first step allocates the AdamW state
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    train_steps(model, opt, spec["batch"], spec["seq"], spec["chunk"], 1, vocab, spec["precision"])  # a steady-state step
+    train_steps(
+        model, opt, spec["batch"], spec["seq"], spec["chunk"], 1, vocab, spec["precision"]
+    )  # a steady-state step
     peak = _status("VmHWM") - base_rss
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     try:
@@ -217,8 +252,13 @@ def child(spec: dict) -> dict:
         code = "recipe"
     except ImportError:
         code = "fallback"
-    return {"peak": peak, "loaded": loaded, "trainable": trainable, "seconds": round(time.time() - t0, 1),
-            "code": code}
+    return {
+        "peak": peak,
+        "loaded": loaded,
+        "trainable": trainable,
+        "seconds": round(time.time() - t0, 1),
+        "code": code,
+    }
 
 
 # ----------------------------------------------------------------------------------------- parent
@@ -230,26 +270,52 @@ def estimate_for(spec: dict):
 
     cfg = MODELS[spec["model"]]
     arch = load_arch("smollm2-135m") if cfg is None else Arch.from_config(cfg, spec["model"])
-    setup = Setup(method=spec["method"], batch=spec["batch"], seq=spec["seq"], checkpointing=spec["ckpt"],
-                  loss_chunk=spec["chunk"], weights_dtype=spec["dtype"], precision=spec["precision"], rank=RANK,
-                  targets=TARGETS, dropout=DROPOUT, device="cpu")
+    setup = Setup(
+        method=spec["method"],
+        batch=spec["batch"],
+        seq=spec["seq"],
+        checkpointing=spec["ckpt"],
+        loss_chunk=spec["chunk"],
+        weights_dtype=spec["dtype"],
+        precision=spec["precision"],
+        rank=RANK,
+        targets=TARGETS,
+        dropout=DROPOUT,
+        device="cpu",
+    )
     return estimate(arch, setup)
 
 
 def resolve_default_model() -> str | None:
     """The default model's safetensors folder (fetched and converted once, outside any measurement)."""
     code = "from llamaforge import catalog; print(catalog.resolve('smollm2-135m-instruct'))"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
+    )
     lines = proc.stdout.strip().splitlines()
     return lines[-1] if proc.returncode == 0 and lines else None
 
 
 def run_one(spec: dict, smol: str | None) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", PLAN_BENCH_SMOL=smol or "",
-               PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error")
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                          env=env, timeout=900)
+    env = dict(
+        os.environ,
+        MALLOC_MMAP_THRESHOLD_="65536",
+        MALLOC_TRIM_THRESHOLD_="0",
+        PLAN_BENCH_SMOL=smol or "",
+        PYTHONWARNINGS="ignore",
+        TRANSFORMERS_VERBOSITY="error",
+    )
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
@@ -260,8 +326,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="skip SmolLM2-135M (needs the catalog download)")
-    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                        help="autocast of the measured steps; auto: what training resolves on this machine")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "bf16", "fp32"],
+        help="autocast of the measured steps; auto: what training resolves on this machine",
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "plan_accuracy.json"))
     args = parser.parse_args()
     if args.child:
@@ -277,29 +347,46 @@ def main() -> int:
     smol = None if args.quick else resolve_default_model()
     rows = []
     MiB = 1024**2
-    header = f"{'model':14} {'method':6} {'ckpt':4} {'base':8} {'b x s':8} {'chunk':5} " \
-             f"{'measured MiB':>12} {'estimate MiB':>12} {'error':>7}  peak phase (est.)"
+    header = (
+        f"{'model':14} {'method':6} {'ckpt':4} {'base':8} {'b x s':8} {'chunk':5} "
+        f"{'measured MiB':>12} {'estimate MiB':>12} {'error':>7}  peak phase (est.)"
+    )
     print(header)
     print("-" * len(header))
     with tempfile.TemporaryDirectory() as tmp:
         for model, method, ckpt, dtype, batch, seq, chunk in CONFIGS:
             if args.quick and MODELS[model] is None:
                 continue
-            spec = dict(model=model, method=method, ckpt=ckpt, dtype=dtype, batch=batch, seq=seq, chunk=chunk,
-                        tmp=tmp, precision=machine.precision)
+            spec = dict(
+                model=model,
+                method=method,
+                ckpt=ckpt,
+                dtype=dtype,
+                batch=batch,
+                seq=seq,
+                chunk=chunk,
+                tmp=tmp,
+                precision=machine.precision,
+            )
             est = estimate_for(spec)
             if MODELS[model] is None and smol is None:
                 print(f"{model:14} {method:6} skipped: the default model could not be fetched (offline?)")
                 continue
             got = run_one(spec, smol)
             row = {k: v for k, v in spec.items() if k != "tmp"}
-            row.update(estimate=est.peak, estimate_phase=est.peak_phase,
-                       estimate_phases={k: round(v) for k, v in est.phases.items()}, **got)
+            row.update(
+                estimate=est.peak,
+                estimate_phase=est.peak_phase,
+                estimate_phases={k: round(v) for k, v in est.phases.items()},
+                **got,
+            )
             if "peak" in got:
                 row["error"] = (est.peak - got["peak"]) / got["peak"]
-                print(f"{model:14} {method:6} {'yes' if ckpt else 'no':4} {dtype:8} {f'{batch}x{seq}':8} {chunk:5} "
-                      f"{got['peak'] / MiB:12.0f} {est.peak / MiB:12.0f} {row['error']:+7.1%}  {est.peak_phase}",
-                      flush=True)
+                print(
+                    f"{model:14} {method:6} {'yes' if ckpt else 'no':4} {dtype:8} {f'{batch}x{seq}':8} {chunk:5} "
+                    f"{got['peak'] / MiB:12.0f} {est.peak / MiB:12.0f} {row['error']:+7.1%}  {est.peak_phase}",
+                    flush=True,
+                )
             else:
                 print(f"{model:14} {method:6} failed: {got.get('error')}", flush=True)
             rows.append(row)
@@ -307,16 +394,28 @@ def main() -> int:
     if ok:
         worst = max(abs(r["error"]) for r in ok)
         within = sum(abs(r["error"]) <= 0.15 for r in ok)
-        print(f"\n{within}/{len(ok)} within 15% of the measured peak; worst {worst:.1%}; "
-              f"mean |error| {sum(abs(r['error']) for r in ok) / len(ok):.1%}")
+        print(
+            f"\n{within}/{len(ok)} within 15% of the measured peak; worst {worst:.1%}; "
+            f"mean |error| {sum(abs(r['error']) for r in ok) / len(ok):.1%}"
+        )
         codes = sorted({r.get("code", "?") for r in ok})
-        print("training step code: " + ", ".join(
-            "the recipe's (llamaforge.train.adapters, losses)" if c == "recipe" else "the bench's fallback"
-            for c in codes))
+        print(
+            "training step code: "
+            + ", ".join(
+                "the recipe's (llamaforge.train.adapters, losses)"
+                if c == "recipe"
+                else "the bench's fallback"
+                for c in codes
+            )
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": "cpu", "machine": machine.record(), "measure": "VmHWM - baseline RSS",
-                               "rows": rows}, indent=2))
+    out.write_text(
+        json.dumps(
+            {"device": "cpu", "machine": machine.record(), "measure": "VmHWM - baseline RSS", "rows": rows},
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
     return 0
 

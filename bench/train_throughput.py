@@ -60,8 +60,13 @@ from pathlib import Path
 
 # The race is on the CPU, every variant: a GPU on the machine is hidden from them all (the GPU's own check is
 # bench/gpu_check.sh).
-os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
-                  TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
+os.environ.update(
+    HF_HUB_OFFLINE="1",
+    HF_DATASETS_OFFLINE="1",
+    HF_HUB_DISABLE_TELEMETRY="1",
+    TOKENIZERS_PARALLELISM="false",
+    CUDA_VISIBLE_DEVICES="",
+)
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
@@ -70,10 +75,14 @@ IGNORE = -100
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"}
 VARIANTS = ("llamaforge", "llamaforge_packed", "hf", "hf_max_length", "trl_padding_free", "trl_packing")
 PACKED = ("llamaforge_packed", "trl_packing")
-LABELS = {"llamaforge": "llamaforge, default", "llamaforge_packed": "llamaforge, packing",
-          "hf": "HF Trainer + peft, dynamic padding + group_by_length", "hf_max_length":
-          "HF Trainer + peft, padding=max_length", "trl_padding_free": "TRL SFTTrainer, padding_free",
-          "trl_packing": "TRL SFTTrainer, packing"}
+LABELS = {
+    "llamaforge": "llamaforge, default",
+    "llamaforge_packed": "llamaforge, packing",
+    "hf": "HF Trainer + peft, dynamic padding + group_by_length",
+    "hf_max_length": "HF Trainer + peft, padding=max_length",
+    "trl_padding_free": "TRL SFTTrainer, padding_free",
+    "trl_packing": "TRL SFTTrainer, packing",
+}
 
 
 # ---------------------------------------------------------------------- counting (in the children)
@@ -102,8 +111,13 @@ class Counter:
         self.n_sq += int(sum(n * (n + 1) for n in lengths))
 
     def result(self) -> dict:
-        return {"all_tokens": self.all, "real_tokens": self.real, "target_tokens": self.target,
-                "examples": self.examples, "sum_n_n1": self.n_sq}
+        return {
+            "all_tokens": self.all,
+            "real_tokens": self.real,
+            "target_tokens": self.target,
+            "examples": self.examples,
+            "sum_n_n1": self.n_sq,
+        }
 
 
 def _rows(path: Path) -> list[dict]:
@@ -123,17 +137,37 @@ def child_llamaforge(a, work: Path, tag: str, packing: bool) -> dict:
     else:
         micro = int(a.llamaforge_batch_size)
         batching = [f"train.batch_size={micro}", f"train.grad_accum={a.batch_size // micro}"]
-    cfg = load_config(None, batching + [
-        f"model.source={a.model}", f"data.sources=[{{path: {work / 'train_messages.jsonl'}, format: messages}}]",
-        "data.val_size=0", f"data.max_length={a.data_max_length}", "data.template=auto",
-        "method.name=lora", f"method.rank={LORA['r']}", f"method.alpha={LORA['lora_alpha']}",
-        f"method.dropout={LORA['lora_dropout']}", "method.targets=all-linear",
-        f"train.max_steps={a.steps}", f"train.lr={a.lr}", "train.scheduler=cosine", "train.warmup_ratio=0.05",
-        "train.weight_decay=0", "train.max_grad_norm=1.0", f"train.packing={str(packing).lower()}",
-        f"train.pack_length={a.pack_length}", f"train.precision={a.precision}",
-        "eval.before_after=false", "eval.prompts=[]", f"output.dir={work}", f"output.name={tag}",
-        "output.overwrite=true", f"train.seed={a.seed}",
-    ])
+    cfg = load_config(
+        None,
+        batching
+        + [
+            f"model.source={a.model}",
+            f"data.sources=[{{path: {work / 'train_messages.jsonl'}, format: messages}}]",
+            "data.val_size=0",
+            f"data.max_length={a.data_max_length}",
+            "data.template=auto",
+            "method.name=lora",
+            f"method.rank={LORA['r']}",
+            f"method.alpha={LORA['lora_alpha']}",
+            f"method.dropout={LORA['lora_dropout']}",
+            "method.targets=all-linear",
+            f"train.max_steps={a.steps}",
+            f"train.lr={a.lr}",
+            "train.scheduler=cosine",
+            "train.warmup_ratio=0.05",
+            "train.weight_decay=0",
+            "train.max_grad_norm=1.0",
+            f"train.packing={str(packing).lower()}",
+            f"train.pack_length={a.pack_length}",
+            f"train.precision={a.precision}",
+            "eval.before_after=false",
+            "eval.prompts=[]",
+            f"output.dir={work}",
+            f"output.name={tag}",
+            "output.overwrite=true",
+            f"train.seed={a.seed}",
+        ],
+    )
     recipe = FineTuneRecipe(cfg)
     recipe.setup()
     counter = Counter(recipe.tokenizer.pad_token_id)
@@ -151,10 +185,15 @@ def child_llamaforge(a, work: Path, tag: str, packing: bool) -> dict:
     rows = [json.loads(x) for x in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
     micro, accum = recipe.summary["micro_batch"], recipe.summary["grad_accum"]
     shape = f"{a.batch_size} packed rows of {a.pack_length}" if packing else "length-grouped padding"
-    return {**counter.result(), "train_seconds": summary["train_seconds"], "adapter": str(adapter),
-            "losses": [r["loss"] for r in rows if "loss" in r], "trainable_params": summary["trainable_params"],
-            "gradient_checkpointing": bool(recipe.summary["gradient_checkpointing"]),
-            "config": f"{shape}, micro-batch {micro} x {accum} accumulated"}
+    return {
+        **counter.result(),
+        "train_seconds": summary["train_seconds"],
+        "adapter": str(adapter),
+        "losses": [r["loss"] for r in rows if "loss" in r],
+        "trainable_params": summary["trainable_params"],
+        "gradient_checkpointing": bool(recipe.summary["gradient_checkpointing"]),
+        "config": f"{shape}, micro-batch {micro} x {accum} accumulated",
+    }
 
 
 def _hf_model(a):
@@ -178,9 +217,17 @@ def _run_trainer(trainer, counter: Counter, work: Path, tag: str) -> dict:
     adapter = work / tag / "adapter"
     trainer.model.save_pretrained(adapter)
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    checkpointing = bool(getattr(trainer.args, "activation_checkpointing", None) or trainer.args.gradient_checkpointing)
-    return {**counter.result(), "train_seconds": out.metrics["train_runtime"], "adapter": str(adapter),
-            "losses": losses, "trainable_params": _lora_params(trainer.model), "gradient_checkpointing": checkpointing}
+    checkpointing = bool(
+        getattr(trainer.args, "activation_checkpointing", None) or trainer.args.gradient_checkpointing
+    )
+    return {
+        **counter.result(),
+        "train_seconds": out.metrics["train_runtime"],
+        "adapter": str(adapter),
+        "losses": losses,
+        "trainable_params": _lora_params(trainer.model),
+        "gradient_checkpointing": checkpointing,
+    }
 
 
 def _common_args(a, work: Path, tag: str, group_by_length: bool = False) -> dict:
@@ -188,13 +235,29 @@ def _common_args(a, work: Path, tag: str, group_by_length: bool = False) -> dict
 
     from transformers import TrainingArguments
 
-    args = dict(output_dir=str(work / tag), per_device_train_batch_size=a.batch_size, gradient_accumulation_steps=1,
-                max_steps=a.steps, learning_rate=a.lr, lr_scheduler_type="cosine", warmup_steps=int(0.05 * a.steps),
-                weight_decay=0.0, max_grad_norm=1.0, bf16=a.precision == "bf16", use_cpu=True, logging_steps=1,
-                save_strategy="no", report_to="none", dataloader_num_workers=0, seed=a.seed)
+    args = dict(
+        output_dir=str(work / tag),
+        per_device_train_batch_size=a.batch_size,
+        gradient_accumulation_steps=1,
+        max_steps=a.steps,
+        learning_rate=a.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=int(0.05 * a.steps),
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        bf16=a.precision == "bf16",
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        dataloader_num_workers=0,
+        seed=a.seed,
+    )
     # checkpointing off for the peers, said explicitly: TRL's SFTConfig defaults it to on (llamaforge: its auto)
     params = inspect.signature(TrainingArguments).parameters
-    args["activation_checkpointing" if "activation_checkpointing" in params else "gradient_checkpointing"] = False
+    args["activation_checkpointing" if "activation_checkpointing" in params else "gradient_checkpointing"] = (
+        False
+    )
     if group_by_length:  # transformers 5 renamed the flag
         if "group_by_length" in params:
             args["group_by_length"] = True
@@ -241,13 +304,21 @@ def child_trl(a, work: Path, tag: str, packing: bool) -> dict:
 
     model, tokenizer = _hf_model(a)
     rows = _rows(work / "train.jsonl")
-    data = Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]})
-    args = SFTConfig(**_common_args(a, work, tag), packing=packing, padding_free=not packing,
-                     max_length=a.pack_length if packing else None)
+    data = Dataset.from_dict(
+        {"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]}
+    )
+    args = SFTConfig(
+        **_common_args(a, work, tag),
+        packing=packing,
+        padding_free=not packing,
+        max_length=a.pack_length if packing else None,
+    )
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
     config = f"packing bfd {a.pack_length}" if packing else "padding_free"
-    return {**_run_trainer(trainer, Counter(tokenizer.pad_token_id), work, tag),
-            "config": f"{config}, batch {a.batch_size}"}
+    return {
+        **_run_trainer(trainer, Counter(tokenizer.pad_token_id), work, tag),
+        "config": f"{config}, batch {a.batch_size}",
+    }
 
 
 CHILDREN = {
@@ -264,8 +335,10 @@ def child_main(a) -> None:
     started = time.perf_counter()
     work = Path(a.work)
     result = CHILDREN[a.child](a, work, a.tag)
-    result.update(wall_seconds=time.perf_counter() - started,
-                  peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    result.update(
+        wall_seconds=time.perf_counter() - started,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
     (work / f"{a.tag}.json").write_text(json.dumps(result))
 
 
@@ -278,20 +351,31 @@ def prepare(a, work: Path) -> tuple[list[dict], dict]:
     from llamaforge.train.data import _split_conversations, _tokenize
 
     tokenizer = load_tokenizer(a.model)
-    cfg = DataConfig(sources=[DataSource(path="alpaca-demo")], val_size=a.eval_size, template="auto",
-                     max_length=a.data_max_length)
+    cfg = DataConfig(
+        sources=[DataSource(path="alpaca-demo")],
+        val_size=a.eval_size,
+        template="auto",
+        max_length=a.data_max_length,
+    )
     template = get_template("auto", tokenizer)
     train, val = _split_conversations(cfg, [])
     rejects: list = []
     train_rows, val_rows = _tokenize(train, template, cfg, rejects), _tokenize(val, template, cfg, rejects)
     with open(work / "train_messages.jsonl", "w") as fh:
         for conv in train:
-            fh.write(json.dumps({"messages": [{"role": m.role, "content": m.content} for m in conv.messages]}) + "\n")
+            fh.write(
+                json.dumps({"messages": [{"role": m.role, "content": m.content} for m in conv.messages]})
+                + "\n"
+            )
     with open(work / "train.jsonl", "w") as fh:
         for r in train_rows:
             fh.write(json.dumps({"input_ids": r["input_ids"], "labels": r["labels"]}) + "\n")
-    return val_rows, {"train_examples": len(train_rows), "eval_examples": len(val_rows), "rejected": len(rejects),
-                      "template": template.name}
+    return val_rows, {
+        "train_examples": len(train_rows),
+        "eval_examples": len(val_rows),
+        "rejected": len(rejects),
+        "template": template.name,
+    }
 
 
 def eval_loss(model_source: str, adapter: str, rows: list[dict], batch_size: int = 8) -> float:
@@ -324,16 +408,44 @@ def model_flops(model_source: str, r: dict) -> float:
     head = getattr(c, "head_dim", None) or d // c.num_attention_heads
     dq, dkv = c.num_attention_heads * head, c.num_key_value_heads * head
     n_linear = layers * (d * dq + 2 * d * dkv + dq * d + 3 * d * ff)
-    return (4 * n_linear * r["real_tokens"] + 4 * vocab * d * r["target_tokens"]
-            + 6 * r["trainable_params"] * r["real_tokens"] + 6 * layers * dq * r["sum_n_n1"])
+    return (
+        4 * n_linear * r["real_tokens"]
+        + 4 * vocab * d * r["target_tokens"]
+        + 6 * r["trainable_params"] * r["real_tokens"]
+        + 6 * layers * dq * r["sum_n_n1"]
+    )
 
 
 def run_child(a, name: str, work: Path, steps: int, precision: str, tag: str) -> dict:
     """One variant in its own process; a failure is recorded (and fails the run at the end), not fatal."""
-    cmd = [sys.executable, __file__, "--child", name, "--tag", tag, "--work", str(work), "--steps", str(steps),
-           "--precision", precision] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
-                                        if k in ("model", "batch_size", "llamaforge_batch_size", "lr",
-                                                 "pack_length", "hf_max_length", "data_max_length", "seed")]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        name,
+        "--tag",
+        tag,
+        "--work",
+        str(work),
+        "--steps",
+        str(steps),
+        "--precision",
+        precision,
+    ] + [
+        f"--{k.replace('_', '-')}={v}"
+        for k, v in vars(a).items()
+        if k
+        in (
+            "model",
+            "batch_size",
+            "llamaforge_batch_size",
+            "lr",
+            "pack_length",
+            "hf_max_length",
+            "data_max_length",
+            "seed",
+        )
+    ]
     print(f"-- {tag}: {steps} steps", flush=True)
     out = work / f"{tag}.json"
     out.unlink(missing_ok=True)
@@ -374,20 +486,33 @@ def run_precision(a, precision: str, names: list[str], work: Path, eval_rows: li
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=8, help="examples (packed: rows) per optimizer step, every "
-                   "variant")
-    p.add_argument("--llamaforge-batch-size", default="auto", help="llamaforge's micro-batch: auto (its default, "
-                   "planned) or a divisor of --batch-size")
+    p.add_argument(
+        "--batch-size", type=int, default=8, help="examples (packed: rows) per optimizer step, every variant"
+    )
+    p.add_argument(
+        "--llamaforge-batch-size",
+        default="auto",
+        help="llamaforge's micro-batch: auto (its default, planned) or a divisor of --batch-size",
+    )
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--eval-size", type=int, default=50)
-    p.add_argument("--pack-length", type=int, default=512, help="tokens per packed row (llamaforge, TRL packing)")
-    p.add_argument("--hf-max-length", type=int, default=512, help="padding=max_length for the hf_max_length row")
+    p.add_argument(
+        "--pack-length", type=int, default=512, help="tokens per packed row (llamaforge, TRL packing)"
+    )
+    p.add_argument(
+        "--hf-max-length", type=int, default=512, help="padding=max_length for the hf_max_length row"
+    )
     p.add_argument("--data-max-length", type=int, default=1024)
     p.add_argument("--variants", default=",".join(VARIANTS), help=", ".join(VARIANTS))
-    p.add_argument("--precision", default="auto", help="auto (this machine's resolved precision, and fp32 beside "
-                   "bf16), or a list: bf16,fp32")
-    p.add_argument("--allow-slow-bf16", action="store_true", help="run bf16 even where it is emulated and slow")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        help="auto (this machine's resolved precision, and fp32 beside bf16), or a list: bf16,fp32",
+    )
+    p.add_argument(
+        "--allow-slow-bf16", action="store_true", help="run bf16 even where it is emulated and slow"
+    )
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--work", default="/tmp/llamaforge-bench-train")
     p.add_argument("--out", default=str(HERE / "results" / "train_throughput.json"))
@@ -398,10 +523,15 @@ def main() -> None:
     if a.child:
         return child_main(a)
 
-    if a.llamaforge_batch_size != "auto" and (not a.llamaforge_batch_size.isdigit() or int(a.llamaforge_batch_size) < 1
-                                              or a.batch_size % int(a.llamaforge_batch_size)):
-        raise SystemExit(f"--llamaforge-batch-size: {a.llamaforge_batch_size!r} is neither auto nor a divisor of "
-                         f"--batch-size {a.batch_size}")
+    if a.llamaforge_batch_size != "auto" and (
+        not a.llamaforge_batch_size.isdigit()
+        or int(a.llamaforge_batch_size) < 1
+        or a.batch_size % int(a.llamaforge_batch_size)
+    ):
+        raise SystemExit(
+            f"--llamaforge-batch-size: {a.llamaforge_batch_size!r} is neither auto nor a divisor of "
+            f"--batch-size {a.batch_size}"
+        )
     names = [v.strip() for v in a.variants.split(",") if v.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
@@ -437,27 +567,35 @@ def speed_ratios(table: dict) -> dict[str, float]:
             if other in tps:
                 ratios[f"{mine}_over_{key}"] = round(tps[mine] / tps[other], 3)
         if best_trl:
-            ratios[f"{mine}_eval_loss_vs_trl_pct"] = round(100 * (ok[mine]["eval_loss"] / ok[best_trl]["eval_loss"]
-                                                                  - 1), 3)
-            ratios[f"{mine}_peak_rss_over_trl"] = round(ok[mine]["peak_rss_mb"] / ok[best_trl]["peak_rss_mb"], 3)
+            ratios[f"{mine}_eval_loss_vs_trl_pct"] = round(
+                100 * (ok[mine]["eval_loss"] / ok[best_trl]["eval_loss"] - 1), 3
+            )
+            ratios[f"{mine}_peak_rss_over_trl"] = round(
+                ok[mine]["peak_rss_mb"] / ok[best_trl]["peak_rss_mb"], 3
+            )
     return ratios
 
 
 def report(a, tables: dict, skipped: dict, data_info: dict) -> None:
     for t in tables.values():
         print(f"\n{t['machine']['line']}")
-        lines = ["| variant | config | target tok/s | all tok/s | examples/step | peak RSS MB | train loss (last 5) "
-                 "| eval loss | examples seen (eval) | train s | MFU |", "|" + "---|" * 11]
+        lines = [
+            "| variant | config | target tok/s | all tok/s | examples/step | peak RSS MB | train loss (last 5) "
+            "| eval loss | examples seen (eval) | train s | MFU |",
+            "|" + "---|" * 11,
+        ]
         for name, r in t["variants"].items():
             if "error" in r:
                 lines.append(f"| {LABELS[name]} | failed: {r['error']} |" + " |" * 9)
                 continue
             s = r["train_seconds"]
             config = r["config"] + (", gradient checkpointing ON" if r.get("gradient_checkpointing") else "")
-            lines.append(f"| {LABELS[name]} | {config} | {r['target_tokens'] / s:.0f} | {r['all_tokens'] / s:.0f} "
-                         f"| {r['examples'] / a.steps:.1f} | {r['peak_rss_mb']:.0f} | {r['final_train_loss']:.4f} "
-                         f"| {r['eval_loss']:.4f} | {r['eval_examples']} ({r['eval_steps']} steps) | {s:.1f} "
-                         f"| {100 * r['mfu']:.1f}% |")
+            lines.append(
+                f"| {LABELS[name]} | {config} | {r['target_tokens'] / s:.0f} | {r['all_tokens'] / s:.0f} "
+                f"| {r['examples'] / a.steps:.1f} | {r['peak_rss_mb']:.0f} | {r['final_train_loss']:.4f} "
+                f"| {r['eval_loss']:.4f} | {r['eval_examples']} ({r['eval_steps']} steps) | {s:.1f} "
+                f"| {100 * r['mfu']:.1f}% |"
+            )
         print("\n".join(lines))
         for k, v in t["ratios"].items():
             print(f"{k}: {v}")
@@ -466,10 +604,25 @@ def report(a, tables: dict, skipped: dict, data_info: dict) -> None:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(a).items() if k not in ("child", "quiet", "tag")}
-    clean = {prec: {**t, "variants": {n: {k: v for k, v in r.items() if k != "adapter"}
-                                      for n, r in t["variants"].items()}} for prec, t in tables.items()}
-    out.write_text(json.dumps({"settings": settings, "data": data_info, "eval_loss_at": "equal examples seen",
-                               "tables": clean, "skipped": skipped}, indent=2))
+    clean = {
+        prec: {
+            **t,
+            "variants": {n: {k: v for k, v in r.items() if k != "adapter"} for n, r in t["variants"].items()},
+        }
+        for prec, t in tables.items()
+    }
+    out.write_text(
+        json.dumps(
+            {
+                "settings": settings,
+                "data": data_info,
+                "eval_loss_at": "equal examples seen",
+                "tables": clean,
+                "skipped": skipped,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 

@@ -31,9 +31,16 @@ def build_tiny_llama(out: Path, tokenizer_dir: Path, *, seed: int = 0, **overrid
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **overrides,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **overrides,
     )
     model = LlamaForCausalLM(config)
     model.save_pretrained(out)
@@ -53,12 +60,33 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def chat_rows(n: int) -> list[dict]:
     """Small alpaca records of varied lengths (real words, so the tokenizer does real work)."""
-    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards", "quietly", "judge", "boxing"]
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "a",
+        "lazy",
+        "dog",
+        "while",
+        "seven",
+        "wizards",
+        "quietly",
+        "judge",
+        "boxing",
+    ]
     rows = []
     for i in range(n):
         k = 3 + (i * 5) % 11
-        rows.append({"instruction": f"Repeat {k} words, number {i}.", "input": "",
-                     "output": " ".join(words[(i + j) % len(words)] for j in range(k))})
+        rows.append(
+            {
+                "instruction": f"Repeat {k} words, number {i}.",
+                "input": "",
+                "output": " ".join(words[(i + j) % len(words)] for j in range(k)),
+            }
+        )
     return rows
 
 

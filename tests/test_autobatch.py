@@ -30,20 +30,25 @@ def test_a_tight_budget_gives_a_smaller_micro_batch_then_checkpointing():
     assert roomy.micro_batch == 1  # 400 tokens a row already feed the CPU's matmuls
     gpu = CPU_SETUP.with_(device="cuda")
     peaks = {b: estimate(ARCH, gpu.with_(batch=b)).peak for b in (1, 2, 4, 8)}
-    assert choose_batch(ARCH, gpu, per_device_batch=8, budget_bytes=peaks[8] + 1, mean_tokens=400).micro_batch == 8
+    assert (
+        choose_batch(ARCH, gpu, per_device_batch=8, budget_bytes=peaks[8] + 1, mean_tokens=400).micro_batch
+        == 8
+    )
     mid = choose_batch(ARCH, gpu, per_device_batch=8, budget_bytes=peaks[4] + 1, mean_tokens=400)
     assert (mid.micro_batch, mid.grad_accum, mid.checkpointing) == (4, 2, False)
     ckpt_peak = estimate(ARCH, gpu.with_(batch=1, checkpointing=True)).peak
-    tight = choose_batch(ARCH, gpu, per_device_batch=8, budget_bytes=min(peaks[1] - 1, ckpt_peak * 1.01),
-                         mean_tokens=400)
+    tight = choose_batch(
+        ARCH, gpu, per_device_batch=8, budget_bytes=min(peaks[1] - 1, ckpt_peak * 1.01), mean_tokens=400
+    )
     assert tight.checkpointing and tight.fits and "checkpointing needed" in tight.reason
     hopeless = choose_batch(ARCH, gpu, per_device_batch=8, budget_bytes=1, mean_tokens=400)
     assert not hopeless.fits and hopeless.micro_batch == 1 and "nothing fits" in hopeless.reason
 
 
 def test_fixed_checkpointing_is_respected():
-    choice = choose_batch(ARCH, CPU_SETUP, per_device_batch=6, budget_bytes=20 * GiB, mean_tokens=50,
-                          checkpointing=True)
+    choice = choose_batch(
+        ARCH, CPU_SETUP, per_device_batch=6, budget_bytes=20 * GiB, mean_tokens=50, checkpointing=True
+    )
     assert choice.checkpointing and choice.micro_batch in (1, 2, 3, 6) and 6 % choice.micro_batch == 0
 
 
@@ -65,18 +70,31 @@ def data_file(tmp_path):
 def test_the_recipe_resolves_auto_and_records_it(tmp_path, tiny_llama_dir, data_file):
     from llamaforge.train.recipe import run_training
 
-    cfg = load_config(None, [
-        f"model.source={tiny_llama_dir}", f"data.sources=[{{path: {data_file}}}]", "data.val_size=4",
-        f"output.dir={tmp_path}", "output.name=auto", "train.max_steps=2", "train.precision=fp32",
-        "train.effective_batch_size=8", "eval.before_after=false", "eval.prompts=[]",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"model.source={tiny_llama_dir}",
+            f"data.sources=[{{path: {data_file}}}]",
+            "data.val_size=4",
+            f"output.dir={tmp_path}",
+            "output.name=auto",
+            "train.max_steps=2",
+            "train.precision=fp32",
+            "train.effective_batch_size=8",
+            "eval.before_after=false",
+            "eval.prompts=[]",
+        ],
+    )
     run_dir, summary = run_training(cfg)
     choice = summary["batch_choice"]
     assert choice["micro_batch"] * choice["grad_accum"] == 8 and choice["gradient_checkpointing"] is False
     assert cfg.train.batch_size == "auto"  # the caller's config is left as it was
     saved = load_config(str(run_dir / "config.yaml")).train  # what a resume reads
     assert (saved.batch_size, saved.grad_accum, saved.effective_batch_size) == (
-        choice["micro_batch"], choice["grad_accum"], 8)
+        choice["micro_batch"],
+        choice["grad_accum"],
+        8,
+    )
     assert summary["micro_batch"] == choice["micro_batch"]
 
 
@@ -95,17 +113,35 @@ def test_auto_batch_stays_within_its_budget_measured(tmp_path, tiny_llama_dir):
     process's measured peak RSS under the budget it was given."""
     from llamaforge.hardware import available_memory_bytes
 
-    rows = [{"instruction": " ".join(["word"] * 150), "output": " ".join(["answer"] * 150)} for _ in range(24)]
+    rows = [
+        {"instruction": " ".join(["word"] * 150), "output": " ".join(["answer"] * 150)} for _ in range(24)
+    ]
     data = write_jsonl(tmp_path / "long.jsonl", rows)
     # a 128k vocabulary makes the loss chunk and activations large next to the tiny model's weights
     budget_gib = 1.6
     fraction = budget_gib * GiB / available_memory_bytes()
-    args = [f"model.source={tiny_llama_dir}", f"data.sources=[{{path: {data}}}]", "data.val_size=0",
-            "data.max_length=512", f"output.dir={tmp_path}", "output.name=budget", "train.max_steps=2",
-            "train.precision=fp32", "train.effective_batch_size=16", f"train.memory_fraction={fraction:.6f}",
-            "train.loss_chunk_size=4096", "eval.before_after=false", "eval.prompts=[]"]
-    out = subprocess.run([sys.executable, "-c", BUDGETED_RUN, *args], capture_output=True, text=True, timeout=300,
-                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    args = [
+        f"model.source={tiny_llama_dir}",
+        f"data.sources=[{{path: {data}}}]",
+        "data.val_size=0",
+        "data.max_length=512",
+        f"output.dir={tmp_path}",
+        "output.name=budget",
+        "train.max_steps=2",
+        "train.precision=fp32",
+        "train.effective_batch_size=16",
+        f"train.memory_fraction={fraction:.6f}",
+        "train.loss_chunk_size=4096",
+        "eval.before_after=false",
+        "eval.prompts=[]",
+    ]
+    out = subprocess.run(
+        [sys.executable, "-c", BUDGETED_RUN, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     choice = json.loads(out.stdout.strip().splitlines()[-1])
     peak_gib = choice["peak_rss"] / GiB

@@ -54,7 +54,10 @@ def test_an_explicit_precision_is_said_to_be_asked_for_unless_auto_picks_it(monk
     fp32 = machine.describe("fp32", device="cpu")
     assert fp32.precision == "fp32" and fp32.precision_reason.startswith("asked for on the command line")
     bf16 = machine.describe("bf16", device="cpu")
-    assert bf16.precision_reason == "AVX512+AVX512-BF16+AMX CPU with bf16 instructions: bf16 800 vs fp32 190 GFLOP/s"
+    assert (
+        bf16.precision_reason
+        == "AVX512+AVX512-BF16+AMX CPU with bf16 instructions: bf16 800 vs fp32 190 GFLOP/s"
+    )
 
 
 def test_benches_without_tensor_math_get_no_precision(monkeypatch, fake_peaks):
@@ -67,7 +70,9 @@ def test_benches_without_tensor_math_get_no_precision(monkeypatch, fake_peaks):
 def test_a_busy_machine_is_flagged_in_the_line(monkeypatch, fake_peaks):
     fake_machine(monkeypatch, AVX2, bf16=0.9, fp32=87.0)
     monkeypatch.setattr(machine.os, "getloadavg", lambda: (99.0, 99.0, 99.0))
-    assert "LOAD 99.0: cores shared, timings not representative" in machine.describe("auto", device="cpu").line()
+    assert (
+        "LOAD 99.0: cores shared, timings not representative" in machine.describe("auto", device="cpu").line()
+    )
 
 
 def test_avx2_runs_fp32_and_skips_bf16_with_the_reason(monkeypatch):

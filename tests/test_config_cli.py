@@ -21,18 +21,28 @@ def test_defaults_are_complete_and_round_trip(tmp_path):
 
 
 def test_dotted_overrides_parse_yaml_values(tmp_path):
-    cfg = load_config(None, ["train.lr=1e-4", "method.targets=[q_proj,v_proj]", "train.max_steps=3",
-                             "data.system_prompt=Be brief: always"])
+    cfg = load_config(
+        None,
+        [
+            "train.lr=1e-4",
+            "method.targets=[q_proj,v_proj]",
+            "train.max_steps=3",
+            "data.system_prompt=Be brief: always",
+        ],
+    )
     assert cfg.train.lr == 1e-4 and cfg.method.targets == ["q_proj", "v_proj"] and cfg.train.max_steps == 3
     assert cfg.data.system_prompt == "Be brief: always"
 
 
-@pytest.mark.parametrize("override, hint", [
-    ("trian.lr=1", "did you mean 'train'"),
-    ("train.learning_rat=1", None),
-    ("method.rnk=4", "did you mean 'method.rank'"),
-    ("data.sources=[{path: x, fromat: alpaca}]", "did you mean 'data.sources.0.format'"),
-])
+@pytest.mark.parametrize(
+    "override, hint",
+    [
+        ("trian.lr=1", "did you mean 'train'"),
+        ("train.learning_rat=1", None),
+        ("method.rnk=4", "did you mean 'method.rank'"),
+        ("data.sources=[{path: x, fromat: alpaca}]", "did you mean 'data.sources.0.format'"),
+    ],
+)
 def test_unknown_keys_suggest_the_nearest(override, hint):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
@@ -41,14 +51,17 @@ def test_unknown_keys_suggest_the_nearest(override, hint):
         assert hint in str(err.value)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["method.name=full", "model.quantization=4bit"], "cannot train 4bit"),
-    (["method.name=qlora", "model.quantization=8bit"], "8bit contradicts"),
-    (["train.eval_every=10", "data.val_size=0"], "needs validation data"),
-    (["method.dropout=1.5"], "method.dropout"),
-    (["train.batch_size=0"], "train.batch_size"),
-    (["data.val_size=2.5"], "whole count"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["method.name=full", "model.quantization=4bit"], "cannot train 4bit"),
+        (["method.name=qlora", "model.quantization=8bit"], "8bit contradicts"),
+        (["train.eval_every=10", "data.val_size=0"], "needs validation data"),
+        (["method.dropout=1.5"], "method.dropout"),
+        (["train.batch_size=0"], "train.batch_size"),
+        (["data.val_size=2.5"], "whole count"),
+    ],
+)
 def test_impossible_combinations_fail_before_any_model_loads(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
@@ -90,8 +103,9 @@ def test_config_show_and_errors_through_main(capsys, tmp_path):
 
 
 def test_cli_entry_point_runs():
-    out = subprocess.run([sys.executable, "-m", "llamaforge.cli", "--help"], capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "llamaforge.cli", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0 and "train" in out.stdout
 
 

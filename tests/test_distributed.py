@@ -54,8 +54,19 @@ def torchrun(job, name: str, *, accelerate_use_cpu: bool) -> subprocess.Complete
     env.pop("ACCELERATE_USE_CPU", None)
     if accelerate_use_cpu:
         env["ACCELERATE_USE_CPU"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "llamaforge.cli", "train", str(job), f"output.name={name}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "llamaforge.cli",
+        "train",
+        str(job),
+        f"output.name={name}",
+    ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=job.parent)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -128,7 +139,15 @@ def launch_env(name: str) -> dict[str, str]:
     from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
     args = launch_command_parser().parse_args(
-        ["--config_file", str(ACCELERATE_EXAMPLES / f"{name}.yaml"), "-m", "llamaforge.cli", "train", "job.yaml"])
+        [
+            "--config_file",
+            str(ACCELERATE_EXAMPLES / f"{name}.yaml"),
+            "-m",
+            "llamaforge.cli",
+            "train",
+            "job.yaml",
+        ]
+    )
     args, defaults, mp_from_config = _validate_launch_command(args)
     if args.use_deepspeed:  # as accelerate's launch_command does before deepspeed_launcher
         fields = list(defaults.deepspeed_config) + (["mixed_precision"] if mp_from_config else [])
@@ -137,10 +156,15 @@ def launch_env(name: str) -> dict[str, str]:
     return prepare_multi_gpu_env(args)
 
 
-@pytest.mark.parametrize("name, kind, sharded", [
-    ("ddp", "MULTI_GPU", False), ("fsdp", "FSDP", True),
-    ("deepspeed_zero2", "DEEPSPEED", False), ("deepspeed_zero3", "DEEPSPEED", True),
-])
+@pytest.mark.parametrize(
+    "name, kind, sharded",
+    [
+        ("ddp", "MULTI_GPU", False),
+        ("fsdp", "FSDP", True),
+        ("deepspeed_zero2", "DEEPSPEED", False),
+        ("deepspeed_zero3", "DEEPSPEED", True),
+    ],
+)
 def test_accelerate_examples_load_and_launch_as_documented(name, kind, sharded, monkeypatch):
     from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.utils import DistributedType
@@ -151,7 +175,10 @@ def test_accelerate_examples_load_and_launch_as_documented(name, kind, sharded, 
     assert config.distributed_type == DistributedType[kind] and config.num_processes >= 2
     env = launch_env(name)
     if name == "fsdp":
-        assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_TRANSFORMER_CLS_TO_WRAP"] == "LlamaDecoderLayer"
+        assert (
+            env["ACCELERATE_USE_FSDP"] == "true"
+            and env["FSDP_TRANSFORMER_CLS_TO_WRAP"] == "LlamaDecoderLayer"
+        )
         for flag in ("USE_ORIG_PARAMS", "CPU_RAM_EFFICIENT_LOADING", "SYNC_MODULE_STATES"):
             assert env[f"FSDP_{flag}"] == "true", flag
     if kind == "DEEPSPEED":

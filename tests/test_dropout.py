@@ -47,8 +47,10 @@ def test_attach_method_swaps_every_lora_dropout(tiny_llama_dir):
     from llamaforge.config import MethodConfig
     from llamaforge.train.adapters import attach_method
 
-    model = attach_method(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
-                          MethodConfig(name="lora", rank=4, dropout=0.05, targets="all-linear"))
+    model = attach_method(
+        AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+        MethodConfig(name="lora", rank=4, dropout=0.05, targets="all-linear"),
+    )
     layers = [m for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), nn.ModuleDict)]
     assert len(layers) == 2 * 7
     assert all(isinstance(m.lora_dropout["default"], FastDropout) for m in layers)

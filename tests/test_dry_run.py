@@ -12,7 +12,9 @@ from llamaforge.planning.memory import GiB
 
 def parse(text: str) -> dict:
     assert "memory estimate" in text, text
-    numbers = {k: float(v) for k, v in re.findall(r"(weights|gradients|optimizer|activations|peak) (\d+\.\d+)", text)}
+    numbers = {
+        k: float(v) for k, v in re.findall(r"(weights|gradients|optimizer|activations|peak) (\d+\.\d+)", text)
+    }
     available = float(re.search(r"(\d+\.\d+) GiB of RAM available", text).group(1))
     return {"text": text, "available": available, **numbers}
 
@@ -30,7 +32,9 @@ def estimate_lines(model_dir, *overrides) -> dict:
     from llamaforge.config import load_config
     from llamaforge.planning.dry_run import memory_lines
 
-    return parse("\n".join(memory_lines(load_config(None, list(overrides)), AutoConfig.from_pretrained(model_dir))))
+    return parse(
+        "\n".join(memory_lines(load_config(None, list(overrides)), AutoConfig.from_pretrained(model_dir)))
+    )
 
 
 @pytest.fixture(scope="module")

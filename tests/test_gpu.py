@@ -17,8 +17,12 @@ from llamaforge.config import load_config
 from llamaforge.device import choose_precision
 from test_qlora import METHOD, bnb_dequantised, lora_grads, randomise_lora_b, reference, sample_batch
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run bench/gpu_check.sh there)")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU (run bench/gpu_check.sh there)"
+    ),
+]
 CUDA = torch.device("cuda")
 tiny64_dir = test_qlora.tiny64_dir  # the fixture: a tiny Llama with 64-wide layers, as bitsandbytes needs
 
@@ -26,9 +30,19 @@ tiny64_dir = test_qlora.tiny64_dir  # the fixture: a tiny Llama with 64-wide lay
 def job(tmp_path, model_dir, **extra):
     data = write_jsonl(tmp_path / "data.jsonl", chat_rows(16))
     overrides = [
-        f"model.source={model_dir}", f"data.sources=[{{path: {data}}}]", "data.template=llama3", "data.val_size=0",
-        f"output.dir={tmp_path / 'runs'}", "output.name=gpu", "eval.before_after=false", "eval.prompts=[]",
-        "train.batch_size=4", "train.max_steps=4", "train.lr=1e-2", "train.warmup_ratio=0", "method.dropout=0",
+        f"model.source={model_dir}",
+        f"data.sources=[{{path: {data}}}]",
+        "data.template=llama3",
+        "data.val_size=0",
+        f"output.dir={tmp_path / 'runs'}",
+        "output.name=gpu",
+        "eval.before_after=false",
+        "eval.prompts=[]",
+        "train.batch_size=4",
+        "train.max_steps=4",
+        "train.lr=1e-2",
+        "train.warmup_ratio=0",
+        "method.dropout=0",
     ] + [f"{k}={v}" for k, v in extra.items()]
     return load_config(None, overrides)
 
@@ -72,8 +86,17 @@ def test_bitsandbytes_nf4_lora_gradients_on_cuda_match_the_dequantised_reference
 def test_qlora_with_paged_adamw_8bit_trains_through_the_recipe(tmp_path, tiny64_dir):
     from llamaforge.train.recipe import FineTuneRecipe
 
-    cfg = job(tmp_path, tiny64_dir, **{"method.name": "qlora", "method.rank": 4, "method.alpha": 8,
-                                       "model.quantization": "4bit", "train.optimizer": "paged_adamw_8bit"})
+    cfg = job(
+        tmp_path,
+        tiny64_dir,
+        **{
+            "method.name": "qlora",
+            "method.rank": 4,
+            "method.alpha": 8,
+            "model.quantization": "4bit",
+            "train.optimizer": "paged_adamw_8bit",
+        },
+    )
     recipe = FineTuneRecipe(cfg)
     recipe.setup()
     recipe.train()
@@ -96,9 +119,17 @@ def test_packing_through_flash_attention_varlen_keeps_examples_apart(tmp_path, t
 
     model, _ = load_model(str(tiny64_dir), dtype=torch.bfloat16, attn_implementation="flash_attention_2")
     verify_packing(model.to(CUDA), flatten=True)  # raises if packed examples see each other
-    cfg = job(tmp_path, tiny64_dir, **{"method.name": "lora", "model.dtype": "bfloat16",
-                                       "model.attn_implementation": "flash_attention_2", "train.packing": "true",
-                                       "train.pack_length": 128})
+    cfg = job(
+        tmp_path,
+        tiny64_dir,
+        **{
+            "method.name": "lora",
+            "model.dtype": "bfloat16",
+            "model.attn_implementation": "flash_attention_2",
+            "train.packing": "true",
+            "train.pack_length": 128,
+        },
+    )
     recipe = FineTuneRecipe(cfg)
     recipe.setup()
     recipe.train()

@@ -23,7 +23,9 @@ def test_avx2_cpu_gets_fp32_with_the_reason(monkeypatch):
     fake_machine(monkeypatch, AVX2, bf16=0.9, fp32=87.0)
     choice = device.choose_precision("auto", CPU)
     assert choice.precision == "fp32" and choice.warning is None
-    assert choice.line() == "precision: fp32 (AVX2 CPU without bf16 instructions: bf16 0.9 vs fp32 87 GFLOP/s)"
+    assert (
+        choice.line() == "precision: fp32 (AVX2 CPU without bf16 instructions: bf16 0.9 vs fp32 87 GFLOP/s)"
+    )
 
 
 def test_bf16_cpu_with_a_fast_probe_gets_bf16(monkeypatch):
@@ -51,8 +53,9 @@ def test_fp16_on_cpu_is_refused():
         device.choose_precision("fp16", CPU)
 
 
-@pytest.mark.parametrize(("capability", "expected"), [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp16"),
-                                                      ((7, 0), "fp16")])
+@pytest.mark.parametrize(
+    ("capability", "expected"), [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp16"), ((7, 0), "fp16")]
+)
 def test_cuda_capability_branches(monkeypatch, capability, expected):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Fake GPU")

@@ -16,11 +16,23 @@ from llamaforge.train.recipe import run_training
 def trained_run(tmp_path_factory, tiny_llama_dir):
     tmp = tmp_path_factory.mktemp("run")
     data = write_jsonl(tmp / "data.jsonl", chat_rows(16))
-    cfg = load_config(None, [
-        f"model.source={tiny_llama_dir}", f"data.sources=[{{path: {data}}}]", "data.template=llama3",
-        "data.val_size=0", f"output.dir={tmp}", "output.name=run", "eval.prompts=[]", "train.max_steps=6",
-        "train.lr=5e-2", "train.precision=fp32", "method.rank=4", "method.dropout=0",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"model.source={tiny_llama_dir}",
+            f"data.sources=[{{path: {data}}}]",
+            "data.template=llama3",
+            "data.val_size=0",
+            f"output.dir={tmp}",
+            "output.name=run",
+            "eval.prompts=[]",
+            "train.max_steps=6",
+            "train.lr=5e-2",
+            "train.precision=fp32",
+            "method.rank=4",
+            "method.dropout=0",
+        ],
+    )
     run_dir, _ = run_training(cfg)
     return run_dir
 
@@ -34,15 +46,21 @@ def test_merged_model_matches_base_plus_adapter(trained_run, tmp_path):
     out = merge_run(trained_run, tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers
     peft_model, tokenizer, template = load_for_inference(trained_run)
-    ids = torch.tensor([template.encode_prompt([])[:1] + tokenizer.encode("merge me please", add_special_tokens=False)])
+    ids = torch.tensor(
+        [template.encode_prompt([])[:1] + tokenizer.encode("merge me please", add_special_tokens=False)]
+    )
     with torch.no_grad():
         expected = peft_model(input_ids=ids).logits
         got = merged(input_ids=ids).logits
     delta = (peft_model.get_base_model().lm_head.weight - merged.lm_head.weight).abs().max()
     assert delta == 0  # lm_head not targeted; the decoder weights carry the adapter
-    assert not torch.allclose(expected, AutoModelForCausalLM.from_pretrained(
-        json.loads((trained_run / "run.json").read_text())["base_model"])(input_ids=ids).logits, atol=1e-4), \
-        "the adapter changes nothing: the merge test would be vacuous"
+    assert not torch.allclose(
+        expected,
+        AutoModelForCausalLM.from_pretrained(
+            json.loads((trained_run / "run.json").read_text())["base_model"]
+        )(input_ids=ids).logits,
+        atol=1e-4,
+    ), "the adapter changes nothing: the merge test would be vacuous"
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)  # stated tolerance: 1e-4 in fp32
     saved_tok = AutoTokenizer.from_pretrained(out)
     assert saved_tok.chat_template == template.jinja
@@ -67,10 +85,14 @@ def test_batched_generation_equals_one_at_a_time(trained_run):
     from llamaforge.runs import load_for_inference
 
     model, tokenizer, template = load_for_inference(trained_run)
-    prompts = [[Message("user", p)] for p in ("Hi", "Repeat seven words, number three.", "a b c d e f g h i j", "x")]
+    prompts = [
+        [Message("user", p)] for p in ("Hi", "Repeat seven words, number three.", "a b c d e f g h i j", "x")
+    ]
     batched = generate(model, tokenizer, template, prompts, max_new_tokens=6, batch_size=4, precision="fp32")
-    single = [generate(model, tokenizer, template, [p], max_new_tokens=6, batch_size=1, precision="fp32")[0]
-              for p in prompts]
+    single = [
+        generate(model, tokenizer, template, [p], max_new_tokens=6, batch_size=1, precision="fp32")[0]
+        for p in prompts
+    ]
     assert batched == single
     assert any(batched)
 
@@ -81,8 +103,21 @@ def test_generate_cli_reads_jsonl_and_reports_bad_lines(trained_run, tmp_path, c
     good = tmp_path / "prompts.jsonl"
     good.write_text('{"prompt": "Hi"}\n{"messages": [{"role": "user", "content": "Yo"}]}\n')
     out = tmp_path / "answers.jsonl"
-    assert main(["generate", str(trained_run), "--input", str(good), "--output", str(out),
-                 "--max-new-tokens", "3"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(trained_run),
+                "--input",
+                str(good),
+                "--output",
+                str(out),
+                "--max-new-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["Hi", "Yo"]
     bad = tmp_path / "bad.jsonl"

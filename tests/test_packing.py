@@ -35,7 +35,9 @@ def _loss_and_grads(recipe, group):
     return loss, targets, torch.cat([p.grad.flatten() for p in recipe.model.parameters() if p.requires_grad])
 
 
-def test_packed_batch_gives_the_loss_and_gradients_of_the_same_examples_padded(tmp_path, tiny_llama_dir, data_file):
+def test_packed_batch_gives_the_loss_and_gradients_of_the_same_examples_padded(
+    tmp_path, tiny_llama_dir, data_file
+):
     # train_on_prompt puts a label on every first token: packed, it must not be predicted across a boundary
     recipe = _recipe(tmp_path, tiny_llama_dir, data_file, **{"data.train_on_prompt": "true"})
     assert recipe.data.train[0]["labels"][0] != IGNORE_INDEX
@@ -62,8 +64,9 @@ def test_positions_restart_and_first_labels_never_cross_a_boundary(llama3_tokeni
     template = get_template("llama3", llama3_tokenizer)
     examples = []
     for i, text in enumerate(["short", "a somewhat longer answer here", "mid length one"]):
-        enc = template.encode(Conversation([Message("user", f"q{i}"), Message("assistant", text)]),
-                              train_on_prompt=True)
+        enc = template.encode(
+            Conversation([Message("user", f"q{i}"), Message("assistant", text)]), train_on_prompt=True
+        )
         examples.append({"input_ids": enc.input_ids, "labels": enc.labels})
     lengths = [len(e["input_ids"]) for e in examples]
     batch = collate_packed([examples[:2], examples[2:]], pad_id=7)
@@ -72,7 +75,9 @@ def test_positions_restart_and_first_labels_never_cross_a_boundary(llama3_tokeni
     starts = [0, lengths[0]]
     assert pos[0, : lengths[0]].tolist() == list(range(lengths[0]))
     assert pos[0, lengths[0] : sum(lengths[:2])].tolist() == list(range(lengths[1]))
-    for s in starts:  # the first token of each example: no label (it would be predicted from the previous one)
+    for (
+        s
+    ) in starts:  # the first token of each example: no label (it would be predicted from the previous one)
         assert labels[0, s] == IGNORE_INDEX and ids[0, s] == llama3_tokenizer.bos_token_id
     # the shorter row is padded: pad ids, no labels, positions of a block of their own
     pad_from = lengths[2]
@@ -114,8 +119,13 @@ def test_packing_keeps_examples_apart_and_the_use_cache_pitfall_is_caught(tiny_l
         return out
 
     with torch.no_grad():
-        alone = [logprobs(losses.decoder_hidden(model, {"input_ids": torch.tensor([e["input_ids"]])})[0],
-                          torch.tensor(e["input_ids"])) for e in examples]
+        alone = [
+            logprobs(
+                losses.decoder_hidden(model, {"input_ids": torch.tensor([e["input_ids"]])})[0],
+                torch.tensor(e["input_ids"]),
+            )
+            for e in examples
+        ]
     for a, b in zip(per_example(lambda b: losses.decoder_hidden(model, b)), alone):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
@@ -141,7 +151,10 @@ def test_packing_is_deterministic_per_seed_and_epoch_and_tight():
     assert all(sum(lengths[i] for i in b) <= 512 for b in bins)
     assert len(bins) <= sum(lengths) / 512 * 1.05 + 1  # best-fit decreasing: a few percent of padding at most
     assert len(pack_bins(lengths, 512, seed=3, epoch=5)) == len(bins)  # same step count every epoch
-    assert pack_bins([600, 10], 512, seed=0, epoch=0) in ([[0], [1]], [[1], [0]])  # too long: a row of its own
+    assert pack_bins([600, 10], 512, seed=0, epoch=0) in (
+        [[0], [1]],
+        [[1], [0]],
+    )  # too long: a row of its own
     micro = packed_batches(lengths, 4, 512, seed=3, epoch=0)
     assert micro == packed_batches(lengths, 4, 512, seed=3, epoch=0) and all(len(m) <= 4 for m in micro)
 
@@ -149,9 +162,21 @@ def test_packing_is_deterministic_per_seed_and_epoch_and_tight():
 def test_packed_training_counts_real_tokens_and_learns(tmp_path, tiny_llama_dir, data_file):
     from llamaforge.train.recipe import FineTuneRecipe
 
-    cfg = job(tmp_path, tiny_llama_dir, data_file, **{
-        "train.packing": "true", "train.pack_length": 128, "train.batch_size": 2, "train.epochs": 4,
-        "train.lr": 3e-2, "method.rank": 8, "eval.before_after": "false", "eval.prompts": "[]"})
+    cfg = job(
+        tmp_path,
+        tiny_llama_dir,
+        data_file,
+        **{
+            "train.packing": "true",
+            "train.pack_length": 128,
+            "train.batch_size": 2,
+            "train.epochs": 4,
+            "train.lr": 3e-2,
+            "method.rank": 8,
+            "eval.before_after": "false",
+            "eval.prompts": "[]",
+        },
+    )
     recipe = FineTuneRecipe(cfg)
     recipe.setup()
     bins = pack_bins(recipe._lengths, 128, seed=cfg.train.seed, epoch=0)
@@ -159,7 +184,9 @@ def test_packed_training_counts_real_tokens_and_learns(tmp_path, tiny_llama_dir,
     recipe.train()
     recipe.save()
     recipe.cleanup()
-    assert recipe.progress["tokens"] == 4 * recipe.data.card["train_tokens"]  # no pad counted, nothing skipped
+    assert (
+        recipe.progress["tokens"] == 4 * recipe.data.card["train_tokens"]
+    )  # no pad counted, nothing skipped
     rows = read_metrics(recipe.run_dir)
     losses = step_losses(recipe.run_dir)
     assert len(losses) == recipe.total_steps == 4 * recipe.steps_per_epoch
@@ -171,8 +198,14 @@ def test_packed_training_counts_real_tokens_and_learns(tmp_path, tiny_llama_dir,
 def test_packed_resume_continues_the_same_loss_sequence(tmp_path, tiny_llama_dir, data_file):
     from llamaforge.train.recipe import FineTuneRecipe, run_training
 
-    extra = {"train.packing": "true", "train.pack_length": 96, "train.batch_size": 3, "train.max_steps": 4,
-             "eval.before_after": "false", "eval.prompts": "[]"}
+    extra = {
+        "train.packing": "true",
+        "train.pack_length": 96,
+        "train.batch_size": 3,
+        "train.max_steps": 4,
+        "eval.before_after": "false",
+        "eval.prompts": "[]",
+    }
     straight_dir, _ = run_training(job(tmp_path / "a", tiny_llama_dir, data_file, **extra))
     first = job(tmp_path / "b", tiny_llama_dir, data_file, **extra, **{"train.save_every": 2})
     recipe = FineTuneRecipe(first)

@@ -12,8 +12,15 @@ from llamaforge.planning.arch import Arch, load_arch, shipped_archs
 from llamaforge.planning.memory import GiB, Setup, estimate, largest_fitting
 from llamaforge.planning.throughput import flops_per_token
 
-TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=300, max_position_embeddings=256)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=300,
+    max_position_embeddings=256,
+)
 
 
 def tiny_model(layers: int = 2, **overrides):
@@ -28,17 +35,25 @@ def tiny_model(layers: int = 2, **overrides):
 # ------------------------------------------------------------------------------ parameter counts
 
 
-@pytest.mark.parametrize("name, total", [
-    ("llama3-8b", 8_030_261_248), ("llama3-70b", 70_553_706_496), ("llama3-405b", 405_853_388_800),
-    ("llama3.2-1b", 1_235_814_400), ("llama3.2-3b", 3_212_749_824), ("smollm2-135m", 134_515_008),
-])
+@pytest.mark.parametrize(
+    "name, total",
+    [
+        ("llama3-8b", 8_030_261_248),
+        ("llama3-70b", 70_553_706_496),
+        ("llama3-405b", 405_853_388_800),
+        ("llama3.2-1b", 1_235_814_400),
+        ("llama3.2-3b", 3_212_749_824),
+        ("smollm2-135m", 134_515_008),
+    ],
+)
 def test_shipped_configs_match_published_parameter_counts(name, total):
     assert load_arch(name).total_params == total
 
 
 def test_all_six_architectures_ship():
     assert {"llama3-8b", "llama3-70b", "llama3-405b", "llama3.2-1b", "llama3.2-3b", "smollm2-135m"} <= set(
-        shipped_archs())
+        shipped_archs()
+    )
 
 
 @pytest.mark.parametrize("name", ["llama3-8b", "smollm2-135m", "llama3.2-1b"])
@@ -53,8 +68,10 @@ def test_shipped_config_builds_the_same_model_in_transformers(name):
     assert sum(p.numel() for p in model.parameters()) == load_arch(name).total_params
 
 
-@pytest.mark.parametrize("overrides", [{}, {"tie_word_embeddings": True}, {"attention_bias": True, "mlp_bias": True},
-                                       {"head_dim": 32}])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"tie_word_embeddings": True}, {"attention_bias": True, "mlp_bias": True}, {"head_dim": 32}],
+)
 def test_random_config_count_equals_numel(overrides):
     model = tiny_model(**overrides)
     arch = Arch.from_config(model.config.to_dict())
@@ -104,8 +121,10 @@ def _saved_bytes(model, ids, autocast: bool) -> int:
             seen.setdefault(storage.data_ptr(), storage.nbytes())
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
+    ):
         model(input_ids=ids, use_cache=False)
     return sum(seen.values())
 
@@ -117,9 +136,16 @@ def _build(method: str, dtype: torch.dtype, layers: int, dropout: float, tmp_pat
 
         folder = tmp_path / f"q{layers}"
         tiny_model(layers).save_pretrained(folder)
-        model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype, quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16))
+        model = LlamaForCausalLM.from_pretrained(
+            folder,
+            dtype=dtype,
+            quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+            ),
+        )
         from llamaforge.models import keep_4bit_gradients_exact
 
         keep_4bit_gradients_exact(model)
@@ -135,10 +161,16 @@ def _build(method: str, dtype: torch.dtype, layers: int, dropout: float, tmp_pat
     return model.train()
 
 
-@pytest.mark.parametrize("method, dtype, dropout", [
-    ("full", torch.float32, 0.0), ("full", torch.bfloat16, 0.0), ("lora", torch.float32, 0.05),
-    ("lora", torch.bfloat16, 0.0), ("qlora", torch.float32, 0.05),
-])
+@pytest.mark.parametrize(
+    "method, dtype, dropout",
+    [
+        ("full", torch.float32, 0.0),
+        ("full", torch.bfloat16, 0.0),
+        ("lora", torch.float32, 0.05),
+        ("lora", torch.bfloat16, 0.0),
+        ("qlora", torch.float32, 0.05),
+    ],
+)
 def test_layer_bill_matches_what_autograd_saves(method, dtype, dropout, tmp_path):
     """One decoder layer's saved tensors (model with 3 layers minus model with 2) equal the bill."""
     ids = torch.randint(0, TINY["vocab_size"], (2, 48))
@@ -147,8 +179,9 @@ def test_layer_bill_matches_what_autograd_saves(method, dtype, dropout, tmp_path
     arch = Arch.from_config(TINY)
     prec = Precision(4 if dtype == torch.float32 else 2, 2, True, "cpu")
     modules = [] if method == "full" else arch.lora_modules("all-linear")
-    expected = ids.numel() * sum(layer_bytes(arch, method, prec, lora_modules=modules, rank=8,
-                                             dropout=dropout).values())
+    expected = ids.numel() * sum(
+        layer_bytes(arch, method, prec, lora_modules=modules, rank=8, dropout=dropout).values()
+    )
     if dtype == torch.float32 and method != "qlora":
         expected += 2 * arch.layer_linear_params  # bf16 copies of the weights, kept for backward
     if method != "full":
@@ -186,7 +219,10 @@ def test_sharding_divides_model_states_by_gpus():
     arch = load_arch("llama3-70b")
     setup = _setup(method="full", weights_dtype="float32", checkpointing=True)
     for strategy in ("fsdp", "zero3"):
-        one, eight = estimate(arch, setup, strategy=strategy, gpus=1), estimate(arch, setup, strategy=strategy, gpus=8)
+        one, eight = (
+            estimate(arch, setup, strategy=strategy, gpus=1),
+            estimate(arch, setup, strategy=strategy, gpus=8),
+        )
         assert eight.weights == pytest.approx(one.weights / 8)
         assert eight.optimizer == pytest.approx(one.optimizer / 8)
         assert eight.gradients == pytest.approx(one.gradients / 8)
@@ -211,13 +247,16 @@ def test_largest_fitting_is_the_boundary():
     setup = _setup(method="qlora", seq=1024, checkpointing=True)
     best = largest_fitting(arch, setup, cap, what="batch")
     assert best > 1
-    assert estimate(arch, setup.with_(batch=best)).peak <= cap < estimate(arch, setup.with_(batch=best + 1)).peak
+    assert (
+        estimate(arch, setup.with_(batch=best)).peak <= cap < estimate(arch, setup.with_(batch=best + 1)).peak
+    )
     seq = largest_fitting(arch, setup.with_(batch=1), cap, what="seq")
     assert seq % 64 == 0 and estimate(arch, setup.with_(batch=1, seq=seq)).peak <= cap
 
 
 def test_published_ballparks():
     """Within sight of the well-known tables (HF Llama 3.1 blog, LLaMA-Factory, Unsloth) at batch 1 x 512."""
+
     def peak(name, method, **kw):
         dtype = "float32" if method == "full" else "bfloat16"
         setup = Setup(method=method, batch=1, seq=512, checkpointing=True, weights_dtype=dtype, **kw)
@@ -249,7 +288,9 @@ def _cli(capsys, *argv) -> str:
 
 
 def test_cli_8b_on_24gb(capsys):
-    out = _cli(capsys, "--model", "llama3-8b", "--gpu", "24GB", "--tokens", "2e6", "--price-per-gpu-hour", "0.5")
+    out = _cli(
+        capsys, "--model", "llama3-8b", "--gpu", "24GB", "--tokens", "2e6", "--price-per-gpu-hour", "0.5"
+    )
     assert "llama3-8b (8.03B params) on 1 x 24 GiB" in out
     for method in ("full", "lora", "qlora"):
         assert out.count(f"\n{method:6} ") == 2  # with and without checkpointing
@@ -258,8 +299,22 @@ def test_cli_8b_on_24gb(capsys):
 
 
 def test_cli_json_70b_on_80gb(capsys):
-    plan = json.loads(_cli(capsys, "--model", "llama3-70b", "--gpu", "A100-80GB", "--json", "--tokens", "1e7",
-                           "--batch-size", "1", "--seq-len", "2048"))
+    plan = json.loads(
+        _cli(
+            capsys,
+            "--model",
+            "llama3-70b",
+            "--gpu",
+            "A100-80GB",
+            "--json",
+            "--tokens",
+            "1e7",
+            "--batch-size",
+            "1",
+            "--seq-len",
+            "2048",
+        )
+    )
     assert plan["hardware"]["tflops"] == 312 and plan["hardware"]["precision"] == "bf16"
     assert plan["recommendation"]["method"] == "qlora"
     assert not any(r["fits"] for r in plan["methods"]["lora"]["rows"])
@@ -268,8 +323,9 @@ def test_cli_json_70b_on_80gb(capsys):
 
 
 def test_cli_several_gpus_shows_each_strategy(capsys):
-    plan = json.loads(_cli(capsys, "--model", "llama3-8b", "--gpu", "H100", "--gpus", "8", "--json",
-                           "--tokens", "5e8"))
+    plan = json.loads(
+        _cli(capsys, "--model", "llama3-8b", "--gpu", "H100", "--gpus", "8", "--json", "--tokens", "5e8")
+    )
     row = plan["methods"]["full"]["rows"][1]
     assert set(row["peak_gib"]) == {"ddp", "fsdp", "zero3"}
     assert row["peak_gib"]["fsdp"] < row["peak_gib"]["ddp"]
@@ -278,10 +334,14 @@ def test_cli_several_gpus_shows_each_strategy(capsys):
 
 def test_cli_job_file_tokens_from_data(tmp_path, capsys):
     data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"instruction": "x" * 396, "output": "y" * 400}) + "\n" for _ in range(100)))
+    data.write_text(
+        "".join(json.dumps({"instruction": "x" * 396, "output": "y" * 400}) + "\n" for _ in range(100))
+    )
     job = tmp_path / "job.yaml"
-    job.write_text(f"data:\n  sources: [{{path: {data}}}]\n  val_size: 0\n  max_length: 512\n"
-                   "model:\n  source: smollm2-135m-instruct\n")
+    job.write_text(
+        f"data:\n  sources: [{{path: {data}}}]\n  val_size: 0\n  max_length: 512\n"
+        "model:\n  source: smollm2-135m-instruct\n"
+    )
     plan = json.loads(_cli(capsys, str(job), "train.batch_size=2", "--gpu", "L4", "--json"))
     assert plan["model"]["name"] == "smollm2-135m"
     assert plan["settings"]["batch_size"] == 2 and plan["settings"]["seq_len"] == 512

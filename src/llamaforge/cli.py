@@ -10,8 +10,21 @@ import sys
 from llamaforge.errors import LlamaforgeError
 
 # Order is the order shown in `llamaforge --help`.
-COMMANDS = ["prepare", "train", "eval", "chat", "generate", "merge", "export", "serve", "plan", "sweep",
-            "config", "models", "studio"]
+COMMANDS = [
+    "prepare",
+    "train",
+    "eval",
+    "chat",
+    "generate",
+    "merge",
+    "export",
+    "serve",
+    "plan",
+    "sweep",
+    "config",
+    "models",
+    "studio",
+]
 COMPUTE_COMMANDS = {"train", "eval", "chat", "generate", "merge", "export", "serve", "plan", "studio"}
 
 

@@ -53,31 +53,45 @@ class JobConfig(Section):
                 "(LoRA on a 4-bit base) or model.quantization=none"
             )
         if method.base_quantization and quant not in ("none", method.base_quantization):
-            raise ValueError(f"method.name={name} loads the base in {method.base_quantization}; "
-                             f"model.quantization={quant} contradicts it")
+            raise ValueError(
+                f"method.name={name} loads the base in {method.base_quantization}; "
+                f"model.quantization={quant} contradicts it"
+            )
         if not method.modules_to_save and self.method.modules_to_save:
             raise ValueError(f"method.modules_to_save is not supported with method.name={name}")
         if not method.packing and self.train.packing:
-            raise ValueError(f"train.packing does not work with method.name={name} (e.g. prefix tuning's virtual "
-                             "tokens come through the cache, which turns off the per-example attention of packed rows)")
+            raise ValueError(
+                f"train.packing does not work with method.name={name} (e.g. prefix tuning's virtual "
+                "tokens come through the cache, which turns off the per-example attention of packed rows)"
+            )
         if self.data.val_size >= 1 and self.data.val_size != int(self.data.val_size):
             raise ValueError("data.val_size must be a fraction below 1 or a whole count")
         if self.train.eval_every and self.data.val_size == 0 and not self.data.val_sources:
-            raise ValueError("train.eval_every needs validation data: set data.val_size > 0 or data.val_sources")
+            raise ValueError(
+                "train.eval_every needs validation data: set data.val_size > 0 or data.val_sources"
+            )
         self._check_monitoring()
         return self
 
     def _check_monitoring(self) -> None:
         """Early stopping, keep-best and generation metrics all watch validation during training."""
         t, has_val = self.train, bool(self.data.val_size or self.data.val_sources)
-        wants = [name for name, on in (("train.early_stopping_patience", t.early_stopping_patience),
-                                       ("train.load_best_at_end", t.load_best_at_end),
-                                       ("eval.sample_size", self.eval.sample_size)) if on]
+        wants = [
+            name
+            for name, on in (
+                ("train.early_stopping_patience", t.early_stopping_patience),
+                ("train.load_best_at_end", t.load_best_at_end),
+                ("eval.sample_size", self.eval.sample_size),
+            )
+            if on
+        ]
         if wants and not has_val:
             raise ValueError(f"{wants[0]} needs validation data: set data.val_size > 0 or data.val_sources")
         if t.early_stopping_patience and not t.eval_every:
-            raise ValueError("train.early_stopping_patience counts evals during training: set train.eval_every "
-                             "(steps between evals)")
+            raise ValueError(
+                "train.early_stopping_patience counts evals during training: set train.eval_every "
+                "(steps between evals)"
+            )
         if t.mlflow_uri and "mlflow" not in t.trackers:
             raise ValueError("train.mlflow_uri is set but 'mlflow' is not in train.trackers")
 
@@ -167,8 +181,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
-                          "save the job file as UTF-8") from None
+        raise ConfigError(
+            f"{path}: not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+            "save the job file as UTF-8"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the job file: {exc.strerror or exc}") from None
     try:

@@ -43,8 +43,10 @@ def _cpu_choice(requested: str) -> PrecisionChoice:
         if not fast:
             slowdown = probe.fp32_gflops / max(probe.bf16_gflops, 1e-9)
             why = "no bf16 instructions on this CPU" if not info.bf16_instructions else "bf16 measured slower"
-            warning = (f"precision bf16 was asked for, but {why} ({rates}): matmuls run ~{slowdown:.1f}x slower "
-                       "than in fp32; `precision: auto` would pick fp32 here")
+            warning = (
+                f"precision bf16 was asked for, but {why} ({rates}): matmuls run ~{slowdown:.1f}x slower "
+                "than in fp32; `precision: auto` would pick fp32 here"
+            )
         return PrecisionChoice("bf16", f"set in the config; {rates} on this CPU", warning)
     if not info.bf16_instructions:
         return PrecisionChoice("fp32", f"{info.isa} CPU without bf16 instructions: {rates}")
@@ -61,20 +63,26 @@ def _cuda_choice(requested: str, device: torch.device) -> PrecisionChoice:
     if requested != "auto":
         warning = None
         if requested == "bf16" and not ampere:
-            warning = f"bf16 on {name} (compute capability {major}.{minor}) is emulated and slow; fp16 is native"
-        return PrecisionChoice(requested, f"set in the config; {name}, compute capability {major}.{minor}", warning)
+            warning = (
+                f"bf16 on {name} (compute capability {major}.{minor}) is emulated and slow; fp16 is native"
+            )
+        return PrecisionChoice(
+            requested, f"set in the config; {name}, compute capability {major}.{minor}", warning
+        )
     if ampere:
         return PrecisionChoice("bf16", f"{name}, compute capability {major}.{minor} (Ampere or newer)")
-    return PrecisionChoice("fp16", f"{name}, compute capability {major}.{minor} (before Ampere: fp16 with a "
-                                   "loss scaler)")
+    return PrecisionChoice(
+        "fp16", f"{name}, compute capability {major}.{minor} (before Ampere: fp16 with a loss scaler)"
+    )
 
 
 def choose_precision(precision: str, device: torch.device) -> PrecisionChoice:
     """`auto`: bf16 on CUDA Ampere+, fp16 (loss-scaled) before; on CPU bf16 only with bf16 instructions
     (AVX512-BF16 or AMX) and a probe that shows it faster, else fp32. fp16 only on CUDA."""
     if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("precision fp16 needs a CUDA GPU (fp16 on CPU is pathologically slow); use auto, bf16 "
-                          "or fp32")
+        raise ConfigError(
+            "precision fp16 needs a CUDA GPU (fp16 on CPU is pathologically slow); use auto, bf16 or fp32"
+        )
     if device.type == "cuda":
         return _cuda_choice(precision, device)
     return _cpu_choice(precision)

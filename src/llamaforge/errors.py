@@ -14,7 +14,9 @@ class ConfigError(LlamaforgeError):
 class DataError(LlamaforgeError):
     """A data problem, located as precisely as we can: file, line, field."""
 
-    def __init__(self, message: str, *, path: str | None = None, line: int | None = None, field: str | None = None):
+    def __init__(
+        self, message: str, *, path: str | None = None, line: int | None = None, field: str | None = None
+    ):
         self.path, self.line, self.field, self.reason = path, line, field, message
         where = ":".join(str(p) for p in (path, line) if p is not None)
         prefix = f"{where}: " if where else ""

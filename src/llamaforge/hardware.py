@@ -102,9 +102,10 @@ def available_memory_bytes() -> int:
         import psutil  # not on Linux: psutil comes with accelerate
 
         available = psutil.virtual_memory().available
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
         try:
             limit = Path(limit_file).read_text().strip()
             if limit != "max" and int(limit) < 1 << 60:
@@ -144,8 +145,10 @@ def warn_if_cores_shared(cores: int) -> None:
         load = os.getloadavg()[0]
         from llamaforge.console import warn
 
-        warn(f"the cores look shared (load average {load:.1f} on {cores} usable cores): two torch jobs on the "
-             "same cores slow each other several-fold; timings taken now are not representative")
+        warn(
+            f"the cores look shared (load average {load:.1f} on {cores} usable cores): two torch jobs on the "
+            "same cores slow each other several-fold; timings taken now are not representative"
+        )
 
 
 def matmul_flops(dtype_name: str, shape: tuple[int, int, int] = PROBE_SHAPE, seconds: float = 0.15) -> float:
@@ -210,16 +213,19 @@ def _read_or_measure(info: CpuInfo, path: Path) -> PrecisionProbe:
 
     try:
         cached = json.loads(path.read_text())
-        return PrecisionProbe(**{**cached, "bf16_shape": tuple(cached["bf16_shape"]),
-                                 "fp32_shape": tuple(cached["fp32_shape"])})
+        return PrecisionProbe(
+            **{**cached, "bf16_shape": tuple(cached["bf16_shape"]), "fp32_shape": tuple(cached["fp32_shape"])}
+        )
     except (OSError, ValueError, TypeError, KeyError):
         pass
     bf16_shape = PROBE_SHAPE if info.bf16_instructions else SLOW_PROBE_SHAPE
     probe = PrecisionProbe(
-        cpu=info.model, torch_version=torch.__version__,
+        cpu=info.model,
+        torch_version=torch.__version__,
         bf16_gflops=round(matmul_flops("bf16", bf16_shape) / 1e9, 1),
         fp32_gflops=round(matmul_flops("fp32", PROBE_SHAPE) / 1e9, 1),
-        bf16_shape=bf16_shape, fp32_shape=PROBE_SHAPE,
+        bf16_shape=bf16_shape,
+        fp32_shape=PROBE_SHAPE,
     )
     if _looks_busy(usable_cores()):
         return probe  # measured under contention: good enough to decide, not to keep

@@ -104,8 +104,10 @@ def full_logits_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     if logits.shape[1] != batch["labels"].shape[1]:  # virtual tokens prepended by prefix methods
         logits = logits[:, -batch["labels"].shape[1] :]
     return F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="sum",
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        batch["labels"][:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
     )
 
 
@@ -134,15 +136,27 @@ class HeldOutLoss:
 
 
 @torch.no_grad()
-def held_out_loss(model, rows: Sequence[dict], pad_id: int, *, batch_size: int = 1, chunk_size: int = 1024,
-                  autocast: Callable[[], AbstractContextManager] = nullcontext, progress=None) -> HeldOutLoss:
+def held_out_loss(
+    model,
+    rows: Sequence[dict],
+    pad_id: int,
+    *,
+    batch_size: int = 1,
+    chunk_size: int = 1024,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    progress=None,
+) -> HeldOutLoss:
     """The loss of `rows` (input_ids + labels, masked as in training) without gradients.
 
     `batch_size` 1 keeps the rows' order and gives per-example sums (for a bootstrap); larger batches
     take rows in length order so little is padded. `progress` is a tqdm-like bar updated per row.
     The caller sets eval mode: training switches back to train mode itself."""
     device = next(model.parameters()).device
-    order = range(len(rows)) if batch_size == 1 else sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    order = (
+        range(len(rows))
+        if batch_size == 1
+        else sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    )
     order = list(order)
     result = HeldOutLoss()
     for start in range(0, len(order), batch_size):

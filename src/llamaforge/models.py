@@ -18,6 +18,7 @@ from llamaforge.padding import PAD_CANDIDATES, ensure_pad_token  # noqa: F401 - 
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class Source:
     kind: str  # "catalog" | "folder" | "gguf" | "hub"
@@ -81,7 +82,9 @@ def load_tokenizer(source: str, *, trust_remote_code: bool = False):
 
     path = local_path(source)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **_hub_kwargs(source))
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, trust_remote_code=trust_remote_code, **_hub_kwargs(source)
+        )
     except Exception as exc:  # noqa: BLE001
         raise _explain_load_failure(source, exc) from exc
     ensure_pad_token(tokenizer)
@@ -93,8 +96,10 @@ def sharded_launch() -> bool:
     `accelerate launch` sets from its config file."""
     env = os.environ
     fsdp = env.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
-    zero3 = env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true") and \
-        env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") == "3"
+    zero3 = (
+        env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+        and env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") == "3"
+    )
     return fsdp or zero3
 
 
@@ -119,14 +124,20 @@ def resolve_quantization_backend(backend: str = "auto", device: torch.device | N
     if backend in ("auto", "bitsandbytes") and bitsandbytes_supports(device):
         return "bitsandbytes"
     if backend == "bitsandbytes":
-        raise ConfigError(f"model.quantization_backend=bitsandbytes: bitsandbytes does not run on {device.type} "
-                          "here (not installed, or no backend for this device); use torchao or auto")
+        raise ConfigError(
+            f"model.quantization_backend=bitsandbytes: bitsandbytes does not run on {device.type} "
+            "here (not installed, or no backend for this device); use torchao or auto"
+        )
     if torchao_nf4_available():
         return "torchao"
     if backend == "torchao":
-        raise ConfigError("model.quantization_backend=torchao: torchao is not installed (pip install torchao)")
-    raise ConfigError("4-bit loading needs bitsandbytes or torchao, and neither runs here: "
-                      "pip install bitsandbytes (or torchao)")
+        raise ConfigError(
+            "model.quantization_backend=torchao: torchao is not installed (pip install torchao)"
+        )
+    raise ConfigError(
+        "4-bit loading needs bitsandbytes or torchao, and neither runs here: "
+        "pip install bitsandbytes (or torchao)"
+    )
 
 
 def _quantization_config(quantization: str, dtype: torch.dtype = torch.bfloat16):
@@ -140,8 +151,11 @@ def _quantization_config(quantization: str, dtype: torch.dtype = torch.bfloat16)
     # must then be stored in the dtype of the other weights (bf16), not packed in uint8.
     storage = {"bnb_4bit_quant_storage": dtype} if sharded_launch() else {}
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16, **storage,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        **storage,
     )
 
 
@@ -181,16 +195,24 @@ def load_model(
     if quantization == "8bit":
         backend = "bitsandbytes"
         if quantization_backend == "torchao":
-            raise ConfigError("model.quantization=8bit needs bitsandbytes; torchao's fallback is 4-bit NF4 only")
+            raise ConfigError(
+                "model.quantization=8bit needs bitsandbytes; torchao's fallback is 4-bit NF4 only"
+            )
     elif quantization == "4bit":
         backend = resolve_quantization_backend(quantization_backend)
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
     path = local_path(source)
     if backend == "bitsandbytes" and quantization == "4bit" and sharded_launch() and dtype != torch.bfloat16:
-        log.warning("FSDP/ZeRO-3 with a 4-bit base: loading the other weights in bfloat16 to match the 4-bit storage")
+        log.warning(
+            "FSDP/ZeRO-3 with a 4-bit base: loading the other weights in bfloat16 to match the 4-bit storage"
+        )
         dtype = torch.bfloat16
-    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
-                  **_hub_kwargs(source))
+    kwargs = dict(
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+        **_hub_kwargs(source),
+    )
     if revision:
         kwargs["revision"] = revision
     if backend == "bitsandbytes":
@@ -215,8 +237,12 @@ def warn_if_chat_tokens_untrained(model, tokenizer, template) -> list[str]:
     norms = emb.norm(dim=-1)
     typical = norms.median().item()
     vocab = tokenizer.get_vocab()
-    special = [t for t in tokenizer.all_special_tokens + ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-                                                           "<|im_start|>", "<|im_end|>"] if t in template.jinja]
+    special = [
+        t
+        for t in tokenizer.all_special_tokens
+        + ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|im_start|>", "<|im_end|>"]
+        if t in template.jinja
+    ]
     weak = sorted({t for t in special if t in vocab and norms[vocab[t]].item() < 0.2 * typical})
     if weak:
         log.warning(

@@ -5,8 +5,15 @@ Kept apart from `models.py` because the catalog's GGUF conversion needs it too, 
 
 from __future__ import annotations
 
-PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|pad|>", "<pad>", "[PAD]",
-                  "<|endoftext|>", "<unk>")
+PAD_CANDIDATES = (
+    "<|finetune_right_pad_id|>",
+    "<|reserved_special_token_2|>",
+    "<|pad|>",
+    "<pad>",
+    "[PAD]",
+    "<|endoftext|>",
+    "<unk>",
+)
 
 
 def ensure_pad_token(tokenizer, model=None) -> None:

@@ -64,7 +64,9 @@ class NF4Linear(nn.Linear):
             return None
         weight = linear.weight.detach()
         with torch.device("meta"):
-            new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, dtype=weight.dtype)
+            new = cls(
+                linear.in_features, linear.out_features, bias=linear.bias is not None, dtype=weight.dtype
+            )
         new.weight = nn.Parameter(to_nf4(weight.contiguous(), *sizes), requires_grad=False)
         if linear.bias is not None:
             new.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
@@ -98,8 +100,11 @@ def quantize_nf4(model: nn.Module, *, skip: tuple[str, ...] = ("lm_head",)) -> i
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         done += 1
     if left:
-        log.warning("kept %d Linear layers unquantised (sizes no NF4 block divides): %s",
-                    len(left), ", ".join(left[:5]))
+        log.warning(
+            "kept %d Linear layers unquantised (sizes no NF4 block divides): %s",
+            len(left),
+            ", ".join(left[:5]),
+        )
     return done
 
 

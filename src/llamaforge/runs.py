@@ -86,9 +86,13 @@ class Run:
         if missing:
             raise ModelSourceError(f"{file}: field '{missing[0]}' is missing or not a string")
         if info["weights"] not in WEIGHTS:
-            raise ModelSourceError(f"{file}: field 'weights' must be one of {', '.join(WEIGHTS)}, got {info['weights']!r}")
+            raise ModelSourceError(
+                f"{file}: field 'weights' must be one of {', '.join(WEIGHTS)}, got {info['weights']!r}"
+            )
         if info.get("status") is not None and info["status"] not in STATUSES:
-            raise ModelSourceError(f"{file}: field 'status' must be one of {', '.join(STATUSES)}, got {info['status']!r}")
+            raise ModelSourceError(
+                f"{file}: field 'status' must be one of {', '.join(STATUSES)}, got {info['status']!r}"
+            )
         info["template_name"] = info.pop("template", None)
         known = {f.name for f in fields(cls)} - {"dir"}
         return cls(dir=path, **{k: v for k, v in info.items() if k in known})
@@ -101,8 +105,9 @@ class Run:
         run = cls.read(path)
         if run.status not in (None, "completed"):
             why = UNFINISHED.get(run.status, "it did not complete")
-            raise ModelSourceError(f"{run.dir}: run status is '{run.status}', not 'completed': {why}. "
-                                   "Its weights are not used")
+            raise ModelSourceError(
+                f"{run.dir}: run status is '{run.status}', not 'completed': {why}. Its weights are not used"
+            )
         proof = run.weights_dir / WEIGHTS[run.weights]
         if not proof.is_file():
             what = "adapter" if run.is_adapter else "model weights"

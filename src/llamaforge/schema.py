@@ -31,7 +31,8 @@ class ModelConfig(Section):
     )
     quantization: Literal["none", "4bit", "8bit"] = Field("none", description="load the base quantized")
     quantization_backend: Literal["auto", "bitsandbytes", "torchao"] = Field(
-        "auto", description="4-bit (QLoRA) backend: auto = bitsandbytes where it runs on the device, else torchao NF4"
+        "auto",
+        description="4-bit (QLoRA) backend: auto = bitsandbytes where it runs on the device, else torchao NF4",
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     trust_remote_code: bool = False
@@ -50,12 +51,16 @@ class DataSource(Section):
 class DataConfig(Section):
     sources: list[DataSource] = Field(
         default_factory=lambda: [
-            DataSource(path="identity", repeat=2, variables={"name": "Forge", "author": "the llamaforge team"}),
+            DataSource(
+                path="identity", repeat=2, variables={"name": "Forge", "author": "the llamaforge team"}
+            ),
             DataSource(path="alpaca-demo", max_samples=200),
         ]
     )
     val_sources: list[DataSource] = Field(default_factory=list, description="explicit validation sets")
-    val_size: float = Field(0.1, ge=0, description="fraction (<1) or count (>=1) held out when no val_sources")
+    val_size: float = Field(
+        0.1, ge=0, description="fraction (<1) or count (>=1) held out when no val_sources"
+    )
     template: TemplateName = Field("auto", description="auto = the model's own chat template when it has one")
     system_prompt: str | None = None
     max_length: int = Field(1024, ge=16, description="longer records are rejected (kept in rejects.jsonl)")
@@ -65,21 +70,27 @@ class DataConfig(Section):
 
 
 class MethodConfig(Section):
-    name: str = Field("lora", description="a registered training method: lora, qlora, dora, full, prefix, ...")
+    name: str = Field(
+        "lora", description="a registered training method: lora, qlora, dora, full, prefix, ..."
+    )
     rank: int = Field(16, ge=1)
     alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     targets: str | list[str] = Field("all-linear", description="'all-linear', 'attention', or module names")
     rslora: bool = False
     modules_to_save: list[str] = Field(
-        default_factory=list, description="also train these fully, e.g. [embed_tokens, lm_head] for base models"
+        default_factory=list,
+        description="also train these fully, e.g. [embed_tokens, lm_head] for base models",
     )
     num_virtual_tokens: int = Field(20, ge=1, description="prefix tuning only")
     objective: Literal["sft", "dpo", "kto", "orpo"] = Field(
-        "sft", description="sft on conversations; dpo/orpo on {prompt, chosen, rejected} pairs; kto on "
-        "{prompt, completion, label} records (train/preference.py)"
+        "sft",
+        description="sft on conversations; dpo/orpo on {prompt, chosen, rejected} pairs; kto on "
+        "{prompt, completion, label} records (train/preference.py)",
     )
-    beta: float = Field(0.1, gt=0, description="dpo/kto: strength of the pull to the reference; orpo: odds-ratio weight")
+    beta: float = Field(
+        0.1, gt=0, description="dpo/kto: strength of the pull to the reference; orpo: odds-ratio weight"
+    )
     precompute_reference: bool = Field(
         False, description="dpo/kto: reference log-probs computed once before training (required for full)"
     )
@@ -96,18 +107,26 @@ class TrainConfig(Section):
     epochs: float = Field(3.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
     batch_size: PositiveInt | Literal["auto"] = Field(
-        "auto", description="micro-batch size per device; auto = the planner picks the one that fits "
+        "auto",
+        description="micro-batch size per device; auto = the planner picks the one that fits "
         "train.memory_fraction of the free memory at the best throughput, and train.grad_accum makes up "
-        "train.effective_batch_size"
+        "train.effective_batch_size",
     )
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step (derived when batch_size is auto)")
+    grad_accum: int = Field(
+        1, ge=1, description="micro-batches per optimizer step (derived when batch_size is auto)"
+    )
     effective_batch_size: int | None = Field(
-        None, ge=1, description="examples (packed rows) per optimizer step over all devices; "
-        "default batch_size x grad_accum x devices, or 8 when batch_size is auto"
+        None,
+        ge=1,
+        description="examples (packed rows) per optimizer step over all devices; "
+        "default batch_size x grad_accum x devices, or 8 when batch_size is auto",
     )
     memory_fraction: float = Field(
-        0.6, gt=0, le=1, description="share of the memory available to this process (or of the GPU's free "
-        "memory) that batch_size / gradient_checkpointing auto may plan for"
+        0.6,
+        gt=0,
+        le=1,
+        description="share of the memory available to this process (or of the GPU's free "
+        "memory) that batch_size / gradient_checkpointing auto may plan for",
     )
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -115,20 +134,25 @@ class TrainConfig(Section):
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
     precision: Literal["auto", "bf16", "fp32", "fp16"] = Field(
-        "auto", description="auto = what this hardware does fast: bf16 on Ampere+ GPUs (fp16 with a loss scaler "
-        "before), on CPUs bf16 only with bf16 instructions and a probe showing it faster, else fp32"
+        "auto",
+        description="auto = what this hardware does fast: bf16 on Ampere+ GPUs (fp16 with a loss scaler "
+        "before), on CPUs bf16 only with bf16 instructions and a probe showing it faster, else fp32",
     )
     gradient_checkpointing: bool | Literal["auto"] = Field(
-        "auto", description="recompute activations in backward (~30% more compute, far less memory); "
-        "auto = only when no micro-batch fits without it"
+        "auto",
+        description="recompute activations in backward (~30% more compute, far less memory); "
+        "auto = only when no micro-batch fits without it",
     )
     packing: bool = Field(
-        False, description="several examples per row (position ids restart, no attention across them); "
-        "batch_size then counts packed rows of pack_length tokens"
+        False,
+        description="several examples per row (position ids restart, no attention across them); "
+        "batch_size then counts packed rows of pack_length tokens",
     )
     pack_length: int | None = Field(
-        None, ge=16, description="tokens per packed row; default data.max_length. sdpa attends over the whole "
-        "row (block-diagonal mask), so shorter rows are cheaper; longer examples get a row of their own"
+        None,
+        ge=16,
+        description="tokens per packed row; default data.max_length. sdpa attends over the whole "
+        "row (block-diagonal mask), so shorter rows are cheaper; longer examples get a row of their own",
     )
     loss_chunk_size: int = Field(1024, ge=1, description="tokens per chunk of the chunked cross-entropy")
     eval_every: int = Field(0, ge=0, description="optimizer steps between evals; 0 = at each epoch end only")
@@ -143,26 +167,34 @@ class TrainConfig(Section):
         0.0, ge=0, description="an eval loss must beat the best by more than this to reset the patience"
     )
     load_best_at_end: bool | None = Field(
-        None, description="save the best-by-eval-loss weights (kept in checkpoints/best) rather than the last; "
-        "None = true when eval_every is set"
+        None,
+        description="save the best-by-eval-loss weights (kept in checkpoints/best) rather than the last; "
+        "None = true when eval_every is set",
     )
     overfit_warning_evals: int = Field(
-        3, ge=0, description="warn when the eval loss rises this many evals in a row while the train loss falls; "
-        "0 = off"
+        3,
+        ge=0,
+        description="warn when the eval loss rises this many evals in a row while the train loss falls; "
+        "0 = off",
     )
     optimizer: str = Field(
-        "adamw", description="a registered optimizer: adamw (torch, fused kernel); adamw_8bit / paged_adamw_8bit "
-        "(bitsandbytes, 8-bit states; paging needs CUDA); sgd (momentum 0.9)"
+        "adamw",
+        description="a registered optimizer: adamw (torch, fused kernel); adamw_8bit / paged_adamw_8bit "
+        "(bitsandbytes, 8-bit states; paging needs CUDA); sgd (momentum 0.9)",
     )
     deterministic: bool = Field(
-        False, description="deterministic kernels only (torch.use_deterministic_algorithms), all RNGs seeded: "
-        "a rerun gives the same losses and weights, possibly slower"
+        False,
+        description="deterministic kernels only (torch.use_deterministic_algorithms), all RNGs seeded: "
+        "a rerun gives the same losses and weights, possibly slower",
     )
     trackers: list[Literal["tensorboard", "mlflow"]] = Field(
-        default_factory=list, description="besides metrics.jsonl (always): tensorboard (run_dir/tensorboard), "
-        "mlflow (train.mlflow_uri)"
+        default_factory=list,
+        description="besides metrics.jsonl (always): tensorboard (run_dir/tensorboard), "
+        "mlflow (train.mlflow_uri)",
     )
-    mlflow_uri: str | None = Field(None, description="MLflow tracking URI; None = a local store in run_dir/mlruns")
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking URI; None = a local store in run_dir/mlruns"
+    )
     mlflow_experiment: str = Field("llamaforge", description="MLflow experiment the run is logged under")
 
     @field_validator("optimizer")
@@ -174,11 +206,17 @@ class TrainConfig(Section):
     def _check_batch(self) -> TrainConfig:
         if self.batch_size == "auto":
             if self.grad_accum != 1:
-                raise ValueError("train.grad_accum is derived when train.batch_size is auto: set "
-                                 "train.effective_batch_size instead (or a fixed train.batch_size)")
-        elif self.effective_batch_size is not None and self.effective_batch_size % (self.batch_size * self.grad_accum):
-            raise ValueError(f"train.effective_batch_size={self.effective_batch_size} is not a multiple of "
-                             f"train.batch_size x train.grad_accum = {self.batch_size * self.grad_accum}")
+                raise ValueError(
+                    "train.grad_accum is derived when train.batch_size is auto: set "
+                    "train.effective_batch_size instead (or a fixed train.batch_size)"
+                )
+        elif self.effective_batch_size is not None and self.effective_batch_size % (
+            self.batch_size * self.grad_accum
+        ):
+            raise ValueError(
+                f"train.effective_batch_size={self.effective_batch_size} is not a multiple of "
+                f"train.batch_size x train.grad_accum = {self.batch_size * self.grad_accum}"
+            )
         return self
 
     def target_effective_batch(self) -> int:
@@ -195,12 +233,15 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(96, ge=1)
     before_after: bool = Field(True, description="eval loss and sample answers before training too")
     sample_size: int = Field(
-        0, ge=0, description="at each eval, answer the first N validation records (greedy, max_new_tokens) "
-        "and log BLEU-4, ROUGE and exact match against their reference answers; 0 = off"
+        0,
+        ge=0,
+        description="at each eval, answer the first N validation records (greedy, max_new_tokens) "
+        "and log BLEU-4, ROUGE and exact match against their reference answers; 0 = off",
     )
     general: bool = Field(
-        False, description="after training, score base and tuned on the general suite (evaluation.general "
-        "settings): <run>/general/results.*, and `general` in summary.json"
+        False,
+        description="after training, score base and tuned on the general suite (evaluation.general "
+        "settings): <run>/general/results.*, and `general` in summary.json",
     )
 
 

@@ -89,7 +89,9 @@ class ChatTemplate:
     def encode_prompt(self, messages: list[Message]) -> list[int]:
         return self._ids(self.render(messages, add_generation_prompt=True))
 
-    def encode(self, conv: Conversation, *, max_length: int | None = None, train_on_prompt: bool = False) -> Encoded:
+    def encode(
+        self, conv: Conversation, *, max_length: int | None = None, train_on_prompt: bool = False
+    ) -> Encoded:
         """Token ids and labels; prompt tokens masked unless train_on_prompt. Raises DataError."""
         messages = conv.messages
         text = self.render(messages)
@@ -100,7 +102,9 @@ class ChatTemplate:
             start = len(self.render(messages[:i], add_generation_prompt=True))
             upto = self.render(messages[: i + 1])
             if not text.startswith(upto):
-                raise ConfigError(f"template '{self.name}' is not prefix-stable; loss masks cannot be computed")
+                raise ConfigError(
+                    f"template '{self.name}' is not prefix-stable; loss masks cannot be computed"
+                )
             spans.append((start, len(upto)))
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids: list[int] = enc["input_ids"]
@@ -116,10 +120,16 @@ class ChatTemplate:
                 labels[k] = ids[k]
         out = Encoded(ids, labels)
         if max_length is not None and len(ids) > max_length:
-            raise DataError(f"{len(ids)} tokens is over data.max_length={max_length}", path=conv.source,
-                            line=conv.line, field="messages")
+            raise DataError(
+                f"{len(ids)} tokens is over data.max_length={max_length}",
+                path=conv.source,
+                line=conv.line,
+                field="messages",
+            )
         if out.num_targets == 0:
-            raise DataError("no assistant tokens to train on", path=conv.source, line=conv.line, field="messages")
+            raise DataError(
+                "no assistant tokens to train on", path=conv.source, line=conv.line, field="messages"
+            )
         return out
 
     # ------------------------------------------------------------------ stops and persistence
@@ -162,7 +172,9 @@ def get_template(name: str, tokenizer) -> ChatTemplate:
     if name == "model":
         jinja = getattr(tokenizer, "chat_template", None)
         if not jinja:
-            raise ConfigError("data.template=model but the tokenizer has no chat template; pick llama3/chatml/alpaca/raw")
+            raise ConfigError(
+                "data.template=model but the tokenizer has no chat template; pick llama3/chatml/alpaca/raw"
+            )
         if isinstance(jinja, dict):
             jinja = jinja.get("default") or next(iter(jinja.values()))
         return ChatTemplate("model", jinja, tokenizer)
@@ -172,7 +184,9 @@ def get_template(name: str, tokenizer) -> ChatTemplate:
     if name in ("llama3", "chatml"):
         marker = "<|eot_id|>" if name == "llama3" else "<|im_end|>"
         if marker not in tokenizer.get_vocab():
-            raise ConfigError(f"template '{name}' needs the token {marker}, which this tokenizer does not have")
+            raise ConfigError(
+                f"template '{name}' needs the token {marker}, which this tokenizer does not have"
+            )
     return ChatTemplate(name, jinja, tokenizer)
 
 

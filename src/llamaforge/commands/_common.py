@@ -9,7 +9,9 @@ from llamaforge.quiet import silence_known_noise
 
 
 def add_job_arguments(parser: argparse.ArgumentParser, *, job_required: bool = False) -> None:
-    parser.add_argument("job", nargs=None if job_required else "?", help="job YAML file (defaults if omitted)")
+    parser.add_argument(
+        "job", nargs=None if job_required else "?", help="job YAML file (defaults if omitted)"
+    )
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override any config value")
 
 

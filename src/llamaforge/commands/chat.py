@@ -16,9 +16,13 @@ Type /reset to start over, /exit (or Ctrl-D) to leave.
 
 
 def register(sub) -> None:
-    p = sub.add_parser("chat", help="interactive chat with a run or model", epilog=EPILOG,
-                       formatter_class=formatter(),
-                       description="Multi-turn chat using the run's own chat template and stop tokens.")
+    p = sub.add_parser(
+        "chat",
+        help="interactive chat with a run or model",
+        epilog=EPILOG,
+        formatter_class=formatter(),
+        description="Multi-turn chat using the run's own chat template and stop tokens.",
+    )
     add_generation_arguments(p)
     p.set_defaults(func=run)
 
@@ -49,8 +53,17 @@ def run(args) -> int:
             history = history[:1] if args.system else []
             continue
         history.append(Message("user", text))
-        reply = generate(model, tokenizer, template, [history], max_new_tokens=args.max_new_tokens, batch_size=1,
-                         temperature=args.temperature, top_p=args.top_p, seed=args.seed)[0]
+        reply = generate(
+            model,
+            tokenizer,
+            template,
+            [history],
+            max_new_tokens=args.max_new_tokens,
+            batch_size=1,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+        )[0]
         history.append(Message("assistant", reply))
         print(f"assistant> {reply}" if interactive else reply, flush=True)
     return 0

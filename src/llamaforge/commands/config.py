@@ -12,11 +12,17 @@ EPILOG = """examples:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("config", help="show the resolved job config", epilog=EPILOG, formatter_class=formatter(),
-                       description="Print the job config with every default filled in (after overrides).")
+    p = sub.add_parser(
+        "config",
+        help="show the resolved job config",
+        epilog=EPILOG,
+        formatter_class=formatter(),
+        description="Print the job config with every default filled in (after overrides).",
+    )
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
-    show = verbs.add_parser("show", help="print the resolved config as YAML", epilog=EPILOG,
-                            formatter_class=formatter())
+    show = verbs.add_parser(
+        "show", help="print the resolved config as YAML", epilog=EPILOG, formatter_class=formatter()
+    )
     add_job_arguments(show)
     show.set_defaults(func=run)
 

@@ -16,9 +16,13 @@ EPILOG = """examples:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("generate", help="generate answers from a run or model", epilog=EPILOG,
-                       formatter_class=formatter(),
-                       description="Batched generation with the run's own chat template and stop tokens.")
+    p = sub.add_parser(
+        "generate",
+        help="generate answers from a run or model",
+        epilog=EPILOG,
+        formatter_class=formatter(),
+        description="Batched generation with the run's own chat template and stop tokens.",
+    )
     add_generation_arguments(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a user prompt (repeatable)")
@@ -29,7 +33,9 @@ def register(sub) -> None:
 
 
 def add_generation_arguments(p) -> None:
-    p.add_argument("source", metavar="RUN_OR_MODEL", help="run directory, model folder, .gguf file or catalog name")
+    p.add_argument(
+        "source", metavar="RUN_OR_MODEL", help="run directory, model folder, .gguf file or catalog name"
+    )
     p.add_argument("--template", default="auto", help="for plain models: auto|model|llama3|chatml|alpaca|raw")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -56,8 +62,12 @@ def read_prompts(path: str, system: str | None):
             elif isinstance(row, dict) and isinstance(row.get("messages"), list):
                 msgs = [Message(m["role"], m["content"]) for m in row["messages"]]
             else:
-                raise DataError("expected a non-empty 'prompt' string or a 'messages' list", path=path,
-                                line=line_no, field="prompt")
+                raise DataError(
+                    "expected a non-empty 'prompt' string or a 'messages' list",
+                    path=path,
+                    line=line_no,
+                    field="prompt",
+                )
             if system and msgs[0].role != "system":
                 msgs.insert(0, Message("system", system))
             conversations.append(msgs)
@@ -76,13 +86,26 @@ def run(args) -> int:
     if args.input:
         conversations = read_prompts(args.input, args.system)
     else:
-        conversations = [([Message("system", args.system)] if args.system else []) + [Message("user", p)]
-                         for p in args.prompt]
+        conversations = [
+            ([Message("system", args.system)] if args.system else []) + [Message("user", p)]
+            for p in args.prompt
+        ]
     model, tokenizer, template = load_for_inference(args.source, template_name=args.template)
-    answers = generate(model, tokenizer, template, conversations, max_new_tokens=args.max_new_tokens,
-                       batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    lines = [json.dumps({"prompt": conv[-1].content, "output": text}, ensure_ascii=False) + "\n"
-             for conv, text in zip(conversations, answers)]
+    answers = generate(
+        model,
+        tokenizer,
+        template,
+        conversations,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    lines = [
+        json.dumps({"prompt": conv[-1].content, "output": text}, ensure_ascii=False) + "\n"
+        for conv, text in zip(conversations, answers)
+    ]
     if args.output:
         with open(args.output, "w", encoding="utf-8") as fh:
             fh.writelines(lines)

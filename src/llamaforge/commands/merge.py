@@ -11,10 +11,14 @@ EPILOG = """examples:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("merge", help="merge a run's adapter into its base model", epilog=EPILOG,
-                       formatter_class=formatter(),
-                       description="Merge the LoRA/DoRA/QLoRA adapter of RUN into a full-precision copy of its "
-                       "base and save it (safetensors, tokenizer, chat template, stop tokens).")
+    p = sub.add_parser(
+        "merge",
+        help="merge a run's adapter into its base model",
+        epilog=EPILOG,
+        formatter_class=formatter(),
+        description="Merge the LoRA/DoRA/QLoRA adapter of RUN into a full-precision copy of its "
+        "base and save it (safetensors, tokenizer, chat template, stop tokens).",
+    )
     p.add_argument("run", help="run directory")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

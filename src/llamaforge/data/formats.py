@@ -133,7 +133,9 @@ def _convert(
         problem = json_problem(record)
         if not isinstance(record, dict):
             reason = f"a record must be an object with named fields, got {_type_name(record)}"
-            yield Rejected(source, item.line, None, reason, snippet(record) if problem and problem[2] else record)
+            yield Rejected(
+                source, item.line, None, reason, snippet(record) if problem and problem[2] else record
+            )
             continue
         if problem is not None:  # NaN, a lone surrogate, a timestamp or bytes cell, absurd nesting
             field, reason, too_deep = problem

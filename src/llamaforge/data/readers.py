@@ -79,8 +79,15 @@ def check_file(p: Path) -> str:
 def require_regular(p: Path, what: str = "a data file") -> None:
     """Refuse a FIFO, socket or device: reading one can block forever or never end."""
     if not p.is_file():
-        kind = ("a FIFO (named pipe)" if p.is_fifo() else "a socket" if p.is_socket()
-                else "a device" if p.is_char_device() or p.is_block_device() else "not a regular file")
+        kind = (
+            "a FIFO (named pipe)"
+            if p.is_fifo()
+            else "a socket"
+            if p.is_socket()
+            else "a device"
+            if p.is_char_device() or p.is_block_device()
+            else "not a regular file"
+        )
         raise DataError(f"is {kind}, not {what}: only regular files are read", path=str(p))
 
 
@@ -336,7 +343,9 @@ def _parquet_row(batch: Any, i: int, row: int) -> RawItem:
         try:
             record[name] = column[i].as_py()
         except (ValueError, OverflowError) as exc:
-            return RawItem(row, None, f"column '{name}' ({column.type}) has no Python value: {exc}", field=name)
+            return RawItem(
+                row, None, f"column '{name}' ({column.type}) has no Python value: {exc}", field=name
+            )
     return RawItem(row, record)
 
 

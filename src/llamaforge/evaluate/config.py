@@ -171,9 +171,23 @@ class GenerationSettings(Section):
 
 SuiteName = Literal["general"]
 # The suite's tasks (their files and checksums are in suite.py, which checks that it holds these names).
-GENERAL_TASK_NAMES = ("arithmetic", "plurals", "sports", "hindu_knowledge", "misconceptions", "dates", "social_iqa",
-                      "physics", "logic", "emoji_movie")
-GENERAL_METRICS: tuple[str, ...] = ("general", "general_norm", *(f"general_{name}" for name in GENERAL_TASK_NAMES))
+GENERAL_TASK_NAMES = (
+    "arithmetic",
+    "plurals",
+    "sports",
+    "hindu_knowledge",
+    "misconceptions",
+    "dates",
+    "social_iqa",
+    "physics",
+    "logic",
+    "emoji_movie",
+)
+GENERAL_METRICS: tuple[str, ...] = (
+    "general",
+    "general_norm",
+    *(f"general_{name}" for name in GENERAL_TASK_NAMES),
+)
 
 
 class GeneralSuiteConfig(Section):

@@ -247,14 +247,20 @@ def compute_metrics(
 
 def _exact_match(outputs, references, config: EvalMetricsConfig) -> dict[str, MetricScores]:
     norm = config.normalization
-    return {"exact_match": MetricScores(
-        "exact_match", [exact_match(o, r, norm) for o, r in zip(outputs, references, strict=True)])}
+    return {
+        "exact_match": MetricScores(
+            "exact_match", [exact_match(o, r, norm) for o, r in zip(outputs, references, strict=True)]
+        )
+    }
 
 
 def _accuracy(outputs, references, config: EvalMetricsConfig) -> dict[str, MetricScores]:
     norm = config.normalization
-    return {"accuracy": MetricScores(
-        "accuracy", [answer_accuracy(o, r, norm) for o, r in zip(outputs, references, strict=True)])}
+    return {
+        "accuracy": MetricScores(
+            "accuracy", [answer_accuracy(o, r, norm) for o, r in zip(outputs, references, strict=True)]
+        )
+    }
 
 
 def _bertscore_signature(config: EvalMetricsConfig) -> str:
@@ -269,16 +275,41 @@ def _llamafactory(outputs, references, config: EvalMetricsConfig) -> dict[str, M
 
 
 for _metric in (
-    Metric("bleu", ("bleu",), lambda o, r, c: {"bleu": bleu_scores(o, r)}, curve=("bleu",),
-           signature=lambda c: bleu_signature(), description="corpus BLEU-4 (sacrebleu)"),
-    Metric("rouge", ("rouge1", "rouge2", "rougeL", "rougeLsum"), lambda o, r, c: rouge_scores(o, r),
-           curve=("rouge1", "rouge2", "rougeL"), description="ROUGE-1/2/L/Lsum F1 (rouge-score)"),
-    Metric("bertscore", ("bertscore",), lambda o, r, c: {"bertscore": bertscore_scores(o, r, c.bertscore)},
-           signature=_bertscore_signature, description="BERTScore F1 with a local MiniLM"),
-    Metric("exact_match", ("exact_match",), _exact_match, curve=("exact_match",),
-           description="normalised output equals the reference"),
+    Metric(
+        "bleu",
+        ("bleu",),
+        lambda o, r, c: {"bleu": bleu_scores(o, r)},
+        curve=("bleu",),
+        signature=lambda c: bleu_signature(),
+        description="corpus BLEU-4 (sacrebleu)",
+    ),
+    Metric(
+        "rouge",
+        ("rouge1", "rouge2", "rougeL", "rougeLsum"),
+        lambda o, r, c: rouge_scores(o, r),
+        curve=("rouge1", "rouge2", "rougeL"),
+        description="ROUGE-1/2/L/Lsum F1 (rouge-score)",
+    ),
+    Metric(
+        "bertscore",
+        ("bertscore",),
+        lambda o, r, c: {"bertscore": bertscore_scores(o, r, c.bertscore)},
+        signature=_bertscore_signature,
+        description="BERTScore F1 with a local MiniLM",
+    ),
+    Metric(
+        "exact_match",
+        ("exact_match",),
+        _exact_match,
+        curve=("exact_match",),
+        description="normalised output equals the reference",
+    ),
     Metric("accuracy", ("accuracy",), _accuracy, description="the extracted answer equals the reference"),
-    Metric("llamafactory", ("lf_bleu4", "lf_rouge1", "lf_rouge2", "lf_rougeL"), _llamafactory,
-           description="LLaMA-Factory's BLEU-4 and ROUGE recipe (jieba words, nltk smoothing)"),
+    Metric(
+        "llamafactory",
+        ("lf_bleu4", "lf_rouge1", "lf_rouge2", "lf_rougeL"),
+        _llamafactory,
+        description="LLaMA-Factory's BLEU-4 and ROUGE recipe (jieba words, nltk smoothing)",
+    ),
 ):
     METRICS.register(_metric)

@@ -154,7 +154,9 @@ def load_candidate(c: Candidate, cfg: EvaluationConfig):
     else:
         run = Run.open(c.source)
         if c.kind == "run":  # a LoRA is merged into a float copy in memory, never into 4/8-bit weights
-            model, tokenizer = run.load(dtype=cfg.dtype, quantization=c.quantization, merge=cfg.merge_adapters)
+            model, tokenizer = run.load(
+                dtype=cfg.dtype, quantization=c.quantization, merge=cfg.merge_adapters
+            )
         else:
             model, tokenizer = load_model(run.base_model, dtype=cfg.dtype, quantization=c.quantization)
         template = run.template(tokenizer)
@@ -189,8 +191,14 @@ def example_losses(
         enc = template.encode(ex.conversation())
         rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
     with tqdm(total=len(rows), desc=desc, unit="ex", dynamic_ncols=True, leave=False) as bar:
-        held = held_out_loss(model, rows, tokenizer.pad_token_id, chunk_size=chunk_size,
-                             autocast=lambda: autocast_context(device, precision), progress=bar)
+        held = held_out_loss(
+            model,
+            rows,
+            tokenizer.pad_token_id,
+            chunk_size=chunk_size,
+            autocast=lambda: autocast_context(device, precision),
+            progress=bar,
+        )
     return held.nll, held.targets
 
 
@@ -286,7 +294,9 @@ class EvalRun:
         return any(r.failed for r in self.gate)
 
 
-def check_rules(rules: list[str], names: list[str], loss: bool, suites: list[str] = (), task: bool = True) -> None:
+def check_rules(
+    rules: list[str], names: list[str], loss: bool, suites: list[str] = (), task: bool = True
+) -> None:
     """Unknown candidates, an unmeasured loss or suite in a rule: fail before any model loads."""
     from llamaforge.evaluate.config import GENERAL_METRICS
 
@@ -297,14 +307,18 @@ def check_rules(rules: list[str], names: list[str], loss: bool, suites: list[str
                     f"fail_if rule '{text}' names candidate '{cand}'; candidates: {', '.join(names)}"
                 )
             if metric in LOSS_METRICS and not (loss and task):
-                raise ConfigError(f"fail_if rule '{text}' reads {metric}, but evaluation.loss is off or no task runs")
+                raise ConfigError(
+                    f"fail_if rule '{text}' reads {metric}, but evaluation.loss is off or no task runs"
+                )
             if metric in GENERAL_METRICS and "general" not in suites:
                 raise ConfigError(
                     f"fail_if rule '{text}' reads {metric}, a metric of the general suite, which is not run: "
                     "pass --suite general or set evaluation.suites: [general]"
                 )
             if metric not in GENERAL_METRICS and metric not in LOSS_METRICS and not task:
-                raise ConfigError(f"fail_if rule '{text}' reads {metric}, but no task runs (set evaluation.task.path)")
+                raise ConfigError(
+                    f"fail_if rule '{text}' reads {metric}, but no task runs (set evaluation.task.path)"
+                )
 
 
 def run_evaluation(
@@ -359,8 +373,16 @@ def run_evaluation(
             del model
             gc.collect()
             scored[c.name] = general.metrics
-            reports.append(CandidateReport(c.name, c.spec, template.name, str(out_dir / f"{c.name}.general.jsonl"),
-                                           round(load_s, 2), stats))
+            reports.append(
+                CandidateReport(
+                    c.name,
+                    c.spec,
+                    template.name,
+                    str(out_dir / f"{c.name}.general.jsonl"),
+                    round(load_s, 2),
+                    stats,
+                )
+            )
             continue
         prompts = [ex.prompt for ex in task.examples]
         references = task.references
@@ -405,8 +427,12 @@ def run_evaluation(
     )
     suite_info = None
     if suite is not None:
-        suite_info = {"sha256": suite.sha256, "questions": len(suite.examples), "tasks": suite.task_names(),
-                      "prompt": cfg.general.prompt}
+        suite_info = {
+            "sha256": suite.sha256,
+            "questions": len(suite.examples),
+            "tasks": suite.task_names(),
+            "prompt": cfg.general.prompt,
+        }
         table.info["general suite"] = (
             f"{len(suite.examples)} BIG-bench questions ({len(suite.task_names())} tasks), {cfg.general.prompt} "
             f"prompts, log-likelihood of the choices; sha256 {suite.sha256[:12]}"
@@ -429,7 +455,9 @@ def write_results(result: EvalRun, cfg: EvaluationConfig) -> None:
             "examples": len(result.task.examples),
             "records_in_file": result.task.total_records,
             "skipped_long": result.task.skipped_long,
-        } if result.task is not None else None,
+        }
+        if result.task is not None
+        else None,
         "general_suite": result.suite,
         "candidates": [asdict(r) for r in result.candidates],
         "generation": cfg.generation.model_dump(),

@@ -59,8 +59,6 @@ def after_training(cfg, run_dir: Path) -> dict[str, Any]:
     return summary["general"]
 
 
-
-
 def add_lm_eval_scores(result, evaluation, text: str) -> None:
     """Run lm-eval on every candidate of a finished `llamaforge eval` and add rows lm_<task>_<metric>."""
     import gc

@@ -21,8 +21,10 @@ from llamaforge.registry import EXPORTERS, Exporter
 
 log = logging.getLogger(__name__)
 
-def export_gguf_run(run_dir: str | Path, out: str | Path, *, dtype: str = "f16", overwrite: bool = False,
-                    adapter: bool = True) -> Path:
+
+def export_gguf_run(
+    run_dir: str | Path, out: str | Path, *, dtype: str = "f16", overwrite: bool = False, adapter: bool = True
+) -> Path:
     from llamaforge.export import gguf as gx
     from llamaforge.export.modelfile import MODELFILE_NAME, render_modelfile
     from llamaforge.export.safetensors import base_config, finish, prepare, write_merged
@@ -44,8 +46,13 @@ def export_gguf_run(run_dir: str | Path, out: str | Path, *, dtype: str = "f16",
         adapter_note: dict = {"file": None}
         if adapter and run.is_adapter:
             try:
-                lora = gx.export_lora_gguf(run.weights_dir, merged / "config.json",
-                                           tmp / f"{name}-lora-f32.gguf", dtype="f32", name=f"{name}-lora")
+                lora = gx.export_lora_gguf(
+                    run.weights_dir,
+                    merged / "config.json",
+                    tmp / f"{name}-lora-f32.gguf",
+                    dtype="f32",
+                    name=f"{name}-lora",
+                )
                 adapter_note = {"file": lora.name, "base": run.base_model}
             except ExportError as exc:  # DoRA, modules_to_save, tied lm_head...: the merged GGUF still stands
                 log.warning("no LoRA adapter GGUF: %s", exc)
@@ -53,12 +60,21 @@ def export_gguf_run(run_dir: str | Path, out: str | Path, *, dtype: str = "f16",
         # rendered from the run's template rather than write_modelfile's re-read of the GGUF: gguf's
         # GGUFReader takes ~20 s on a 128K vocabulary; the stops are the same tokens the GGUF names
         stops = template.tokenizer.convert_ids_to_tokens(template.stop_token_ids)
-        text = render_modelfile(gguf_path.name, template=None if template.name == "model" else template.name,
-                                chat_template=template.jinja, stop=stops)
+        text = render_modelfile(
+            gguf_path.name,
+            template=None if template.name == "model" else template.name,
+            chat_template=template.jinja,
+            stop=stops,
+        )
         (tmp / MODELFILE_NAME).write_text(text, encoding="utf-8")
         shutil.rmtree(merged)
-        finish(tmp, export_format="gguf", run=run, dtype=dtype,
-               extra={"gguf": gguf_path.name, "lora_adapter": adapter_note, "modelfile": MODELFILE_NAME})
+        finish(
+            tmp,
+            export_format="gguf",
+            run=run,
+            dtype=dtype,
+            extra={"gguf": gguf_path.name, "lora_adapter": adapter_note, "modelfile": MODELFILE_NAME},
+        )
     return out
 
 
@@ -71,7 +87,9 @@ def _check_out(run_dir: str | Path, out: str | Path) -> None:
     check_not_input(out, [run_dir, base if Path(base).exists() else None], "--out")
 
 
-def _safetensors(run_dir, out, *, dtype=None, bits=None, shard_size="2GB", overwrite=False, **options) -> Path:
+def _safetensors(
+    run_dir, out, *, dtype=None, bits=None, shard_size="2GB", overwrite=False, **options
+) -> Path:
     from llamaforge.export.safetensors import export_safetensors
 
     _no_options("safetensors", bits, options)
@@ -98,21 +116,33 @@ def _no_options(name: str, bits: int | None, options: dict) -> None:
         raise ConfigError(f"--format {name} takes no {', '.join(sorted(options))}")
 
 
-def export_run(run_dir: str | Path, out: str | Path, *, export_format: str, dtype: str | None = None,
-               bits: int | None = None, shard_size: str = "2GB", overwrite: bool = False, **options) -> Path:
+def export_run(
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    export_format: str,
+    dtype: str | None = None,
+    bits: int | None = None,
+    shard_size: str = "2GB",
+    overwrite: bool = False,
+    **options,
+) -> Path:
     """Dispatch one export to its registered exporter (registry.EXPORTERS); returns the export folder."""
     exporter = EXPORTERS.get(export_format, field="--format")
     _check_out(run_dir, out)
     started = time.perf_counter()
-    path = exporter.export(run_dir, out, dtype=dtype, bits=bits, shard_size=shard_size, overwrite=overwrite,
-                           **options)
+    path = exporter.export(
+        run_dir, out, dtype=dtype, bits=bits, shard_size=shard_size, overwrite=overwrite, **options
+    )
     log.info("export done in %.1f s", time.perf_counter() - started)
     return path
 
 
 for _exporter in (
     Exporter("safetensors", _safetensors, "the merged model as sharded safetensors for plain transformers"),
-    Exporter("gguf", _gguf, "a GGUF for llama.cpp / Ollama (f32 ... q4_1), the LoRA as its own GGUF, a Modelfile"),
+    Exporter(
+        "gguf", _gguf, "a GGUF for llama.cpp / Ollama (f32 ... q4_1), the LoRA as its own GGUF, a Modelfile"
+    ),
     Exporter("quantized", _quantized, "bitsandbytes int8 / NF4 safetensors, compared with the merged model"),
 ):
     EXPORTERS.register(_exporter)

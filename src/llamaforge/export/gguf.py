@@ -52,8 +52,14 @@ def _qtype(name: str):
 
 def _file_type(name: str):
     F = _gguf().LlamaFileType
-    return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0,
-            "q4_0": F.MOSTLY_Q4_0, "q4_1": F.MOSTLY_Q4_1}[name]
+    return {
+        "f32": F.ALL_F32,
+        "f16": F.MOSTLY_F16,
+        "bf16": F.MOSTLY_BF16,
+        "q8_0": F.MOSTLY_Q8_0,
+        "q4_0": F.MOSTLY_Q4_0,
+        "q4_1": F.MOSTLY_Q4_1,
+    }[name]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,14 +78,18 @@ class LlamaHParams:
     rms_eps: float
     vocab_size: int
     rope_theta: float
-    rope: dict  # rope_type plus its parameters (factor, low/high_freq_factor, original_max_position_embeddings)
+    rope: (
+        dict  # rope_type plus its parameters (factor, low/high_freq_factor, original_max_position_embeddings)
+    )
     tied: bool
     explicit_head_dim: bool  # config.json states head_dim: llama.cpp then writes key/value lengths
 
     @classmethod
     def from_config(cls, cfg: dict, where: str = "config.json") -> LlamaHParams:
         archs = cfg.get("architectures") or []
-        if not any(a in SUPPORTED_ARCHITECTURES for a in archs) and not (not archs and cfg.get("model_type") == "llama"):
+        if not any(a in SUPPORTED_ARCHITECTURES for a in archs) and not (
+            not archs and cfg.get("model_type") == "llama"
+        ):
             raise ModelSourceError(
                 f"{where}: architecture {archs or cfg.get('model_type')} cannot be exported to GGUF; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
@@ -90,25 +100,36 @@ class LlamaHParams:
                 "export a merged full-precision model to GGUF instead"
             )
         if cfg.get("hidden_act", "silu") != "silu":
-            raise ModelSourceError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (llama.cpp uses silu)")
+            raise ModelSourceError(
+                f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (llama.cpp uses silu)"
+            )
         try:
             n_embd, n_head = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
             rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
             rope_type = rope.get("rope_type", rope.get("type")) or "default"
             theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
             hp = cls(
-                n_layer=int(cfg["num_hidden_layers"]), n_embd=n_embd, n_ff=int(cfg["intermediate_size"]),
-                n_head=n_head, n_head_kv=int(cfg.get("num_key_value_heads") or n_head),
+                n_layer=int(cfg["num_hidden_layers"]),
+                n_embd=n_embd,
+                n_ff=int(cfg["intermediate_size"]),
+                n_head=n_head,
+                n_head_kv=int(cfg.get("num_key_value_heads") or n_head),
                 head_dim=int(cfg.get("head_dim") or n_embd // n_head),
-                n_ctx=int(cfg.get("max_position_embeddings", 2048)), rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                vocab_size=int(cfg["vocab_size"]), rope_theta=float(theta), rope={**rope, "rope_type": rope_type},
-                tied=bool(cfg.get("tie_word_embeddings", False)), explicit_head_dim="head_dim" in cfg,
+                n_ctx=int(cfg.get("max_position_embeddings", 2048)),
+                rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                vocab_size=int(cfg["vocab_size"]),
+                rope_theta=float(theta),
+                rope={**rope, "rope_type": rope_type},
+                tied=bool(cfg.get("tie_word_embeddings", False)),
+                explicit_head_dim="head_dim" in cfg,
             )
         except KeyError as exc:
             raise ModelSourceError(f"{where}: missing {exc.args[0]!r}") from None
         if rope_type not in ("default", "linear", "llama3"):
-            raise ModelSourceError(f"{where}: RoPE type {rope_type!r} is not supported for GGUF export "
-                                   "(supported: default, linear, llama3)")
+            raise ModelSourceError(
+                f"{where}: RoPE type {rope_type!r} is not supported for GGUF export "
+                "(supported: default, linear, llama3)"
+            )
         return hp
 
 
@@ -152,12 +173,20 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
         weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}
         missing = sorted({f for f in weight_map.values() if not (model_dir / f).is_file()})
         if missing:
-            raise ModelSourceError(f"{model_dir}: shard(s) named in {index.name} are missing: {', '.join(missing)}")
+            raise ModelSourceError(
+                f"{model_dir}: shard(s) named in {index.name} are missing: {', '.join(missing)}"
+            )
         return {name: model_dir / f for name, f in weight_map.items()}
     files = sorted(model_dir.glob("model*.safetensors"))  # not adapter_model.safetensors lying beside
     if not files:
-        pickled = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt"))
-        hint = f" (found {', '.join(pickled)}: pickled weights are never loaded; re-save as safetensors)" if pickled else ""
+        pickled = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(
+            p.name for p in model_dir.glob("*.pt")
+        )
+        hint = (
+            f" (found {', '.join(pickled)}: pickled weights are never loaded; re-save as safetensors)"
+            if pickled
+            else ""
+        )
         raise ModelSourceError(f"{model_dir}: no model*.safetensors weights{hint}")
     out: dict[str, Path] = {}
     for f in files:
@@ -238,10 +267,24 @@ def plan_tensors(hp: LlamaHParams, shapes: dict[str, tuple[int, ...]], dtype: st
     names = {p.gguf_name for p in plan}
     needed = {"token_embd.weight", "output_norm.weight"} | ({"output.weight"} if not hp.tied else set())
     for i in range(hp.n_layer):
-        needed |= {f"blk.{i}.{t}.weight" for t in ("attn_q", "attn_k", "attn_v", "attn_output", "attn_norm",
-                                                    "ffn_gate", "ffn_up", "ffn_down", "ffn_norm")}
+        needed |= {
+            f"blk.{i}.{t}.weight"
+            for t in (
+                "attn_q",
+                "attn_k",
+                "attn_v",
+                "attn_output",
+                "attn_norm",
+                "ffn_gate",
+                "ffn_up",
+                "ffn_down",
+                "ffn_norm",
+            )
+        }
     if needed - names:
-        raise ModelSourceError(f"the weights lack {len(needed - names)} Llama tensor(s), e.g. {sorted(needed - names)[:4]}")
+        raise ModelSourceError(
+            f"the weights lack {len(needed - names)} Llama tensor(s), e.g. {sorted(needed - names)[:4]}"
+        )
     if hp.rope["rope_type"] == "llama3":
         plan.insert(0, _Planned("rope_freqs.weight", None, (hp.head_dim // 2,), g.GGMLQuantizationType.F32))
     return plan
@@ -275,8 +318,13 @@ def _add_tensor_info(writer, p: _Planned) -> None:
         np_dtype = np.float32 if p.qtype == T.F32 else np.float16
         writer.add_tensor_info(p.gguf_name, p.shape, np.dtype(np_dtype), p.nbytes, raw_dtype=p.qtype)
     else:
-        writer.add_tensor_info(p.gguf_name, quant_shape_to_byte_shape(p.shape, p.qtype), np.dtype(np.uint8),
-                               p.nbytes, raw_dtype=p.qtype)
+        writer.add_tensor_info(
+            p.gguf_name,
+            quant_shape_to_byte_shape(p.shape, p.qtype),
+            np.dtype(np.uint8),
+            p.nbytes,
+            raw_dtype=p.qtype,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,8 +355,9 @@ def _add_hparams(writer, hp: LlamaHParams, dtype: str, name: str) -> None:
     writer.add_quantization_version(g.GGML_QUANT_VERSION)
 
 
-def export_gguf(model_dir: Path, out_path: Path, *, dtype: str = "f16", overwrite: bool = False,
-                name: str | None = None) -> Path:
+def export_gguf(
+    model_dir: Path, out_path: Path, *, dtype: str = "f16", overwrite: bool = False, name: str | None = None
+) -> Path:
     """Convert a transformers Llama folder (config.json, safetensors, tokenizer) to one GGUF file.
 
     Raises ModelSourceError for input that cannot be converted and ExportError for an existing
@@ -358,7 +407,11 @@ def _adapter_tensors(adapter_dir: Path) -> dict[str, np.ndarray]:
 
     path = adapter_dir / "adapter_model.safetensors"
     if not path.is_file():
-        extra = " (adapter_model.bin is pickled and never loaded)" if (adapter_dir / "adapter_model.bin").exists() else ""
+        extra = (
+            " (adapter_model.bin is pickled and never loaded)"
+            if (adapter_dir / "adapter_model.bin").exists()
+            else ""
+        )
         raise ModelSourceError(f"{adapter_dir}: adapter_model.safetensors is missing{extra}")
     with safe_open(path, framework="pt") as fh:
         return {k: fh.get_tensor(k).float().numpy() for k in fh.keys()}  # noqa: SIM118
@@ -371,15 +424,19 @@ def _lora_pairs(tensors: dict[str, np.ndarray]) -> Iterator[tuple[str, np.ndarra
         name = key.removeprefix("base_model.model.")
         if "lora_embedding_" in name or "lora_magnitude_vector" in name:
             what = "an embedding LoRA" if "lora_embedding_" in name else "a DoRA magnitude vector"
-            raise ExportError(f"the adapter holds {what} ({key}); llama.cpp LoRA adapters support Linear LoRA only")
+            raise ExportError(
+                f"the adapter holds {what} ({key}); llama.cpp LoRA adapters support Linear LoRA only"
+            )
         for part in ("lora_A", "lora_B"):
             marker = f".{part}.weight"
             if name.endswith(marker):
                 pairs.setdefault(name[: -len(marker)], {})[part] = value
                 break
         else:
-            raise ExportError(f"the adapter holds a full tensor {key} (modules_to_save?) that a llama.cpp "
-                              "LoRA adapter cannot carry; merge and export the model instead")
+            raise ExportError(
+                f"the adapter holds a full tensor {key} (modules_to_save?) that a llama.cpp "
+                "LoRA adapter cannot carry; merge and export the model instead"
+            )
     for module, ab in sorted(pairs.items(), key=lambda kv: _natural_key(kv[0])):
         if set(ab) != {"lora_A", "lora_B"}:
             raise ExportError(f"the adapter has only {sorted(ab)} for {module}")
@@ -396,11 +453,20 @@ def _module_scale(module: str, cfg: dict) -> tuple[int, float]:
                 return value
         return default
 
-    return int(pick(cfg.get("rank_pattern"), cfg["r"])), float(pick(cfg.get("alpha_pattern"), cfg["lora_alpha"]))
+    return int(pick(cfg.get("rank_pattern"), cfg["r"])), float(
+        pick(cfg.get("alpha_pattern"), cfg["lora_alpha"])
+    )
 
 
-def export_lora_gguf(adapter_dir: Path, base_config: Path | dict, out_path: Path, *, dtype: str = "f32",
-                     overwrite: bool = False, name: str | None = None) -> Path:
+def export_lora_gguf(
+    adapter_dir: Path,
+    base_config: Path | dict,
+    out_path: Path,
+    *,
+    dtype: str = "f32",
+    overwrite: bool = False,
+    name: str | None = None,
+) -> Path:
     """Write a PEFT LoRA adapter as a llama.cpp GGUF LoRA adapter (for `llama-cli --lora`).
 
     `base_config` is the base model folder, its config.json, or the config dict. llama.cpp scales
@@ -417,8 +483,13 @@ def export_lora_gguf(adapter_dir: Path, base_config: Path | dict, out_path: Path
         hp = LlamaHParams.from_config(base_config, where="base config")
     else:
         base_config = Path(base_config)
-        hp = read_config(base_config) if base_config.is_dir() else LlamaHParams.from_config(
-            json.loads(base_config.read_text(encoding="utf-8")), where=str(base_config))
+        hp = (
+            read_config(base_config)
+            if base_config.is_dir()
+            else LlamaHParams.from_config(
+                json.loads(base_config.read_text(encoding="utf-8")), where=str(base_config)
+            )
+        )
     cfg_path = adapter_dir / "adapter_config.json"
     if not cfg_path.is_file():
         raise ModelSourceError(f"{adapter_dir} is not a PEFT adapter: adapter_config.json is missing")
@@ -426,7 +497,9 @@ def export_lora_gguf(adapter_dir: Path, base_config: Path | dict, out_path: Path
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ExportError(f"{cfg_path}: peft_type {cfg.get('peft_type')} is not LoRA")
     if cfg.get("use_dora"):
-        raise ExportError(f"{cfg_path}: DoRA adapters cannot be written as llama.cpp LoRA adapters; merge and export the model")
+        raise ExportError(
+            f"{cfg_path}: DoRA adapters cannot be written as llama.cpp LoRA adapters; merge and export the model"
+        )
 
     g = _gguf()
     name_map = g.get_tensor_name_map(g.MODEL_ARCH.LLAMA, hp.n_layer)
@@ -436,8 +509,10 @@ def export_lora_gguf(adapter_dir: Path, base_config: Path | dict, out_path: Path
     out: list[tuple[str, np.ndarray]] = []
     for module, a, b in _lora_pairs(_adapter_tensors(adapter_dir)):
         if module == "lm_head" and hp.tied:
-            raise ExportError("the adapter changes lm_head, which the base model ties to the embeddings; "
-                              "llama.cpp cannot apply that as an adapter (merge and export instead)")
+            raise ExportError(
+                "the adapter changes lm_head, which the base model ties to the embeddings; "
+                "llama.cpp cannot apply that as an adapter (merge and export instead)"
+            )
         new = name_map.get_name(module + ".weight", try_suffixes=(".weight",))
         if new is None:
             raise ExportError(f"the adapter targets {module}, which is not a Llama tensor")
@@ -469,8 +544,11 @@ def export_lora_gguf(adapter_dir: Path, base_config: Path | dict, out_path: Path
             writer.add_file_type(_file_type(dtype))
             writer.add_quantization_version(g.GGML_QUANT_VERSION)
             for tensor_name, data in out:
-                writer.add_tensor(tensor_name, quantize(np.ascontiguousarray(data, dtype=np.float32), qtype),
-                                  raw_dtype=qtype)
+                writer.add_tensor(
+                    tensor_name,
+                    quantize(np.ascontiguousarray(data, dtype=np.float32), qtype),
+                    raw_dtype=qtype,
+                )
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()

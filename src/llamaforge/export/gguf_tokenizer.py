@@ -66,9 +66,15 @@ class GGUFVocab:
     chat_template: str | None = None
 
     def summary(self) -> dict[str, Any]:
-        return {"pre": self.pre, "tokens": len(self.tokens), "merges": len(self.merges),
-                "special_ids": dict(self.special_ids), "add_bos": self.add_bos, "add_eos": self.add_eos,
-                "chat_template": self.chat_template is not None}
+        return {
+            "pre": self.pre,
+            "tokens": len(self.tokens),
+            "merges": len(self.merges),
+            "special_ids": dict(self.special_ids),
+            "add_bos": self.add_bos,
+            "add_eos": self.add_eos,
+            "chat_template": self.chat_template is not None,
+        }
 
     def add_to_writer(self, writer) -> None:
         writer.add_tokenizer_model("gpt2")
@@ -87,7 +93,9 @@ class GGUFVocab:
 
 
 def _looks_special(text: str) -> bool:
-    return (text.startswith("<|") and text.endswith("|>")) or (text.startswith("<｜") and text.endswith("｜>"))
+    return (text.startswith("<|") and text.endswith("|>")) or (
+        text.startswith("<｜") and text.endswith("｜>")
+    )
 
 
 def _pre_from_structure(tokenizer_json: dict) -> str | None:
@@ -98,7 +106,11 @@ def _pre_from_structure(tokenizer_json: dict) -> str | None:
         pattern = (steps[0].get("pattern") or {}).get("Regex")
         if pattern == LLAMA3_SPLIT_REGEX and not steps[1].get("use_regex", True):
             return "llama-bpe"
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+    if (
+        kinds == ["Digits", "ByteLevel"]
+        and steps[0].get("individual_digits")
+        and steps[1].get("use_regex", True)
+    ):
         return "smollm"
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
         return "gpt-2"
@@ -136,7 +148,9 @@ def build_vocab(model_dir: Path, vocab_size: int) -> GGUFVocab:
     model_dir = Path(model_dir)
     tj_path = model_dir / "tokenizer.json"
     if not tj_path.is_file():
-        raise ModelSourceError(f"{model_dir} has no tokenizer.json (a fast tokenizer is needed for GGUF export)")
+        raise ModelSourceError(
+            f"{model_dir} has no tokenizer.json (a fast tokenizer is needed for GGUF export)"
+        )
     tokenizer_json = json.loads(tj_path.read_text(encoding="utf-8"))
     model = tokenizer_json.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback"):
@@ -201,8 +215,14 @@ def build_vocab(model_dir: Path, vocab_size: int) -> GGUFVocab:
     template = getattr(tok, "chat_template", None)
 
     return GGUFVocab(
-        pre=pre, pre_hash=chkhsh, tokens=tokens, token_types=types, merges=merges,
-        special_ids=ids, add_bos=add_bos, add_eos=add_eos,
+        pre=pre,
+        pre_hash=chkhsh,
+        tokens=tokens,
+        token_types=types,
+        merges=merges,
+        special_ids=ids,
+        add_bos=add_bos,
+        add_eos=add_eos,
         add_space_prefix=add_space_prefix if isinstance(add_space_prefix, bool) else None,
         chat_template=template if isinstance(template, str) else None,
     )

@@ -61,8 +61,10 @@ def _refuse_existing(target: Path, overwrite: bool, *, folder: bool = False) -> 
     if (target.exists() or target.is_symlink()) and not overwrite:
         raise ExportError(f"{target} already exists; pass --overwrite (overwrite=True) to replace it")
     if folder and target.is_dir() and any(target.iterdir()) and not is_ours(target):
-        raise ExportError(f"{target} is not empty and was not created by llamaforge (no {MARKER} file): "
-                          "it is never replaced, even with --overwrite; choose another --out")
+        raise ExportError(
+            f"{target} is not empty and was not created by llamaforge (no {MARKER} file): "
+            "it is never replaced, even with --overwrite; choose another --out"
+        )
 
 
 @contextlib.contextmanager

@@ -44,7 +44,9 @@ def save_merged(model, tokenizer, template, folder: Path, *, max_shard_size: str
     template.save(folder)
 
 
-def merge_run(run_dir: str | Path, out: str | Path, *, dtype: str = "float32", overwrite: bool = False) -> Path:
+def merge_run(
+    run_dir: str | Path, out: str | Path, *, dtype: str = "float32", overwrite: bool = False
+) -> Path:
     """Merge into `out`, written beside it and renamed into place; an existing `out` is replaced only
     with `overwrite` and only when llamaforge made it; `out` may not be or contain the run or its base."""
     from llamaforge.atomic import building_folder, check_not_input, check_replaceable
@@ -52,7 +54,9 @@ def merge_run(run_dir: str | Path, out: str | Path, *, dtype: str = "float32", o
     out = Path(out)
     run = Run.open(run_dir)
     if not run.is_adapter:
-        raise ConfigError(f"{run.dir} is a full fine-tune: its weights in {run.weights_dir} are already merged")
+        raise ConfigError(
+            f"{run.dir} is a full fine-tune: its weights in {run.weights_dir} are already merged"
+        )
     torch_dtype(dtype)  # an unknown name fails here, before any weights load
     base = run.base_model if Path(run.base_model).exists() else None
     check_not_input(out, [run.dir, base], "--out")
@@ -61,7 +65,16 @@ def merge_run(run_dir: str | Path, out: str | Path, *, dtype: str = "float32", o
     model, tokenizer, template = merged_model(run, dtype=dtype)
     with building_folder(out, "merge") as tmp:
         save_merged(model, tokenizer, template, tmp)
-        (tmp / "llamaforge_merge.json").write_text(json.dumps(
-            {"run": str(run.dir), "base_model": run.base_model, "method": run.method, "dtype": dtype,
-             "dataset_sha256": run.dataset_sha256}, indent=2))
+        (tmp / "llamaforge_merge.json").write_text(
+            json.dumps(
+                {
+                    "run": str(run.dir),
+                    "base_model": run.base_model,
+                    "method": run.method,
+                    "dtype": dtype,
+                    "dataset_sha256": run.dataset_sha256,
+                },
+                indent=2,
+            )
+        )
     return out

@@ -58,7 +58,7 @@ def detect_template(chat_template: str | None) -> str | None:
 
 def _quote_block(text: str, what: str) -> str:
     if '"""' in text:
-        raise ExportError(f"the {what} contains '\"\"\"', which a Modelfile cannot hold")
+        raise ExportError(f'the {what} contains \'"""\', which a Modelfile cannot hold')
     return f'"""{text}"""'
 
 
@@ -81,7 +81,9 @@ def render_modelfile(
     elif template in OLLAMA_TEMPLATES:
         name = template
     else:
-        raise ExportError(f"no Ollama template for chat template {template!r}; known: {', '.join(OLLAMA_TEMPLATES)}")
+        raise ExportError(
+            f"no Ollama template for chat template {template!r}; known: {', '.join(OLLAMA_TEMPLATES)}"
+        )
     lines = ["# Made by llamaforge. Use: ollama create <name> -f Modelfile", f"FROM ./{gguf_name}", ""]
     stops: list[str] = []
     if name is not None:
@@ -141,8 +143,14 @@ def write_modelfile(
     if out_path.resolve().parent != gguf_path.resolve().parent:
         raise ExportError("the Modelfile must lie in the same folder as the GGUF it names (FROM ./file)")
     chat_template, token_stops = gguf_chat_info(gguf_path)
-    text = render_modelfile(gguf_path.name, template=template, chat_template=chat_template,
-                            stop=[*token_stops, *stop], system=system, parameters=parameters)
+    text = render_modelfile(
+        gguf_path.name,
+        template=template,
+        chat_template=chat_template,
+        stop=[*token_stops, *stop],
+        system=system,
+        parameters=parameters,
+    )
     with atomic_file(out_path, overwrite=overwrite, required_bytes=len(text.encode())) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return out_path

@@ -43,8 +43,12 @@ def bnb_config(bits: int):
 
     if bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
 
 
 def load_quantized(folder: Path):
@@ -89,18 +93,32 @@ def loss_and_perplexity(model, template, convs) -> dict[str, float]:
             continue
         rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
     held = held_out_loss(model, rows, template.tokenizer.pad_token_id)
-    return {"loss": held.loss, "perplexity": held.perplexity, "target_tokens": held.tokens, "skipped": skipped}
+    return {
+        "loss": held.loss,
+        "perplexity": held.perplexity,
+        "target_tokens": held.tokens,
+        "skipped": skipped,
+    }
 
 
 def _quality_markdown(rows: dict[str, dict], where: str, n: int) -> str:
-    lines = [f"# merged vs quantized on {n} held-out example(s) from {where}", "",
-             "| model | loss | perplexity | target tokens | size |", "|---|---|---|---|---|"]
+    lines = [
+        f"# merged vs quantized on {n} held-out example(s) from {where}",
+        "",
+        "| model | loss | perplexity | target tokens | size |",
+        "|---|---|---|---|---|",
+    ]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['loss']:.4f} | {r['perplexity']:.3f} | {r['target_tokens']} | "
-                     f"{r['bytes'] / 1e6:.1f} MB |")
+        lines.append(
+            f"| {name} | {r['loss']:.4f} | {r['perplexity']:.3f} | {r['target_tokens']} | "
+            f"{r['bytes'] / 1e6:.1f} MB |"
+        )
     q, m = rows["quantized"], rows["merged"]
-    lines += ["", f"loss delta (quantized - merged): {q['loss'] - m['loss']:+.4f}; "
-              f"perplexity ratio: {q['perplexity'] / m['perplexity']:.4f}"]
+    lines += [
+        "",
+        f"loss delta (quantized - merged): {q['loss'] - m['loss']:+.4f}; "
+        f"perplexity ratio: {q['perplexity'] / m['perplexity']:.4f}",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -117,8 +135,11 @@ def _run_eval(merged: Path, quantized: Path, convs, out_dir: Path, max_new_token
     except ImportError as exc:
         return {"ran": False, "reason": f"llamaforge.evaluate.runner unavailable: {exc}"}
     task_file = out_dir.parent / ".eval_task.jsonl"
-    rows = [{"messages": [{"role": m.role, "content": m.content} for m in c.messages]} for c in convs
-            if c.messages and c.messages[-1].role == "assistant"]
+    rows = [
+        {"messages": [{"role": m.role, "content": m.content} for m in c.messages]}
+        for c in convs
+        if c.messages and c.messages[-1].role == "assistant"
+    ]
     task_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     try:
         cfg = EvaluationConfig(
@@ -129,15 +150,25 @@ def _run_eval(merged: Path, quantized: Path, convs, out_dir: Path, max_new_token
         result = run_evaluation(cfg, out_dir)
         return {"ran": True, "results": "eval/results.md", "gate_failed": result.failed}
     except Exception as exc:  # noqa: BLE001 - see docstring
-        log.warning("the side-by-side evaluation failed (%s: %s); the loss table stands", type(exc).__name__, exc)
+        log.warning(
+            "the side-by-side evaluation failed (%s: %s); the loss table stands", type(exc).__name__, exc
+        )
         shutil.rmtree(out_dir, ignore_errors=True)
         return {"ran": False, "reason": f"{type(exc).__name__}: {exc}"}
     finally:
         task_file.unlink(missing_ok=True)
 
 
-def compare_quality(merged_dir: Path, quantized_dir: Path, convs, where: str, out: Path, *, generate: bool = True,
-                    max_new_tokens: int = 64) -> dict[str, Any]:
+def compare_quality(
+    merged_dir: Path,
+    quantized_dir: Path,
+    convs,
+    where: str,
+    out: Path,
+    *,
+    generate: bool = True,
+    max_new_tokens: int = 64,
+) -> dict[str, Any]:
     """Write quality.json / quality.md (and eval/ when `generate`) into `out`; returns quality.json's content."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -145,7 +176,11 @@ def compare_quality(merged_dir: Path, quantized_dir: Path, convs, where: str, ou
     from llamaforge.templates import load_template
 
     if not convs:
-        report = {"sample": 0, "source": where, "note": "no held-out records: nothing compared (pass eval_data)"}
+        report = {
+            "sample": 0,
+            "source": where,
+            "note": "no held-out records: nothing compared (pass eval_data)",
+        }
         log.warning("quantized export: %s", report["note"])
         (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
         return report
@@ -155,12 +190,23 @@ def compare_quality(merged_dir: Path, quantized_dir: Path, convs, where: str, ou
     rows: dict[str, dict] = {}
     for name, folder in (("merged", merged_dir), ("quantized", quantized_dir)):
         t0 = time.perf_counter()
-        model = load_quantized(folder) if name == "quantized" else AutoModelForCausalLM.from_pretrained(folder).eval()
-        rows[name] = {**loss_and_perplexity(model, template, convs), "bytes": _folder_bytes(folder),
-                      "seconds": round(time.perf_counter() - t0, 2)}
+        model = (
+            load_quantized(folder)
+            if name == "quantized"
+            else AutoModelForCausalLM.from_pretrained(folder).eval()
+        )
+        rows[name] = {
+            **loss_and_perplexity(model, template, convs),
+            "bytes": _folder_bytes(folder),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
         del model
-    report = {"sample": len(convs), "source": where, "models": rows,
-              "loss_delta": rows["quantized"]["loss"] - rows["merged"]["loss"]}
+    report = {
+        "sample": len(convs),
+        "source": where,
+        "models": rows,
+        "loss_delta": rows["quantized"]["loss"] - rows["merged"]["loss"],
+    }
     (out / "quality.md").write_text(_quality_markdown(rows, where, len(convs)), encoding="utf-8")
     if generate:
         report["eval"] = _run_eval(merged_dir, quantized_dir, convs, out / "eval", max_new_tokens)
@@ -173,9 +219,18 @@ def compare_quality(merged_dir: Path, quantized_dir: Path, convs, where: str, ou
 # the export
 
 
-def export_quantized(run_dir: str | Path, out: str | Path, *, bits: int = 8, overwrite: bool = False,
-                     eval_data: str | Path | None = None, eval_samples: int = 32, evaluate: bool = True,
-                     generate: bool = True, max_new_tokens: int = 64) -> Path:
+def export_quantized(
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    bits: int = 8,
+    overwrite: bool = False,
+    eval_data: str | Path | None = None,
+    eval_samples: int = 32,
+    evaluate: bool = True,
+    generate: bool = True,
+    max_new_tokens: int = 64,
+) -> Path:
     if bits not in BITS:
         raise ConfigError(f"--bits must be 8 or 4, got {bits}")
     try:
@@ -200,17 +255,31 @@ def export_quantized(run_dir: str | Path, out: str | Path, *, bits: int = 8, ove
         model.save_pretrained(tmp, safe_serialization=True)
         del model
         for f in merged.iterdir():  # tokenizer, chat template, our template record
-            if f.suffix != ".safetensors" and f.name not in ("config.json", "generation_config.json") \
-                    and not f.name.endswith(".index.json"):
+            if (
+                f.suffix != ".safetensors"
+                and f.name not in ("config.json", "generation_config.json")
+                and not f.name.endswith(".index.json")
+            ):
                 shutil.copy2(f, tmp / f.name)
         shutil.copy2(merged / "generation_config.json", tmp / "generation_config.json")
         quality = None
         if evaluate:
-            quality = compare_quality(merged, tmp, convs, where, tmp, generate=generate,
-                                      max_new_tokens=max_new_tokens)
+            quality = compare_quality(
+                merged, tmp, convs, where, tmp, generate=generate, max_new_tokens=max_new_tokens
+            )
         shutil.rmtree(merged)
-        method = "bitsandbytes LLM.int8" if bits == 8 else "bitsandbytes NF4 (double quantization, bf16 compute)"
-        finish(tmp, export_format="quantized", run=run, dtype=f"int{bits}" if bits == 8 else "nf4",
-               extra={"quantization": method, "bits": bits,
-                      "quality": None if quality is None else {k: v for k, v in quality.items() if k != "eval"}})
+        method = (
+            "bitsandbytes LLM.int8" if bits == 8 else "bitsandbytes NF4 (double quantization, bf16 compute)"
+        )
+        finish(
+            tmp,
+            export_format="quantized",
+            run=run,
+            dtype=f"int{bits}" if bits == 8 else "nf4",
+            extra={
+                "quantization": method,
+                "bits": bits,
+                "quality": None if quality is None else {k: v for k, v in quality.items() if k != "eval"},
+            },
+        )
     return out

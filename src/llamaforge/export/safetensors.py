@@ -24,8 +24,17 @@ log = logging.getLogger(__name__)
 SAFETENSORS_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
 BYTES_PER_PARAM = {"f32": 4, "bf16": 2, "f16": 2}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_size(text: str | int) -> int:
@@ -111,32 +120,51 @@ def _readable(folder: Path) -> None:
             p.chmod(0o666 & ~umask)
 
 
-def finish(tmp: Path, *, export_format: str, run: Run, dtype: str,
-           extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def finish(
+    tmp: Path, *, export_format: str, run: Run, dtype: str, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     _readable(tmp)
     manifest = build_manifest(
-        tmp, export_format=export_format, source_run=str(run.dir), dataset_sha256=run.dataset_sha256,
-        base_model=run.base_model, method=run.method, dtype=dtype,
+        tmp,
+        export_format=export_format,
+        source_run=str(run.dir),
+        dataset_sha256=run.dataset_sha256,
+        base_model=run.base_model,
+        method=run.method,
+        dtype=dtype,
         extra={"template": run.template_name, **(extra or {})},
     )
     write_manifest(tmp, manifest)
     return manifest
 
 
-def export_safetensors(run_dir: str | Path, out: str | Path, *, dtype: str = "f32", shard_size: str | int = "2GB",
-                       overwrite: bool = False) -> Path:
+def export_safetensors(
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    dtype: str = "f32",
+    shard_size: str | int = "2GB",
+    overwrite: bool = False,
+) -> Path:
     """Merged model in `out` as safetensors shards of at most `shard_size` (a tensor larger than that
     gets a shard of its own). Nothing is left at `out` unless the whole export succeeded."""
     if dtype not in SAFETENSORS_DTYPES:
-        raise ExportError(f"safetensors dtype must be one of {', '.join(SAFETENSORS_DTYPES)}, got {dtype!r} "
-                          "(q8_0/q4_0 are GGUF types: use --format gguf, or --format quantized --bits 8|4)")
+        raise ExportError(
+            f"safetensors dtype must be one of {', '.join(SAFETENSORS_DTYPES)}, got {dtype!r} "
+            "(q8_0/q4_0 are GGUF types: use --format gguf, or --format quantized --bits 8|4)"
+        )
     max_shard = parse_size(shard_size)
     run, _, params = prepare(run_dir)
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite, required_bytes=params * BYTES_PER_PARAM[dtype]) as tmp:
         write_merged(run, tmp, dtype=dtype, max_shard_size=max_shard)
         shards = sorted(p.name for p in tmp.glob("model*.safetensors"))
-        finish(tmp, export_format="safetensors", run=run, dtype=dtype,
-               extra={"shard_size_bytes": max_shard, "shards": len(shards)})
+        finish(
+            tmp,
+            export_format="safetensors",
+            run=run,
+            dtype=dtype,
+            extra={"shard_size_bytes": max_shard, "shards": len(shards)},
+        )
     log.info("safetensors export: %d shard(s) in %s", len(shards), out)
     return out

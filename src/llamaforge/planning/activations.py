@@ -49,8 +49,15 @@ class Precision:
         return self.weights if self.autocast else max(self.weights, self.compute)
 
 
-def layer_bytes(arch: Arch, method: str, prec: Precision, *, lora_modules: list[str] = (), rank: int = 0,
-                dropout: float = 0.0) -> dict[str, float]:
+def layer_bytes(
+    arch: Arch,
+    method: str,
+    prec: Precision,
+    *,
+    lora_modules: list[str] = (),
+    rank: int = 0,
+    dropout: float = 0.0,
+) -> dict[str, float]:
     """Bytes per token saved for backward by one decoder layer, by part (see the module docstring)."""
     h, i, q, kv, n = arch.hidden, arch.intermediate, arch.q_dim, arch.kv_dim, arch.heads
     c, f, R = prec.compute, 4, prec.resid
@@ -65,7 +72,9 @@ def layer_bytes(arch: Arch, method: str, prec: Precision, *, lora_modules: list[
     if full:
         # Inputs saved for weight gradients: an fp32 input under autocast is cast once per consumer.
         per_consumer = prec.autocast and c != R
-        parts["linear_inputs"] = (3 if per_consumer else 1) * c * h + (2 if per_consumer else 1) * c * h + m * i
+        parts["linear_inputs"] = (
+            (3 if per_consumer else 1) * c * h + (2 if per_consumer else 1) * c * h + m * i
+        )
     if lora_modules:
         mask = 1 if dropout > 0 else 0  # bool masks: train/dropout.py on CPU, torch's fused dropout on CUDA
         total = 0.0

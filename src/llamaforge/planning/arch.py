@@ -17,12 +17,18 @@ LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Job-file model sources (catalog names, hub ids without "-Instruct") with a shipped architecture.
 SOURCE_ALIASES = {
-    "smollm2-135m-instruct": "smollm2-135m", "huggingfacetb/smollm2-135m": "smollm2-135m",
-    "meta-llama/meta-llama-3-8b": "llama3-8b", "meta-llama/llama-3.1-8b": "llama3-8b",
-    "meta-llama/meta-llama-3.1-8b": "llama3-8b", "meta-llama/meta-llama-3-70b": "llama3-70b",
-    "meta-llama/llama-3.1-70b": "llama3-70b", "meta-llama/meta-llama-3.1-70b": "llama3-70b",
-    "meta-llama/llama-3.3-70b": "llama3-70b", "meta-llama/llama-3.1-405b": "llama3-405b",
-    "meta-llama/meta-llama-3.1-405b": "llama3-405b", "meta-llama/llama-3.2-1b": "llama3.2-1b",
+    "smollm2-135m-instruct": "smollm2-135m",
+    "huggingfacetb/smollm2-135m": "smollm2-135m",
+    "meta-llama/meta-llama-3-8b": "llama3-8b",
+    "meta-llama/llama-3.1-8b": "llama3-8b",
+    "meta-llama/meta-llama-3.1-8b": "llama3-8b",
+    "meta-llama/meta-llama-3-70b": "llama3-70b",
+    "meta-llama/llama-3.1-70b": "llama3-70b",
+    "meta-llama/meta-llama-3.1-70b": "llama3-70b",
+    "meta-llama/llama-3.3-70b": "llama3-70b",
+    "meta-llama/llama-3.1-405b": "llama3-405b",
+    "meta-llama/meta-llama-3.1-405b": "llama3-405b",
+    "meta-llama/llama-3.2-1b": "llama3.2-1b",
     "meta-llama/llama-3.2-3b": "llama3.2-3b",
 }
 
@@ -83,8 +89,13 @@ class Arch:
         """(in_features, out_features) of each linear module of one decoder layer."""
         h, i = self.hidden, self.intermediate
         return {
-            "q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim),
-            "o_proj": (self.q_dim, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+            "q_proj": (h, self.q_dim),
+            "k_proj": (h, self.kv_dim),
+            "v_proj": (h, self.kv_dim),
+            "o_proj": (self.q_dim, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
         }
 
     def linear_bias(self, module: str) -> bool:
@@ -136,7 +147,11 @@ class Arch:
                 return list(ATTENTION_MODULES)
             targets = [t.strip() for t in targets.split(",") if t.strip()]
         chosen = [m for m in LINEAR_MODULES if any(t == m or t.endswith("." + m) for t in targets)]
-        unknown = [t for t in targets if t.split(".")[-1] not in LINEAR_MODULES and t not in ("embed_tokens", "lm_head")]
+        unknown = [
+            t
+            for t in targets
+            if t.split(".")[-1] not in LINEAR_MODULES and t not in ("embed_tokens", "lm_head")
+        ]
         if unknown or not chosen:
             raise ConfigError(
                 f"LoRA targets {targets} select no decoder linear of a Llama layer; use 'all-linear', 'attention' "
@@ -154,10 +169,16 @@ class Arch:
 
     def to_dict(self) -> dict:
         return {
-            "name": self.name, "hidden_size": self.hidden, "intermediate_size": self.intermediate,
-            "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
-            "num_key_value_heads": self.kv_heads, "head_dim": self.head_dim, "vocab_size": self.vocab,
-            "tie_word_embeddings": self.tie_embeddings, "max_position_embeddings": self.max_positions,
+            "name": self.name,
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab,
+            "tie_word_embeddings": self.tie_embeddings,
+            "max_position_embeddings": self.max_positions,
             "params": self.total_params,
         }
 

@@ -32,18 +32,27 @@ class BatchChoice:
     reason: str
 
     def line(self) -> str:
-        return (f"batch: micro-batch {self.micro_batch} x {self.grad_accum} accumulation = "
-                f"{self.micro_batch * self.grad_accum} per step and device, gradient checkpointing "
-                f"{'on' if self.checkpointing else 'off'} ({self.reason})")
+        return (
+            f"batch: micro-batch {self.micro_batch} x {self.grad_accum} accumulation = "
+            f"{self.micro_batch * self.grad_accum} per step and device, gradient checkpointing "
+            f"{'on' if self.checkpointing else 'off'} ({self.reason})"
+        )
 
 
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def choose_batch(arch: Arch, setup: Setup, *, per_device_batch: int, budget_bytes: float,
-                 mean_tokens: float, checkpointing: bool | None = None,
-                 already_resident: float = 0.0) -> BatchChoice:
+def choose_batch(
+    arch: Arch,
+    setup: Setup,
+    *,
+    per_device_batch: int,
+    budget_bytes: float,
+    mean_tokens: float,
+    checkpointing: bool | None = None,
+    already_resident: float = 0.0,
+) -> BatchChoice:
     """Micro-batch among the divisors of `per_device_batch` (so the effective batch stays exact).
 
     `setup.seq` is the longest row the data holds (the memory worst case); `mean_tokens` the average
@@ -62,22 +71,38 @@ def choose_batch(arch: Arch, setup: Setup, *, per_device_batch: int, budget_byte
         if setup.device == "cpu":
             enough = [b for b in fitting if b * mean_tokens >= CPU_MIN_TOKENS]
             micro = enough[0] if enough else fitting[-1]
-            why = (f"CPU: smallest micro-batch with >= {CPU_MIN_TOKENS} tokens on average" if enough
-                   else "CPU: the largest that fits")
+            why = (
+                f"CPU: smallest micro-batch with >= {CPU_MIN_TOKENS} tokens on average"
+                if enough
+                else "CPU: the largest that fits"
+            )
         else:
             micro = fitting[-1]
             why = "the largest that fits"
         if ckpt and checkpointing is None:
             why += "; checkpointing needed to fit"
-        return BatchChoice(micro, per_device_batch // micro, ckpt, peaks[micro], budget_bytes, True,
-                           f"{why}; planned peak {_gib(peaks[micro] + already_resident)} of a "
-                           f"{_gib(budget_bytes)} budget")
+        return BatchChoice(
+            micro,
+            per_device_batch // micro,
+            ckpt,
+            peaks[micro],
+            budget_bytes,
+            True,
+            f"{why}; planned peak {_gib(peaks[micro] + already_resident)} of a {_gib(budget_bytes)} budget",
+        )
     ckpt = options[-1]
     peak = estimate(arch, setup.with_(batch=1, checkpointing=ckpt)).peak
-    return BatchChoice(1, per_device_batch, ckpt, peak, budget_bytes, False,
-                       f"nothing fits the {_gib(budget_bytes)} budget (micro-batch 1 plans "
-                       f"{_gib(peak + already_resident)}): expect to run out of memory; try method.name=qlora, "
-                       "a shorter data.max_length or a larger train.memory_fraction")
+    return BatchChoice(
+        1,
+        per_device_batch,
+        ckpt,
+        peak,
+        budget_bytes,
+        False,
+        f"nothing fits the {_gib(budget_bytes)} budget (micro-batch 1 plans "
+        f"{_gib(peak + already_resident)}): expect to run out of memory; try method.name=qlora, "
+        "a shorter data.max_length or a larger train.memory_fraction",
+    )
 
 
 def _gib(x: float) -> str:

@@ -35,7 +35,10 @@ def job_setup(cfg, device: str, precision: str) -> tuple[Setup, list[str]]:
     # The recipe keeps the job's model.dtype; a 4-bit base has its other weights cast to fp32 (peft).
     dtype = "float32" if method == "qlora" else cfg.model.dtype
     setup = base_setup(cfg, device=device).with_(
-        method=method, seq=seq, weights_dtype=dtype, precision=precision,
+        method=method,
+        seq=seq,
+        weights_dtype=dtype,
+        precision=precision,
         optimizer="adamw8bit" if "8bit" in optimizer else "adamw",
         adam_impl="fused" if optimizer == "adamw" else "auto",
     )
@@ -70,12 +73,19 @@ def memory_lines(cfg, hf_config) -> list[str]:
     if t.batch_size == "auto":
         from llamaforge.planning.autobatch import choose_batch
 
-        batch = choose_batch(arch, setup, per_device_batch=t.target_effective_batch(),
-                             budget_bytes=t.memory_fraction * capacity, mean_tokens=setup.seq / 2,
-                             checkpointing=None if t.gradient_checkpointing == "auto" else t.gradient_checkpointing)
+        batch = choose_batch(
+            arch,
+            setup,
+            per_device_batch=t.target_effective_batch(),
+            budget_bytes=t.memory_fraction * capacity,
+            mean_tokens=setup.seq / 2,
+            checkpointing=None if t.gradient_checkpointing == "auto" else t.gradient_checkpointing,
+        )
         setup = setup.with_(batch=batch.micro_batch, checkpointing=batch.checkpointing)
-        notes.append(f"batch_size auto, planned at rows of data.max_length: {batch.line()}; training decides on "
-                     "the real lengths")
+        notes.append(
+            f"batch_size auto, planned at rows of data.max_length: {batch.line()}; training decides on "
+            "the real lengths"
+        )
     est = estimate(arch, setup)
     fits = est.peak <= capacity
     quant = "NF4 + " if setup.method == "qlora" else ""
@@ -107,7 +117,9 @@ def memory_lines(cfg, hf_config) -> list[str]:
     return lines
 
 
-def batch_planning_inputs(cfg, model, device, precision: str, lengths) -> tuple[Arch, Setup, float, float, float]:
+def batch_planning_inputs(
+    cfg, model, device, precision: str, lengths
+) -> tuple[Arch, Setup, float, float, float]:
     """What `batch_size: auto` plans with, for a loaded model and tokenized data: the planner's setup at
     the data's longest row, the memory budget (train.memory_fraction of what this process can have),
     the memory already resident beyond the planner's tensors, and the mean row length."""

@@ -51,7 +51,9 @@ class Setup:
     dropout: float = 0.05
     optimizer: str = "adamw"  # adamw | adamw8bit
     device: str = "cuda"  # cuda | cpu
-    adam_impl: str = "auto"  # auto (cpu: single-tensor, cuda: foreach, torch's defaults) | single | foreach | fused
+    adam_impl: str = (
+        "auto"  # auto (cpu: single-tensor, cuda: foreach, torch's defaults) | single | foreach | fused
+    )
     double_quant: bool = True
     modules_to_save: tuple[str, ...] = ()
 
@@ -96,8 +98,11 @@ def param_groups(arch: Arch, setup: Setup) -> dict[str, float]:
     adapters = 0
     if setup.method != "full":
         adapters = arch.lora_params(setup.rank, _targets(setup), dora=setup.method == "dora")
-    saved = sum(arch.embed_params if m == "embed_tokens" else arch.vocab * arch.hidden
-                for m in setup.modules_to_save if m in ("embed_tokens", "lm_head"))
+    saved = sum(
+        arch.embed_params if m == "embed_tokens" else arch.vocab * arch.hidden
+        for m in setup.modules_to_save
+        if m in ("embed_tokens", "lm_head")
+    )
     quantized = 0.0
     if setup.method == "full":
         frozen_plain = 0
@@ -109,10 +114,16 @@ def param_groups(arch: Arch, setup: Setup) -> dict[str, float]:
     trainable = arch.total_params if setup.method == "full" else adapters + saved
     # peft keeps adapters in fp32 (autocast_adapter_dtype); modules_to_save are copies in the base dtype.
     trainable_bytes = trainable * wb if setup.method == "full" else adapters * 4 + saved * wb
-    return {"frozen_bytes": quantized + frozen_plain * wb, "quantized_bytes": quantized,
-            "frozen_plain": frozen_plain, "trainable_bytes": trainable_bytes,
-            "weights": quantized + frozen_plain * wb + trainable_bytes,
-            "adapters": adapters, "saved": saved, "trainable": trainable}
+    return {
+        "frozen_bytes": quantized + frozen_plain * wb,
+        "quantized_bytes": quantized,
+        "frozen_plain": frozen_plain,
+        "trainable_bytes": trainable_bytes,
+        "weights": quantized + frozen_plain * wb + trainable_bytes,
+        "adapters": adapters,
+        "saved": saved,
+        "trainable": trainable,
+    }
 
 
 def _grad_bytes(setup: Setup, groups: dict) -> float:
@@ -179,8 +190,11 @@ def estimate(arch: Arch, setup: Setup, *, strategy: str = "ddp", gpus: int = 1) 
         copies_layer = 0.0
 
     # ---- activations
-    per_layer = sum(layer_bytes(arch, setup.method, prec, lora_modules=lora_modules, rank=setup.rank,
-                                dropout=setup.dropout).values())
+    per_layer = sum(
+        layer_bytes(
+            arch, setup.method, prec, lora_modules=lora_modules, rank=setup.rank, dropout=setup.dropout
+        ).values()
+    )
     outside = final_bytes(arch, setup.method, prec) * tok
     if setup.checkpointing:
         saved = arch.layers * checkpointed_layer_bytes(arch, prec) * tok + outside
@@ -207,8 +221,11 @@ def estimate(arch: Arch, setup: Setup, *, strategy: str = "ddp", gpus: int = 1) 
     elif impl == "foreach":
         opt_temp = grads  # _foreach_sqrt(exp_avg_sq): one copy of the (local) states
     else:
-        largest = arch.largest_param if full else max(
-            [setup.rank * max(arch.linears()[m]) for m in lora_modules] or [0])
+        largest = (
+            arch.largest_param
+            if full
+            else max([setup.rank * max(arch.linears()[m]) for m in lora_modules] or [0])
+        )
         opt_temp = 2 * largest * (DTYPE_BYTES[setup.weights_dtype] if full else 4)
 
     ddp_buckets = grads if (strategy == "ddp" and gpus > 1) else 0.0
@@ -217,29 +234,51 @@ def estimate(arch: Arch, setup: Setup, *, strategy: str = "ddp", gpus: int = 1) 
     phases = {
         "forward_end": static + copies_fwd + saved + loss_fwd,
         # With checkpointing nothing holds the autocast cache's copies once forward has ended.
-        "backward_start": static + (0 if setup.checkpointing else copies_fwd) + saved + loss_bwd + lm_grad
+        "backward_start": static
+        + (0 if setup.checkpointing else copies_fwd)
+        + saved
+        + loss_bwd
+        + lm_grad
         + (0 if setup.checkpointing else work),
         "backward_end": static + grads + emb_grad + work,
         "optimizer_step": static + grads + opt_temp,
     }
     if setup.checkpointing:
         # Bound over the whole backward: every layer input still saved, the gradients all there.
-        phases["backward_recompute"] = static + saved + recompute + copies_layer + adapter_copies + work + grads
+        phases["backward_recompute"] = (
+            static + saved + recompute + copies_layer + adapter_copies + work + grads
+        )
     tensors_peak_phase = max(phases, key=phases.get)
     tensor_peak = phases[tensors_peak_phase]
     overhead = 0.0
     if setup.device == "cuda":
         overhead = tensor_peak * (FRAGMENTATION - 1) + CUDA_CONTEXT + (NCCL_BUFFERS if gpus > 1 else 0)
     return Estimate(
-        weights=weights, trainable_params=int(groups["trainable"]), gradients=grads, optimizer=optim,
-        weight_copies=copies_fwd, activations=saved + recompute, logits=max(loss_fwd, loss_bwd),
-        optimizer_temp=opt_temp, overhead=overhead, phases=phases, peak=tensor_peak + overhead,
+        weights=weights,
+        trainable_params=int(groups["trainable"]),
+        gradients=grads,
+        optimizer=optim,
+        weight_copies=copies_fwd,
+        activations=saved + recompute,
+        logits=max(loss_fwd, loss_bwd),
+        optimizer_temp=opt_temp,
+        overhead=overhead,
+        phases=phases,
+        peak=tensor_peak + overhead,
         peak_phase=tensors_peak_phase,
     )
 
 
-def largest_fitting(arch: Arch, setup: Setup, capacity: float, *, what: str, strategy: str = "ddp",
-                    gpus: int = 1, limit: int | None = None) -> int:
+def largest_fitting(
+    arch: Arch,
+    setup: Setup,
+    capacity: float,
+    *,
+    what: str,
+    strategy: str = "ddp",
+    gpus: int = 1,
+    limit: int | None = None,
+) -> int:
     """Largest micro-batch (what='batch') or sequence length (what='seq', multiple of 64) that fits."""
     step = 64 if what == "seq" else 1
     hi = (limit or (arch.max_positions if what == "seq" else 4096)) // step

@@ -70,12 +70,15 @@ def cpu_hardware(precision: str = "auto") -> Hardware:
     available = available_ram_gib()
     choice = choose_precision(precision, torch.device("cpu"))
     rate = peak_flops(choice.precision, seconds=0.5)
-    note = f"{choice.line()}; measured {choice.precision} matmul peak {rate / 1e9:.0f} GFLOP/s (best of bursts)"
+    note = (
+        f"{choice.line()}; measured {choice.precision} matmul peak {rate / 1e9:.0f} GFLOP/s (best of bursts)"
+    )
     load, cores = os.getloadavg()[0], usable_cores()
     if load > cores:
         note += f"; the CPU is busy now (load {load:.1f} on {cores} cores), so this rate is low"
-    return Hardware("cpu", available or 8.0, 1, f"this CPU ({cores} cores)", rate / 1e12, note,
-                    precision=choice.precision)
+    return Hardware(
+        "cpu", available or 8.0, 1, f"this CPU ({cores} cores)", rate / 1e12, note, precision=choice.precision
+    )
 
 
 def gpu_hardware(gpu: str, gpus: int = 1, tflops: float | None = None) -> Hardware:
@@ -85,13 +88,25 @@ def gpu_hardware(gpu: str, gpus: int = 1, tflops: float | None = None) -> Hardwa
     if memory is None:
         raise ConfigError(f"--gpu '{gpu}': give a memory size like 24GB or a GPU name ({_gpu_names()})")
     if known:
-        return Hardware("cuda", memory, gpus, known.name, tflops or known.bf16_tflops,
-                        "" if tflops else f"{known.name} data-sheet bf16 rate")
+        return Hardware(
+            "cuda",
+            memory,
+            gpus,
+            known.name,
+            tflops or known.bf16_tflops,
+            "" if tflops else f"{known.name} data-sheet bf16 rate",
+        )
     if tflops:
         return Hardware("cuda", memory, gpus, f"{memory:g} GiB GPU", tflops, "given bf16 rate")
     rep = representative_gpu(memory)
-    return Hardware("cuda", memory, gpus, f"{memory:g} GiB GPU", rep.bf16_tflops,
-                    f"time assumes {rep.name}'s {rep.bf16_tflops:g} TFLOP/s; set --gpu NAME or --gpu-tflops")
+    return Hardware(
+        "cuda",
+        memory,
+        gpus,
+        f"{memory:g} GiB GPU",
+        rep.bf16_tflops,
+        f"time assumes {rep.name}'s {rep.bf16_tflops:g} TFLOP/s; set --gpu NAME or --gpu-tflops",
+    )
 
 
 def _gpu_names() -> str:
@@ -100,16 +115,29 @@ def _gpu_names() -> str:
     return ", ".join(g.name for g in GPUS.values())
 
 
-def base_setup(config, *, device: str, batch: int | None = None, seq: int | None = None,
-               optimizer: str = "adamw", precision: str | None = None) -> Setup:
+def base_setup(
+    config,
+    *,
+    device: str,
+    batch: int | None = None,
+    seq: int | None = None,
+    optimizer: str = "adamw",
+    precision: str | None = None,
+) -> Setup:
     """The job's training settings (batch, sequence, LoRA rank/targets/dropout, loss chunk)."""
     targets = config.method.targets
     return Setup(
-        method="lora", batch=batch or fixed_batch_size(config.train), seq=seq or config.data.max_length,
-        checkpointing=config.train.gradient_checkpointing is True, loss_chunk=config.train.loss_chunk_size,
+        method="lora",
+        batch=batch or fixed_batch_size(config.train),
+        seq=seq or config.data.max_length,
+        checkpointing=config.train.gradient_checkpointing is True,
+        loss_chunk=config.train.loss_chunk_size,
         precision=precision or {"auto": "bf16"}.get(config.train.precision, config.train.precision),
-        rank=config.method.rank, targets=tuple(targets) if isinstance(targets, list) else targets,
-        dropout=config.method.dropout, optimizer=optimizer, device=device,
+        rank=config.method.rank,
+        targets=tuple(targets) if isinstance(targets, list) else targets,
+        dropout=config.method.dropout,
+        optimizer=optimizer,
+        device=device,
         modules_to_save=tuple(config.method.modules_to_save),
     )
 
@@ -171,9 +199,19 @@ def _g(x: float) -> float:
     return round(x / GiB, 2)
 
 
-def make_plan(arch: Arch, base: Setup, hw: Hardware, *, dtypes: dict[str, str], tokens: float | None = None,
-              tokens_note: str = "", epochs: float = 1.0, price: float | None = None,
-              mfu: float | None = None, tokens_per_second: float | None = None) -> dict:
+def make_plan(
+    arch: Arch,
+    base: Setup,
+    hw: Hardware,
+    *,
+    dtypes: dict[str, str],
+    tokens: float | None = None,
+    tokens_note: str = "",
+    epochs: float = 1.0,
+    price: float | None = None,
+    mfu: float | None = None,
+    tokens_per_second: float | None = None,
+) -> dict:
     strategies = ["ddp"] if hw.gpus == 1 or hw.device == "cpu" else ["ddp", "fsdp", "zero3"]
     mfu = mfu or DEFAULT_MFU[hw.device]
     methods: dict[str, dict] = {}
@@ -187,14 +225,21 @@ def make_plan(arch: Arch, base: Setup, hw: Hardware, *, dtypes: dict[str, str], 
             e = ests["ddp"]
             row = {
                 "checkpointing": ckpt,
-                "weights_gib": _g(e.weights), "gradients_gib": _g(e.gradients), "optimizer_gib": _g(e.optimizer),
-                "weight_copies_gib": _g(e.weight_copies), "activations_gib": _g(e.activations),
-                "logits_gib": _g(e.logits), "optimizer_temp_gib": _g(e.optimizer_temp),
-                "overhead_gib": _g(e.overhead), "peak_phase": e.peak_phase,
+                "weights_gib": _g(e.weights),
+                "gradients_gib": _g(e.gradients),
+                "optimizer_gib": _g(e.optimizer),
+                "weight_copies_gib": _g(e.weight_copies),
+                "activations_gib": _g(e.activations),
+                "logits_gib": _g(e.logits),
+                "optimizer_temp_gib": _g(e.optimizer_temp),
+                "overhead_gib": _g(e.overhead),
+                "peak_phase": e.peak_phase,
                 "peak_gib": {s: _g(ests[s].peak) for s in strategies},
                 "fits": fitting,
                 "best_strategy": best,
-                "max_batch": largest_fitting(arch, setup, hw.capacity, what="batch", strategy=best, gpus=hw.gpus),
+                "max_batch": largest_fitting(
+                    arch, setup, hw.capacity, what="batch", strategy=best, gpus=hw.gpus
+                ),
                 "max_seq": largest_fitting(arch, setup, hw.capacity, what="seq", strategy=best, gpus=hw.gpus),
             }
             if hw.device == "cuda":
@@ -206,13 +251,22 @@ def make_plan(arch: Arch, base: Setup, hw: Hardware, *, dtypes: dict[str, str], 
     timing = {}
     for method, info in methods.items():
         row = next((r for r in info["rows"] if r["fits"]), info["rows"][1])
-        fpt = flops_per_token(arch, method, base.seq, checkpointing=row["checkpointing"],
-                              adapter_params=0 if method == "full" else info["trainable_params"])
+        fpt = flops_per_token(
+            arch,
+            method,
+            base.seq,
+            checkpointing=row["checkpointing"],
+            adapter_params=0 if method == "full" else info["trainable_params"],
+        )
         m = mfu * (QLORA_SLOWDOWN if method == "qlora" else 1.0)
         rate = hw.tflops * 1e12
         tps = tokens_per_second or rate * m * hw.gpus / fpt
-        entry = {"checkpointing": row["checkpointing"], "flops_per_token": fpt, "mfu": round(m, 3),
-                 "tokens_per_second": round(tps, 1)}
+        entry = {
+            "checkpointing": row["checkpointing"],
+            "flops_per_token": fpt,
+            "mfu": round(m, 3),
+            "tokens_per_second": round(tps, 1),
+        }
         if tokens:
             seconds = tokens / tps
             entry.update(epoch_hours=round(seconds / 3600, 6), total_hours=round(seconds * epochs / 3600, 6))
@@ -221,13 +275,32 @@ def make_plan(arch: Arch, base: Setup, hw: Hardware, *, dtypes: dict[str, str], 
         timing[method] = entry
     plan = {
         "model": arch.to_dict(),
-        "hardware": {"device": hw.device, "name": hw.name, "memory_gib": hw.memory_gib, "count": hw.gpus,
-                     "tflops": round(hw.tflops, 3), "precision": hw.precision, "note": hw.note},
-        "settings": {"batch_size": base.batch, "seq_len": base.seq, "loss_chunk_size": base.loss_chunk,
-                     "precision": base.precision, "lora_rank": base.rank, "lora_targets": base.targets,
-                     "lora_dropout": base.dropout, "optimizer": base.optimizer, "strategies": strategies},
-        "data": {"tokens_per_epoch": tokens, "epochs": epochs, "note": tokens_note,
-                 "price_per_gpu_hour": price},
+        "hardware": {
+            "device": hw.device,
+            "name": hw.name,
+            "memory_gib": hw.memory_gib,
+            "count": hw.gpus,
+            "tflops": round(hw.tflops, 3),
+            "precision": hw.precision,
+            "note": hw.note,
+        },
+        "settings": {
+            "batch_size": base.batch,
+            "seq_len": base.seq,
+            "loss_chunk_size": base.loss_chunk,
+            "precision": base.precision,
+            "lora_rank": base.rank,
+            "lora_targets": base.targets,
+            "lora_dropout": base.dropout,
+            "optimizer": base.optimizer,
+            "strategies": strategies,
+        },
+        "data": {
+            "tokens_per_epoch": tokens,
+            "epochs": epochs,
+            "note": tokens_note,
+            "price_per_gpu_hour": price,
+        },
         "methods": methods,
         "time": timing,
         "unit": "GiB",
@@ -250,35 +323,62 @@ def recommend(plan: dict, hw: Hardware, tokens: float | None) -> dict:
 
     def choice(method, row, reason):
         strategy = "ddp" if "ddp" in row["fits"] else row["fits"][0]
-        return {"method": method, "checkpointing": row["checkpointing"], "strategy": strategy,
-                "peak_gib": row["peak_gib"][strategy], "reason": reason}
+        return {
+            "method": method,
+            "checkpointing": row["checkpointing"],
+            "strategy": strategy,
+            "peak_gib": row["peak_gib"][strategy],
+            "reason": reason,
+        }
 
     full, lora, qlora = first_fit("full"), first_fit("lora"), first_fit("qlora")
     ck = " with gradient checkpointing"
     if full and tokens and tokens >= FULL_TOKENS:
-        return choice("full", full, f"full fine-tuning fits{ck if full['checkpointing'] else ''} "
-                      f"({full['peak_gib'][full['fits'][0]]:.1f} of {cap:g} GiB) and {tokens / 1e6:.0f}M tokens "
-                      "are enough to move all the weights")
+        return choice(
+            "full",
+            full,
+            f"full fine-tuning fits{ck if full['checkpointing'] else ''} "
+            f"({full['peak_gib'][full['fits'][0]]:.1f} of {cap:g} GiB) and {tokens / 1e6:.0f}M tokens "
+            "are enough to move all the weights",
+        )
     if lora:
         amount = f"{tokens / 1e6:.1f}M tokens" if tokens else "a fine-tuning-sized data set"
-        other = (f"full fine-tuning fits too, but on {amount} adapters train faster and overfit less"
-                 if full else f"full fine-tuning needs {peak('full'):.1f} GiB per device")
-        return choice("lora", lora, f"LoRA fits{ck if lora['checkpointing'] else ''} in {where} "
-                      f"({lora['peak_gib'][lora['fits'][0]]:.1f} GiB); {other}")
+        other = (
+            f"full fine-tuning fits too, but on {amount} adapters train faster and overfit less"
+            if full
+            else f"full fine-tuning needs {peak('full'):.1f} GiB per device"
+        )
+        return choice(
+            "lora",
+            lora,
+            f"LoRA fits{ck if lora['checkpointing'] else ''} in {where} "
+            f"({lora['peak_gib'][lora['fits'][0]]:.1f} GiB); {other}",
+        )
     if qlora:
-        return choice("qlora", qlora, f"the {methods['lora']['weights_dtype']} base of LoRA needs {peak('lora'):.1f} "
-                      f"GiB; QLoRA's 4-bit base fits{ck if qlora['checkpointing'] else ''} "
-                      f"({qlora['peak_gib'][qlora['fits'][0]]:.1f} of {cap:g} GiB)")
+        return choice(
+            "qlora",
+            qlora,
+            f"the {methods['lora']['weights_dtype']} base of LoRA needs {peak('lora'):.1f} "
+            f"GiB; QLoRA's 4-bit base fits{ck if qlora['checkpointing'] else ''} "
+            f"({qlora['peak_gib'][qlora['fits'][0]]:.1f} of {cap:g} GiB)",
+        )
     row = methods["qlora"]["rows"][1]
     need = row.get("min_gpus_fsdp")
-    more = f"QLoRA needs {peak('qlora'):.1f} GiB at batch {plan['settings']['batch_size']} x " \
-           f"{plan['settings']['seq_len']}"
+    more = (
+        f"QLoRA needs {peak('qlora'):.1f} GiB at batch {plan['settings']['batch_size']} x "
+        f"{plan['settings']['seq_len']}"
+    )
     if row["max_batch"] == 0 and row["max_seq"]:
         more += f"; it fits at batch 1 up to seq {row['max_seq']}"
     if need:
         more += f"; LoRA/QLoRA with FSDP over {need}+ GPUs of this size"
-    return {"method": None, "checkpointing": True, "strategy": None, "peak_gib": None,
-            "reason": f"nothing fits {where}: {more}"}
+    return {
+        "method": None,
+        "checkpointing": True,
+        "strategy": None,
+        "peak_gib": None,
+        "reason": f"nothing fits {where}: {more}",
+    }
 
 
 def assumptions(hw: Hardware, base: Setup) -> list[str]:
@@ -295,11 +395,15 @@ def assumptions(hw: Hardware, base: Setup) -> list[str]:
         "ZeRO-3: DeepSpeed's 18 bytes per trainable parameter / GPUs + 4 x the largest layer",
     ]
     if hw.device == "cuda":
-        out.append("CUDA: +0.6 GiB context, +5% allocator fragmentation, +0.5 GiB NCCL with several GPUs; "
-                   "torch's default foreach AdamW holds one extra copy of the states at the step "
-                   "(fused=True avoids it)")
-        out.append("time: 6N (full) / 4N + adapter (LoRA) FLOPs per token + attention, at the stated MFU "
-                   "(QLoRA x0.7 for dequantisation)")
+        out.append(
+            "CUDA: +0.6 GiB context, +5% allocator fragmentation, +0.5 GiB NCCL with several GPUs; "
+            "torch's default foreach AdamW holds one extra copy of the states at the step "
+            "(fused=True avoids it)"
+        )
+        out.append(
+            "time: 6N (full) / 4N + adapter (LoRA) FLOPs per token + attention, at the stated MFU "
+            "(QLoRA x0.7 for dequantisation)"
+        )
     else:
         out.append("CPU: the peak is resident memory added by training (no runtime overhead counted)")
     return out
@@ -321,8 +425,11 @@ def _fmt_hours(h: float) -> str:
 def render(plan: dict) -> str:
     m, hw, st = plan["model"], plan["hardware"], plan["settings"]
     strategies = st["strategies"]
-    where = (f"{hw['count']} x {hw['memory_gib']:g} GiB ({hw['name']}, {hw['tflops']:g} TFLOP/s {hw['precision']})"
-             if hw["device"] == "cuda" else f"{hw['name']}, {hw['memory_gib']:.1f} GiB RAM available")
+    where = (
+        f"{hw['count']} x {hw['memory_gib']:g} GiB ({hw['name']}, {hw['tflops']:g} TFLOP/s {hw['precision']})"
+        if hw["device"] == "cuda"
+        else f"{hw['name']}, {hw['memory_gib']:.1f} GiB RAM available"
+    )
     lines = [
         f"plan: {m['name']} ({_fmt_params(m['params'])} params) on {where}",
         f"      batch {st['batch_size']} x seq {st['seq_len']}, {st['precision']} autocast, "
@@ -330,9 +437,12 @@ def render(plan: dict) -> str:
         "",
     ]
     peak_cols = [("peak" if s == "ddp" and len(strategies) == 1 else s.upper()) for s in strategies]
-    head = (f"{'method':6} {'ckpt':4} {'trainable':>9} {'weights':>7} {'grads':>6} {'optim':>6} {'copies':>6} "
-            f"{'activ':>6} {'logits':>6} " + " ".join(f"{c:>7}" for c in peak_cols)
-            + f" {'fits':>5} {'max batch':>9} {'max seq':>7}")
+    head = (
+        f"{'method':6} {'ckpt':4} {'trainable':>9} {'weights':>7} {'grads':>6} {'optim':>6} {'copies':>6} "
+        f"{'activ':>6} {'logits':>6} "
+        + " ".join(f"{c:>7}" for c in peak_cols)
+        + f" {'fits':>5} {'max batch':>9} {'max seq':>7}"
+    )
     if hw["device"] == "cuda":
         head += f" {'GPUs (FSDP)':>11}"
     lines += [head, "-" * len(head)]
@@ -340,22 +450,28 @@ def render(plan: dict) -> str:
         label = {"full": "full", "lora": "lora", "qlora": "qlora"}[method]
         for r in info["rows"]:
             fits = "yes" if r["fits"] else "no"
-            line = (f"{label:6} {'on' if r['checkpointing'] else 'off':4} {_fmt_params(info['trainable_params']):>9} "
-                    f"{r['weights_gib']:7.1f} {r['gradients_gib']:6.1f} {r['optimizer_gib']:6.1f} "
-                    f"{r['weight_copies_gib']:6.1f} {r['activations_gib']:6.1f} {r['logits_gib']:6.1f} "
-                    + " ".join(f"{r['peak_gib'][s]:7.1f}" for s in strategies)
-                    + f" {fits:>5} {r['max_batch'] or '-':>9} {r['max_seq'] or '-':>7}")
+            line = (
+                f"{label:6} {'on' if r['checkpointing'] else 'off':4} {_fmt_params(info['trainable_params']):>9} "
+                f"{r['weights_gib']:7.1f} {r['gradients_gib']:6.1f} {r['optimizer_gib']:6.1f} "
+                f"{r['weight_copies_gib']:6.1f} {r['activations_gib']:6.1f} {r['logits_gib']:6.1f} "
+                + " ".join(f"{r['peak_gib'][s]:7.1f}" for s in strategies)
+                + f" {fits:>5} {r['max_batch'] or '-':>9} {r['max_seq'] or '-':>7}"
+            )
             if hw["device"] == "cuda":
                 line += f" {r.get('min_gpus_fsdp') or '-':>11}"
             lines.append(line)
     lines.append("")
-    lines.append(f"weights: full {plan['methods']['full']['weights_dtype']} master + bf16 copies; LoRA base "
-                 f"{plan['methods']['lora']['weights_dtype']}; QLoRA NF4 + {plan['methods']['qlora']['weights_dtype']}"
-                 " embeddings. peak = the largest moment of a training step (not the column sum), CUDA "
-                 "context included; max batch at this seq, max seq at this batch (best strategy).")
+    lines.append(
+        f"weights: full {plan['methods']['full']['weights_dtype']} master + bf16 copies; LoRA base "
+        f"{plan['methods']['lora']['weights_dtype']}; QLoRA NF4 + {plan['methods']['qlora']['weights_dtype']}"
+        " embeddings. peak = the largest moment of a training step (not the column sum), CUDA "
+        "context included; max batch at this seq, max seq at this batch (best strategy)."
+    )
     if hw["device"] == "cuda":
-        lines.append("GPUs (FSDP): fewest GPUs of this size that fit with FSDP ('-': the per-GPU activations alone "
-                     "do not fit).")
+        lines.append(
+            "GPUs (FSDP): fewest GPUs of this size that fit with FSDP ('-': the per-GPU activations alone "
+            "do not fit)."
+        )
     data = plan["data"]
     if data["tokens_per_epoch"]:
         lines.append(f"time per epoch for {data['tokens_per_epoch'] / 1e6:.2f}M tokens ({data['note']}):")
@@ -374,8 +490,10 @@ def render(plan: dict) -> str:
     lines.append("")
     if rec["method"]:
         strategy = "" if len(strategies) == 1 else f", {rec['strategy'].upper()}"
-        lines.append(f"recommended: {rec['method']}{' + gradient checkpointing' if rec['checkpointing'] else ''}"
-                     f"{strategy} - {rec['reason']}")
+        lines.append(
+            f"recommended: {rec['method']}{' + gradient checkpointing' if rec['checkpointing'] else ''}"
+            f"{strategy} - {rec['reason']}"
+        )
     else:
         lines.append(f"recommended: none - {rec['reason']}")
     if rec.get("overrides"):

@@ -22,14 +22,33 @@ class GPU:
     bf16_tflops: float  # dense, with fp32 accumulation, from the vendor's data sheet
 
 
-GPUS = {g.name.lower(): g for g in [
-    GPU("H100", 80, 989), GPU("H100-PCIe", 80, 756), GPU("H200", 141, 989), GPU("B200", 180, 2250),
-    GPU("A100-80GB", 80, 312), GPU("A100-40GB", 40, 312), GPU("L40S", 48, 362), GPU("A6000", 48, 155),
-    GPU("A10", 24, 125), GPU("L4", 24, 121), GPU("RTX4090", 24, 165), GPU("RTX3090", 24, 71),
-    GPU("MI300X", 192, 1307),
-]}
-GPU_ALIASES = {"a100": "a100-80gb", "h100-80gb": "h100", "h100-sxm": "h100", "4090": "rtx4090",
-               "3090": "rtx3090", "rtx-4090": "rtx4090", "rtx-3090": "rtx3090"}
+GPUS = {
+    g.name.lower(): g
+    for g in [
+        GPU("H100", 80, 989),
+        GPU("H100-PCIe", 80, 756),
+        GPU("H200", 141, 989),
+        GPU("B200", 180, 2250),
+        GPU("A100-80GB", 80, 312),
+        GPU("A100-40GB", 40, 312),
+        GPU("L40S", 48, 362),
+        GPU("A6000", 48, 155),
+        GPU("A10", 24, 125),
+        GPU("L4", 24, 121),
+        GPU("RTX4090", 24, 165),
+        GPU("RTX3090", 24, 71),
+        GPU("MI300X", 192, 1307),
+    ]
+}
+GPU_ALIASES = {
+    "a100": "a100-80gb",
+    "h100-80gb": "h100",
+    "h100-sxm": "h100",
+    "4090": "rtx4090",
+    "3090": "rtx3090",
+    "rtx-4090": "rtx4090",
+    "rtx-3090": "rtx3090",
+}
 DEFAULT_MFU = {"cuda": 0.40, "cpu": 0.30}
 QLORA_SLOWDOWN = 0.70  # dequantising NF4 weights in every forward and backward: ~30% slower than LoRA
 
@@ -49,8 +68,9 @@ def representative_gpu(memory_gib: float) -> GPU:
     return min(GPUS.values(), key=lambda g: (abs(g.memory_gib - memory_gib), -g.bf16_tflops))
 
 
-def flops_per_token(arch: Arch, method: str, seq: int, *, checkpointing: bool = False,
-                    adapter_params: int = 0) -> float:
+def flops_per_token(
+    arch: Arch, method: str, seq: int, *, checkpointing: bool = False, adapter_params: int = 0
+) -> float:
     n = arch.matmul_params
     attn = 12 * arch.layers * arch.q_dim * seq  # QK^T and AV, forward (4) + backward (8)
     flops = (6 * n if method == "full" else 4 * n + 6 * adapter_params) + attn

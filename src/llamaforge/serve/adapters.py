@@ -47,7 +47,9 @@ def check_adapter_path(path: str, adapter_dirs: list[str], *, check_dirs: bool =
         if not allowed:
             raise ConfigError("no adapter directory is allowed (serve.adapter_dirs is empty)")
         if not _inside(real, allowed):
-            raise ConfigError(f"adapter path {path} is outside the allowed adapter directories (serve.adapter_dirs)")
+            raise ConfigError(
+                f"adapter path {path} is outside the allowed adapter directories (serve.adapter_dirs)"
+            )
         if real.is_dir():
             for n, entry in enumerate(real.rglob("*")):
                 if n >= _MAX_FILES:
@@ -93,7 +95,9 @@ def check_lora_config(config: dict, path: str, base, max_rank: int) -> None:
     where = f"{path}/adapter_config.json"
     rank = config.get("r", 8)
     if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= max_rank:
-        raise ConfigError(f"{where}: r={rank!r} must be an integer from 1 to {max_rank} (serve.max_lora_rank)")
+        raise ConfigError(
+            f"{where}: r={rank!r} must be an integer from 1 to {max_rank} (serve.max_lora_rank)"
+        )
     pattern = config.get("rank_pattern") or {}
     if not isinstance(pattern, dict) or any(
         not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= max_rank for v in pattern.values()

@@ -166,7 +166,9 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None, *, load: bool = T
         errors = exc.errors()
         first = errors[0] if errors else {}
         if first.get("type") == "json_invalid":
-            return SafeJSONResponse(error_body("The request body is not valid JSON", "invalid_request_error"), 400)
+            return SafeJSONResponse(
+                error_body("The request body is not valid JSON", "invalid_request_error"), 400
+            )
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         msg = "; ".join(_describe(e) for e in errors[:10])
         return SafeJSONResponse(error_body(msg, "invalid_request_error", loc[0] if loc else None), 400)
@@ -200,16 +202,27 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None, *, load: bool = T
 
         def card(name: str, parent: str | None) -> dict:
             # `root` is the name too: the server's folders are nobody's business
-            return {"id": name, "object": "model", "created": created, "owned_by": "llamaforge",
-                    "root": name, "parent": parent}
+            return {
+                "id": name,
+                "object": "model",
+                "created": created,
+                "owned_by": "llamaforge",
+                "root": name,
+                "parent": parent,
+            }
 
-        return {"object": "list", "data": [card(base, None), *(card(a, base) for a in server.engine.adapters)]}
+        return {
+            "object": "list",
+            "data": [card(base, None), *(card(a, base) for a in server.engine.adapters)],
+        }
 
     def require_adapter_loading() -> None:
         server.check_ready()
         if not cfg.allow_adapter_loading:
             raise APIError(
-                403, "Adapter loading is disabled (serve.allow_adapter_loading=false)", type="permission_error"
+                403,
+                "Adapter loading is disabled (serve.allow_adapter_loading=false)",
+                type="permission_error",
             )
 
     @app.post("/v1/load_lora_adapter")
@@ -231,7 +244,10 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None, *, load: bool = T
             await asyncio.to_thread(server.engine.unload_adapter, body.lora_name)
         except KeyError:
             raise APIError(
-                404, f"The LoRA adapter '{body.lora_name}' is not loaded", param="lora_name", code="model_not_found"
+                404,
+                f"The LoRA adapter '{body.lora_name}' is not loaded",
+                param="lora_name",
+                code="model_not_found",
             ) from None
         return {"status": "ok", "message": f"Success: LoRA adapter '{body.lora_name}' removed successfully."}
 

@@ -97,7 +97,8 @@ class ServeConfig(Section):
         1.0, ge=0, le=2, description="OpenAI's default when a request sets none"
     )
     api_keys_file: str | None = Field(
-        None, description="file with one key per line: `key`, `name:key`, or `name:key:admin` (may load adapters)"
+        None,
+        description="file with one key per line: `key`, `name:key`, or `name:key:admin` (may load adapters)",
     )
     api_keys_env: str = Field(
         "LLAMAFORGE_API_KEYS", description="comma-separated keys (or name:key) in this env var"

@@ -127,8 +127,10 @@ class Engine:
             if is_run_dir(source):
                 run = Run.open(source)
                 if run.is_adapter and not METHODS.get(run.method).hot_swappable:
-                    raise ConfigError(f"{run.dir}: a {run.method} adapter cannot be hot-loaded beside others; "
-                                      "serve a run trained with a hot-swappable method (lora, qlora, dora)")
+                    raise ConfigError(
+                        f"{run.dir}: a {run.method} adapter cannot be hot-loaded beside others; "
+                        "serve a run trained with a hot-swappable method (lora, qlora, dora)"
+                    )
                 if run.is_adapter:  # the base loads below; the run's adapter hot-loads like any other
                     startup.setdefault(run.dir.resolve().name, str(run.weights_dir))
                     source = run.base_model
@@ -193,7 +195,9 @@ class Engine:
             check_lora_config(config, path, base, self.cfg.max_lora_rank)
             self.model = attach(self.model, name, real)  # on failure: nothing of it remains
             self.model.eval()
-            adapter = Adapter(name, str(real), template, int(config.get("r", 8)), bool(config.get("use_dora")))
+            adapter = Adapter(
+                name, str(real), template, int(config.get("r", 8)), bool(config.get("use_dora"))
+            )
             self.adapters[name] = adapter
             self._check_registry()
         if self.metrics:
@@ -222,7 +226,9 @@ class Engine:
         """The adapters peft holds are exactly the ones served (a failed load left none behind)."""
         held = loaded_names(self.model)
         if held != set(self.adapters):
-            raise RuntimeError(f"adapter registry out of step: peft holds {sorted(held)}, served {sorted(self.adapters)}")
+            raise RuntimeError(
+                f"adapter registry out of step: peft holds {sorted(held)}, served {sorted(self.adapters)}"
+            )
 
     def _group(self, adapter: str | None):
         """Requests of one group may share a forward. peft cannot mix a DoRA adapter's rows with others."""

@@ -19,7 +19,9 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 GREEDY_BELOW = 1e-5  # temperatures under this decode greedily (dividing logits by ~0 overflows)
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_ABS_PATH = re.compile(r"(?<![\w.:/])(?:[A-Za-z]:\\|/)(?:[^\s/\\'\"`:;,()\[\]{}]+[/\\])+([^\s/\\'\"`:;,()\[\]{}]*)")
+_ABS_PATH = re.compile(
+    r"(?<![\w.:/])(?:[A-Za-z]:\\|/)(?:[^\s/\\'\"`:;,()\[\]{}]+[/\\])+([^\s/\\'\"`:;,()\[\]{}]*)"
+)
 
 
 class APIError(Exception):
@@ -73,7 +75,9 @@ class Strict(BaseModel):
     @classmethod
     def _no_surrogates(cls, data):
         if (where := _find_surrogate(data)) is not None:
-            raise ValueError(f"{where}: the text holds a lone UTF-16 surrogate (e.g. \\ud800), which is not valid Unicode")
+            raise ValueError(
+                f"{where}: the text holds a lone UTF-16 surrogate (e.g. \\ud800), which is not valid Unicode"
+            )
         return data
 
 

@@ -275,8 +275,10 @@ def run_sweep(
     trials_dir = sweep_dir / "trials"
     check_not_input(sweep_dir, [job, *(s.path for c in configs for s in c.data.sources)], "sweep folder")
     if sweep_dir.is_dir() and any(sweep_dir.iterdir()) and not is_ours(sweep_dir):
-        raise ConfigError(f"sweep folder {sweep_dir} is not empty and was not created by llamaforge (no "
-                          f"{MARKER} file): nothing is written there; choose another --out")
+        raise ConfigError(
+            f"sweep folder {sweep_dir} is not empty and was not created by llamaforge (no "
+            f"{MARKER} file): nothing is written there; choose another --out"
+        )
     if trials_dir.is_dir() and any(trials_dir.iterdir()) and not (resume or retry_failed):
         raise ConfigError(
             f"sweep folder {sweep_dir} has trials already: add --resume to keep the completed ones "

@@ -44,9 +44,14 @@ def lora_config(method: MethodConfig, *, dora: bool = False):
     from peft import LoraConfig
 
     return LoraConfig(
-        task_type="CAUSAL_LM", r=method.rank, lora_alpha=method.alpha, lora_dropout=method.dropout,
-        target_modules=lora_targets(method.targets), use_rslora=method.rslora,
-        use_dora=dora, modules_to_save=method.modules_to_save or None,
+        task_type="CAUSAL_LM",
+        r=method.rank,
+        lora_alpha=method.alpha,
+        lora_dropout=method.dropout,
+        target_modules=lora_targets(method.targets),
+        use_rslora=method.rslora,
+        use_dora=dora,
+        modules_to_save=method.modules_to_save or None,
     )
 
 
@@ -65,7 +70,9 @@ def _dora(model, method: MethodConfig, gradient_checkpointing: bool):
 
 
 def _qlora(model, method: MethodConfig, gradient_checkpointing: bool):
-    return with_peft(_prepare_4bit(model, gradient_checkpointing), lora_config(method), gradient_checkpointing)
+    return with_peft(
+        _prepare_4bit(model, gradient_checkpointing), lora_config(method), gradient_checkpointing
+    )
 
 
 def _prefix(model, method: MethodConfig, gradient_checkpointing: bool):
@@ -101,15 +108,54 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 for _method in (
-    Method("lora", _lora, "adapter", mergeable=True, hot_swappable=True, planner="lora",
-           description="LoRA adapter on the frozen base"),
-    Method("qlora", _qlora, "adapter", mergeable=True, hot_swappable=True, planner="qlora", base_quantization="4bit",
-           description="LoRA on a 4-bit NF4 base (bitsandbytes, or torchao where bitsandbytes does not run)"),
-    Method("dora", _dora, "adapter", mergeable=True, hot_swappable=True, planner="lora",
-           description="weight-decomposed LoRA (magnitude + direction)"),
-    Method("full", _full, "model", mergeable=False, hot_swappable=False, planner="full", quantized_base=False,
-           description="every weight trained; the run saves a whole model"),
-    Method("prefix", _prefix, "adapter", mergeable=False, hot_swappable=False, planner="lora",
-           modules_to_save=False, packing=False, description="prefix tuning: virtual tokens through the cache"),
+    Method(
+        "lora",
+        _lora,
+        "adapter",
+        mergeable=True,
+        hot_swappable=True,
+        planner="lora",
+        description="LoRA adapter on the frozen base",
+    ),
+    Method(
+        "qlora",
+        _qlora,
+        "adapter",
+        mergeable=True,
+        hot_swappable=True,
+        planner="qlora",
+        base_quantization="4bit",
+        description="LoRA on a 4-bit NF4 base (bitsandbytes, or torchao where bitsandbytes does not run)",
+    ),
+    Method(
+        "dora",
+        _dora,
+        "adapter",
+        mergeable=True,
+        hot_swappable=True,
+        planner="lora",
+        description="weight-decomposed LoRA (magnitude + direction)",
+    ),
+    Method(
+        "full",
+        _full,
+        "model",
+        mergeable=False,
+        hot_swappable=False,
+        planner="full",
+        quantized_base=False,
+        description="every weight trained; the run saves a whole model",
+    ),
+    Method(
+        "prefix",
+        _prefix,
+        "adapter",
+        mergeable=False,
+        hot_swappable=False,
+        planner="lora",
+        modules_to_save=False,
+        packing=False,
+        description="prefix tuning: virtual tokens through the cache",
+    ),
 ):
     METHODS.register(_method)

@@ -11,8 +11,9 @@ from llamaforge.losses import collate
 from llamaforge.train.packing import collate_packed
 
 
-def length_grouped_batches(lengths: list[int], batch_size: int, *, seed: int, epoch: int,
-                           mega: int = 32) -> list[list[int]]:
+def length_grouped_batches(
+    lengths: list[int], batch_size: int, *, seed: int, epoch: int, mega: int = 32
+) -> list[list[int]]:
     """Shuffle, sort within mega-batches by length, then shuffle the batches.
 
     Deterministic in (seed, epoch), so a resumed run replays the same order and can skip ahead.
@@ -29,11 +30,15 @@ def length_grouped_batches(lengths: list[int], batch_size: int, *, seed: int, ep
     return batches
 
 
-def collate_micro(dataset, idx: list, pad_id: int, *, flatten: bool = False) -> tuple[dict[str, torch.Tensor], int]:
+def collate_micro(
+    dataset, idx: list, pad_id: int, *, flatten: bool = False
+) -> tuple[dict[str, torch.Tensor], int]:
     """A micro-batch and its real (non-pad) token count. `idx` holds example indices (padded rows, one
     example each) or bins of them (packed rows); `flatten` packs into one row (flash_attention_2)."""
     if idx and isinstance(idx[0], list):
         rows = [[dataset[i] for i in b] for b in idx]
-        return collate_packed(rows, pad_id, flatten=flatten), sum(len(r["input_ids"]) for row in rows for r in row)
+        return collate_packed(rows, pad_id, flatten=flatten), sum(
+            len(r["input_ids"]) for row in rows for r in row
+        )
     batch = collate([dataset[i] for i in idx], pad_id)
     return batch, int(batch["attention_mask"].sum())

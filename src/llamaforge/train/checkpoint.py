@@ -33,8 +33,12 @@ def rng_state() -> dict:
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
-                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "numpy": {
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "gauss": float(np_gauss),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -45,15 +49,20 @@ def set_rng_state(state: dict) -> None:
     random.setstate(_as_python_rng(state["python"]))
     if "numpy" in state:
         n = state["numpy"]
-        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+        np.random.set_state(
+            ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+        )
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda") or []
     if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
         torch.cuda.set_rng_state_all(cuda)
     elif cuda:
-        log.warning("the checkpoint holds the RNG of %d CUDA device(s), this machine has %d: CUDA draws "
-                    "(dropout on GPU) will not repeat exactly", len(cuda),
-                    torch.cuda.device_count() if torch.cuda.is_available() else 0)
+        log.warning(
+            "the checkpoint holds the RNG of %d CUDA device(s), this machine has %d: CUDA draws "
+            "(dropout on GPU) will not repeat exactly",
+            len(cuda),
+            torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        )
 
 
 def rank_rng_path(root: Path, step: int, rank: int) -> Path:
@@ -74,8 +83,9 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, progress: dict, keep: int,
-                    rng: dict | None = None) -> Path:
+def save_checkpoint(
+    root: Path, step: int, model, optimizer, scheduler, progress: dict, keep: int, rng: dict | None = None
+) -> Path:
     """Rank 0's checkpoint of `step`; `rng` is the generators' state at that step (default: now)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
@@ -98,8 +108,11 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, progress
 def list_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
-                  and (p / "progress.json").is_file())
+    return sorted(
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(PREFIX) and (p / "progress.json").is_file()
+    )
 
 
 def load_trainable(path: Path, model) -> None:

@@ -63,7 +63,9 @@ def split_of(conv: Conversation, val_fraction: float) -> str:
     return "val" if bucket < val_fraction else "train"
 
 
-def _split_conversations(cfg: DataConfig, rejects: list[Rejected]) -> tuple[list[Conversation], list[Conversation]]:
+def _split_conversations(
+    cfg: DataConfig, rejects: list[Rejected]
+) -> tuple[list[Conversation], list[Conversation]]:
     train: list[Conversation] = []
     val: list[Conversation] = []
     for src in cfg.sources:
@@ -91,8 +93,13 @@ def _split_conversations(cfg: DataConfig, rejects: list[Rejected]) -> tuple[list
     return train, val
 
 
-def _tokenize(convs: list[Conversation], template, cfg: DataConfig, rejects: list[Rejected],
-              kept: list[Conversation] | None = None) -> list[dict]:
+def _tokenize(
+    convs: list[Conversation],
+    template,
+    cfg: DataConfig,
+    rejects: list[Rejected],
+    kept: list[Conversation] | None = None,
+) -> list[dict]:
     """Token rows of the conversations the template can encode; `kept` collects those conversations."""
     rows = []
     for conv in convs:
@@ -104,8 +111,14 @@ def _tokenize(convs: list[Conversation], template, cfg: DataConfig, rejects: lis
                 raise
             rejects.append(Rejected(conv.source, conv.line, exc.field, exc.reason, conv.to_dict()))
             continue
-        rows.append({"input_ids": enc.input_ids, "labels": enc.labels, "length": len(enc.input_ids),
-                     "num_targets": enc.num_targets})
+        rows.append(
+            {
+                "input_ids": enc.input_ids,
+                "labels": enc.labels,
+                "length": len(enc.input_ids),
+                "num_targets": enc.num_targets,
+            }
+        )
         if kept is not None:
             kept.append(conv)
     return rows
@@ -114,7 +127,9 @@ def _tokenize(convs: list[Conversation], template, cfg: DataConfig, rejects: lis
 def _to_dataset(rows: list[dict]):
     from datasets import Dataset
 
-    return Dataset.from_dict({k: [r[k] for r in rows] for k in ("input_ids", "labels", "length", "num_targets")})
+    return Dataset.from_dict(
+        {k: [r[k] for r in rows] for k in ("input_ids", "labels", "length", "num_targets")}
+    )
 
 
 def prepare_data(cfg: DataConfig, template) -> PreparedData:
@@ -144,14 +159,21 @@ def prepare_data(cfg: DataConfig, template) -> PreparedData:
         "val_target_tokens": sum(r["num_targets"] for r in val_rows),
         "max_length": max(r["length"] for r in train_rows),
     }
-    return PreparedData(_to_dataset(train_rows), _to_dataset(val_rows) if val_rows else None, card, rejects,
-                        val_kept)
+    return PreparedData(
+        _to_dataset(train_rows), _to_dataset(val_rows) if val_rows else None, card, rejects, val_kept
+    )
 
 
 def _source_card(src: DataSource) -> dict:
     path = source_path(src)
-    card = {"path": src.path, "file": str(path), "sha256": catalog.sha256_file(path) if path.is_file() else None,
-            "format": src.format, "max_samples": src.max_samples, "repeat": src.repeat}
+    card = {
+        "path": src.path,
+        "file": str(path),
+        "sha256": catalog.sha256_file(path) if path.is_file() else None,
+        "format": src.format,
+        "max_samples": src.max_samples,
+        "repeat": src.repeat,
+    }
     prepared = path.parent / "card.json"  # a split written by `llamaforge prepare`: trace back to its data
     if prepared.is_file():
         with contextlib.suppress(ValueError, KeyError):

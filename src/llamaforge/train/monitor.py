@@ -94,9 +94,11 @@ class TrainingMonitor:
         if overfitting(eval_losses, train_means, self.overfit_evals):
             if not self._warned:  # once per streak of rising eval losses
                 k = self.overfit_evals
-                warning = (f"possible overfitting at step {step}: eval loss rose {k} evals in a row "
-                           f"({eval_losses[-k - 1]:.4f} -> {loss:.4f}) while the training loss fell "
-                           f"({train_means[-k - 1]:.4f} -> {train_mean:.4f})")
+                warning = (
+                    f"possible overfitting at step {step}: eval loss rose {k} evals in a row "
+                    f"({eval_losses[-k - 1]:.4f} -> {loss:.4f}) while the training loss fell "
+                    f"({train_means[-k - 1]:.4f} -> {train_mean:.4f})"
+                )
                 self.warnings.append({"type": "overfitting", "step": step, "message": warning})
                 self._warned = True
         elif len(eval_losses) < 2 or eval_losses[-1] <= eval_losses[-2]:
@@ -104,13 +106,25 @@ class TrainingMonitor:
         return Verdict(best=best, stop=stop, warning=warning)
 
     def summary(self) -> dict:
-        return {"best_step": self.best_step, "best_eval_loss": self.best_loss, "stopped_early_at": self.stopped_at}
+        return {
+            "best_step": self.best_step,
+            "best_eval_loss": self.best_loss,
+            "stopped_early_at": self.stopped_at,
+        }
 
     def state_dict(self) -> dict:
-        return {"best_loss": self.best_loss, "best_step": self.best_step, "best_result": self.best_result,
-                "bad_evals": self.bad_evals, "stopped_at": self.stopped_at, "evals": self.evals,
-                "warnings": self.warnings, "train_sum": self._train_sum, "train_count": self._train_count,
-                "warned": self._warned}
+        return {
+            "best_loss": self.best_loss,
+            "best_step": self.best_step,
+            "best_result": self.best_result,
+            "bad_evals": self.bad_evals,
+            "stopped_at": self.stopped_at,
+            "evals": self.evals,
+            "warnings": self.warnings,
+            "train_sum": self._train_sum,
+            "train_count": self._train_count,
+            "warned": self._warned,
+        }
 
     def load_state_dict(self, state: dict | None) -> None:
         if not state:
@@ -167,8 +181,16 @@ def validation_sample(val: list[Conversation], size: int) -> list[tuple[list[Mes
     return sample
 
 
-def generation_scores(model, tokenizer, template, sample: list[tuple[list[Message], str]], *,
-                      max_new_tokens: int, batch_size: int, precision: str) -> dict[str, float]:
+def generation_scores(
+    model,
+    tokenizer,
+    template,
+    sample: list[tuple[list[Message], str]],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    precision: str,
+) -> dict[str, float]:
     """Greedy answers for the sample scored with the evaluation metrics (0-100), keys prefixed `eval_`."""
     from llamaforge.evaluate.config import EvalMetricsConfig
     from llamaforge.evaluate.metrics import compute_metrics
@@ -176,11 +198,19 @@ def generation_scores(model, tokenizer, template, sample: list[tuple[list[Messag
 
     if not sample:
         return {}
-    outputs = generate(model, tokenizer, template, [conv for conv, _ in sample], max_new_tokens=max_new_tokens,
-                       batch_size=batch_size, precision=precision)
+    outputs = generate(
+        model,
+        tokenizer,
+        template,
+        [conv for conv, _ in sample],
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        precision=precision,
+    )
     curves = [metric for metric in METRICS if metric.curve]  # every registered metric that asks for a curve
-    scores = compute_metrics(outputs, [ref for _, ref in sample],
-                             EvalMetricsConfig(metrics=[m.name for m in curves])).summary()
+    scores = compute_metrics(
+        outputs, [ref for _, ref in sample], EvalMetricsConfig(metrics=[m.name for m in curves])
+    ).summary()
     return {f"eval_{column}": scores[column] for metric in curves for column in metric.curve}
 
 
@@ -195,8 +225,11 @@ class ValidationWatch:
 
     def _new_monitor(self) -> TrainingMonitor:
         t = self.cfg.train
-        monitor = TrainingMonitor(patience=t.early_stopping_patience, min_delta=t.early_stopping_min_delta,
-                                  overfit_evals=t.overfit_warning_evals)
+        monitor = TrainingMonitor(
+            patience=t.early_stopping_patience,
+            min_delta=t.early_stopping_min_delta,
+            overfit_evals=t.overfit_warning_evals,
+        )
         monitor.load_state_dict(self.progress.get("monitor"))  # a resumed run goes on counting
         return monitor
 
@@ -208,9 +241,15 @@ class ValidationWatch:
             self._val_sample = validation_sample(self.data.val_conversations, self.cfg.eval.sample_size)
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
-        scores = generation_scores(model, self.tokenizer, self.template, self._val_sample,
-                                   max_new_tokens=self.cfg.eval.max_new_tokens,
-                                   batch_size=self.cfg.train.batch_size * 2, precision=self.precision)
+        scores = generation_scores(
+            model,
+            self.tokenizer,
+            self.template,
+            self._val_sample,
+            max_new_tokens=self.cfg.eval.max_new_tokens,
+            batch_size=self.cfg.train.batch_size * 2,
+            precision=self.precision,
+        )
         model.train()
         return scores
 
@@ -224,18 +263,25 @@ class ValidationWatch:
             self._save_best(step, result)
         if self.accelerator.is_main_process:
             metrics.write({"step": step, **result})
-            self._log(f"step {step}: eval loss {result['eval_loss']:.4f}" + (" (best)" if verdict.best else ""))
+            self._log(
+                f"step {step}: eval loss {result['eval_loss']:.4f}" + (" (best)" if verdict.best else "")
+            )
             if verdict.warning:
                 log.warning(verdict.warning)
         if verdict.stop:
             m = self.monitor
-            self._log(f"early stopping at step {step}: no eval-loss improvement above {m.min_delta} in "
-                      f"{m.patience} evals (best {m.best_loss:.4f} at step {m.best_step})")
+            self._log(
+                f"early stopping at step {step}: no eval-loss improvement above {m.min_delta} in "
+                f"{m.patience} evals (best {m.best_loss:.4f} at step {m.best_step})"
+            )
 
     def _save_best(self, step: int, result: dict) -> None:
         if self.accelerator.is_main_process:
-            save_best(self.run_dir / "checkpoints", self.accelerator.unwrap_model(self.model),
-                      {"step": step, **result})
+            save_best(
+                self.run_dir / "checkpoints",
+                self.accelerator.unwrap_model(self.model),
+                {"step": step, **result},
+            )
 
     def _finish_best(self, final: dict | None) -> dict | None:
         """Which weights get saved: the last ones, or (train.load_best_at_end) the best eval's.
@@ -256,8 +302,10 @@ class ValidationWatch:
             load_best(self.run_dir / "checkpoints", acc.unwrap_model(self.model))
             final, weights_step = dict(m.best_result), m.best_step
         self.summary.update(best_step=m.best_step, best_eval_loss=m.best_loss, weights_step=weights_step)
-        self._log(f"best eval loss {m.best_loss:.4f} at step {m.best_step}; "
-                  f"the saved weights are from step {weights_step}")
+        self._log(
+            f"best eval loss {m.best_loss:.4f} at step {m.best_step}; "
+            f"the saved weights are from step {weights_step}"
+        )
         return final
 
     def _check_finite(self, record: dict, metrics, bar) -> None:
@@ -273,11 +321,15 @@ class ValidationWatch:
             return
         bar.close()
         what = f"the training loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {norm}"
-        message = (f"training diverged at step {step}: {what} (lr {record['lr']:.3g}). "
-                   "Lower train.lr, keep train.max_grad_norm > 0 or raise train.warmup_ratio.")
+        message = (
+            f"training diverged at step {step}: {what} (lr {record['lr']:.3g}). "
+            "Lower train.lr, keep train.max_grad_norm > 0 or raise train.warmup_ratio."
+        )
         if self.accelerator.is_main_process:
             metrics.write({"step": step, "diverged": what, "lr": record["lr"]})
-            self.summary.update(status="diverged", error=message, steps=step, warnings=list(self.monitor.warnings))
+            self.summary.update(
+                status="diverged", error=message, steps=step, warnings=list(self.monitor.warnings)
+            )
             (self.run_dir / "summary.json").write_text(json.dumps(self.summary, indent=2))
             plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
             self._write_run_json("diverged")

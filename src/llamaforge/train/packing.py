@@ -61,8 +61,9 @@ def pack_bins(lengths: list[int], capacity: int, *, seed: int, epoch: int) -> li
     return bins
 
 
-def packed_batches(lengths: list[int], batch_size: int, capacity: int, *, seed: int,
-                   epoch: int) -> list[list[list[int]]]:
+def packed_batches(
+    lengths: list[int], batch_size: int, capacity: int, *, seed: int, epoch: int
+) -> list[list[list[int]]]:
     """Micro-batches of `batch_size` bins (lists of example indices); deterministic in (seed, epoch).
 
     Bins of similar fill go together (most are full; the oversized and the last few are not), so little
@@ -114,12 +115,17 @@ def verify_packing(model, *, flatten: bool = False, lengths: tuple[int, ...] = (
     was_training = model.training
     model.eval()  # no dropout: the two layouts must give the same numbers
     try:
-        vocab, device = model.get_input_embeddings().weight.shape[0], model.get_input_embeddings().weight.device
+        vocab, device = (
+            model.get_input_embeddings().weight.shape[0],
+            model.get_input_embeddings().weight.device,
+        )
         gen = torch.Generator().manual_seed(0)
         ids = [torch.randint(0, vocab, (n,), generator=gen) for n in lengths]
         examples = [{"input_ids": x.tolist(), "labels": [0] * len(x)} for x in ids]
         rows = [examples, examples[:1]] if not flatten else [examples]
-        packed = decoder_hidden(model, {k: v.to(device) for k, v in collate_packed(rows, 0, flatten=flatten).items()})
+        packed = decoder_hidden(
+            model, {k: v.to(device) for k, v in collate_packed(rows, 0, flatten=flatten).items()}
+        )
         alone_ids = torch.zeros((len(ids), max(lengths)), dtype=torch.long)
         mask = torch.zeros_like(alone_ids)
         for r, x in enumerate(ids):

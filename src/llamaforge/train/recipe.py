@@ -117,34 +117,51 @@ class FineTuneRecipe(ValidationWatch):
         self._prepare_run_dir_once()
         dtype = torch_dtype(cfg.model.dtype)
         model, self.tokenizer = load_model(
-            cfg.model.source, dtype=dtype, quantization=cfg.quantization,
-            quantization_backend=cfg.model.quantization_backend, attn_implementation=cfg.model.attn_implementation,
-            trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
+            cfg.model.source,
+            dtype=dtype,
+            quantization=cfg.quantization,
+            quantization_backend=cfg.model.quantization_backend,
+            attn_implementation=cfg.model.attn_implementation,
+            trust_remote_code=cfg.model.trust_remote_code,
+            revision=cfg.model.revision,
         )
         self.template = get_template(cfg.data.template, self.tokenizer)
         warn_if_chat_tokens_untrained(model, self.tokenizer, self.template)
         from llamaforge.train.objective import objective_for
 
         self.objective = objective_for(cfg, self.tokenizer.pad_token_id)  # None: plain SFT
-        self.data = self.objective.prepare(cfg.data, self.template) if self.objective else prepare_data(
-            cfg.data, self.template)
+        self.data = (
+            self.objective.prepare(cfg.data, self.template)
+            if self.objective
+            else prepare_data(cfg.data, self.template)
+        )
         write_rejects(self.run_dir / "rejects.jsonl", self.data.rejects)
         write_val_conversations(self.run_dir, self.data.val_conversations)
         (self.run_dir / "data_card.json").write_text(json.dumps(self.data.card, indent=2))
-        self._log(f"data: {self.data.card['train_records']} train / {self.data.card['val_records']} val records, "
-                  f"{self.data.card['rejected']} rejected, {self.data.card['train_target_tokens']} target tokens")
+        self._log(
+            f"data: {self.data.card['train_records']} train / {self.data.card['val_records']} val records, "
+            f"{self.data.card['rejected']} rejected, {self.data.card['train_target_tokens']} target tokens"
+        )
 
         self._resolve_batch(model, device)
         self.model = attach_method(model, cfg.method, gradient_checkpointing=cfg.train.gradient_checkpointing)
         if self.objective:
             self.objective.start(self.model, self.data, self.accelerator, self.run_dir, self.resume)
         trainable, total = count_parameters(self.model)
-        self._log(f"{cfg.method.name}: {trainable:,} trainable of {total:,} parameters "
-                  f"({100 * trainable / total:.2f}%), precision {self.precision}"
-                  + (f", {threads} CPU threads" if threads else ""))
-        self.summary.update(trainable_params=trainable, total_params=total, precision=self.precision,
-                            threads=threads, micro_batch=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
-                            gradient_checkpointing=cfg.train.gradient_checkpointing)
+        self._log(
+            f"{cfg.method.name}: {trainable:,} trainable of {total:,} parameters "
+            f"({100 * trainable / total:.2f}%), precision {self.precision}"
+            + (f", {threads} CPU threads" if threads else "")
+        )
+        self.summary.update(
+            trainable_params=trainable,
+            total_params=total,
+            precision=self.precision,
+            threads=threads,
+            micro_batch=cfg.train.batch_size,
+            grad_accum=cfg.train.grad_accum,
+            gradient_checkpointing=cfg.train.gradient_checkpointing,
+        )
 
         world = self.accelerator.num_processes
         batches = len(self._epoch_batches(0)) // world or 1
@@ -156,14 +173,17 @@ class FineTuneRecipe(ValidationWatch):
         warmup = int(cfg.train.warmup_ratio * self.total_steps)
         self.scheduler = get_scheduler(
             {"constant": "constant_with_warmup"}.get(cfg.train.scheduler, cfg.train.scheduler),
-            self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps,
+            self.optimizer,
+            num_warmup_steps=warmup,
+            num_training_steps=self.total_steps,
         )
         from llamaforge.train.distributed import TokenLoss
 
         # DDP syncs (FSDP/ZeRO-3 gather) only inside the forward of what it wraps, and our chunked loss
         # bypasses the model's forward: the wrapped module is the loss; self.model stays the plain model.
         self.train_loss, self.optimizer = self.accelerator.prepare(
-            TokenLoss(self.model, cfg.train.loss_chunk_size), self.optimizer)
+            TokenLoss(self.model, cfg.train.loss_chunk_size), self.optimizer
+        )
         self.progress = {"step": 0, "epoch": 0, "group": 0, "tokens": 0, "target_tokens": 0, "elapsed": 0.0}
         if self.resume:
             self._restore()
@@ -173,8 +193,11 @@ class FineTuneRecipe(ValidationWatch):
         """`batch_size: auto` / `gradient_checkpointing: auto`: the planner's choice for this data on this
         machine (planning/autobatch.py), written into the run's config.yaml so a resume replays it."""
         t, world = self.cfg.train, self.accelerator.num_processes
-        if self.resume and (self.run_dir / "config.yaml").is_file() and "auto" in (t.batch_size,
-                                                                                   t.gradient_checkpointing):
+        if (
+            self.resume
+            and (self.run_dir / "config.yaml").is_file()
+            and "auto" in (t.batch_size, t.gradient_checkpointing)
+        ):
             from llamaforge.config import load_config
 
             saved = load_config(str(self.run_dir / "config.yaml")).train
@@ -191,20 +214,31 @@ class FineTuneRecipe(ValidationWatch):
         if effective % world:
             raise ConfigError(f"train.effective_batch_size={effective} does not split over {world} processes")
         arch, setup, budget, resident, mean_tokens = batch_planning_inputs(
-            self.cfg, model, device, self.precision, self.data.train["length"])
-        choice = choose_batch(arch, setup, per_device_batch=effective // world, budget_bytes=budget,
-                              mean_tokens=mean_tokens, already_resident=resident,
-                              checkpointing=None if t.gradient_checkpointing == "auto" else t.gradient_checkpointing)
+            self.cfg, model, device, self.precision, self.data.train["length"]
+        )
+        choice = choose_batch(
+            arch,
+            setup,
+            per_device_batch=effective // world,
+            budget_bytes=budget,
+            mean_tokens=mean_tokens,
+            already_resident=resident,
+            checkpointing=None if t.gradient_checkpointing == "auto" else t.gradient_checkpointing,
+        )
         t.batch_size, t.grad_accum = choice.micro_batch, choice.grad_accum
         t.gradient_checkpointing = choice.checkpointing
         t.effective_batch_size = effective
         self._log(choice.line())
         if not choice.fits:
             log.warning("batch: %s", choice.reason)
-        self.summary["batch_choice"] = {"micro_batch": choice.micro_batch, "grad_accum": choice.grad_accum,
-                                        "gradient_checkpointing": choice.checkpointing,
-                                        "planned_peak_gib": round(choice.peak_bytes / 2**30, 2),
-                                        "budget_gib": round(choice.budget_bytes / 2**30, 2), "reason": choice.reason}
+        self.summary["batch_choice"] = {
+            "micro_batch": choice.micro_batch,
+            "grad_accum": choice.grad_accum,
+            "gradient_checkpointing": choice.checkpointing,
+            "planned_peak_gib": round(choice.peak_bytes / 2**30, 2),
+            "budget_gib": round(choice.budget_bytes / 2**30, 2),
+            "reason": choice.reason,
+        }
         if self.accelerator.is_main_process:
             (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
 
@@ -224,8 +258,12 @@ class FineTuneRecipe(ValidationWatch):
         run = self.run_dir
         if run.exists() and not self.resume:
             check_not_input(run, run_inputs(self.cfg), "run directory")
-            check_replaceable(run, overwrite=self.cfg.output.overwrite, what="run directory",
-                              hint=": use --resume, output.overwrite=true or another output.name")
+            check_replaceable(
+                run,
+                overwrite=self.cfg.output.overwrite,
+                what="run directory",
+                hint=": use --resume, output.overwrite=true or another output.name",
+            )
             shutil.rmtree(run)  # a run folder llamaforge made (it carries the marker)
         run.mkdir(parents=True, exist_ok=True)
         write_marker(run, "run")
@@ -239,8 +277,13 @@ class FineTuneRecipe(ValidationWatch):
         checkpoints = list_checkpoints(self.run_dir / "checkpoints")
         if not checkpoints:
             raise ConfigError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
-        self.progress = load_checkpoint(checkpoints[-1], self.accelerator.unwrap_model(self.model),
-                                        self.optimizer, self.scheduler, rank=self.accelerator.process_index)
+        self.progress = load_checkpoint(
+            checkpoints[-1],
+            self.accelerator.unwrap_model(self.model),
+            self.optimizer,
+            self.scheduler,
+            rank=self.accelerator.process_index,
+        )
         self._log(f"resumed from {checkpoints[-1].name} (step {self.progress['step']})")
 
     # ------------------------------------------------------------------ evaluation
@@ -248,17 +291,31 @@ class FineTuneRecipe(ValidationWatch):
     def evaluate(self) -> dict | None:
         """Token-weighted loss over the validation set, with the training masks."""
         if self.objective:
-            return self.objective.evaluate(self.model, self.data.val, self.cfg.train.batch_size * 2,
-                                           self.accelerator.autocast) if self.data.val else None
+            return (
+                self.objective.evaluate(
+                    self.model, self.data.val, self.cfg.train.batch_size * 2, self.accelerator.autocast
+                )
+                if self.data.val
+                else None
+            )
         if self.data.val is None:
             return None
         self.model.eval()
-        held = held_out_loss(self.model, self.data.val, self.tokenizer.pad_token_id,
-                             batch_size=self.cfg.train.batch_size * 2, chunk_size=self.cfg.train.loss_chunk_size,
-                             autocast=self.accelerator.autocast)
+        held = held_out_loss(
+            self.model,
+            self.data.val,
+            self.tokenizer.pad_token_id,
+            batch_size=self.cfg.train.batch_size * 2,
+            chunk_size=self.cfg.train.loss_chunk_size,
+            autocast=self.accelerator.autocast,
+        )
         self.model.train()
-        return {"eval_loss": held.loss, "eval_ppl": held.perplexity, "eval_tokens": held.tokens,
-                **self._generation_metrics()}
+        return {
+            "eval_loss": held.loss,
+            "eval_ppl": held.perplexity,
+            "eval_tokens": held.tokens,
+            **self._generation_metrics(),
+        }
 
     def sample_answers(self) -> dict[str, str]:
         from llamaforge.generation import generate
@@ -270,8 +327,14 @@ class FineTuneRecipe(ValidationWatch):
         convs = [([Message("system", system)] if system else []) + [Message("user", p)] for p in prompts]
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
-        answers = generate(model, self.tokenizer, self.template, convs, max_new_tokens=self.cfg.eval.max_new_tokens,
-                           precision=self.precision)
+        answers = generate(
+            model,
+            self.tokenizer,
+            self.template,
+            convs,
+            max_new_tokens=self.cfg.eval.max_new_tokens,
+            precision=self.precision,
+        )
         model.train()
         return dict(zip(prompts, answers))
 
@@ -289,11 +352,19 @@ class FineTuneRecipe(ValidationWatch):
         self.monitor = self._new_monitor()
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=self.total_steps, initial=self.progress["step"], desc="train", unit="step",
-                   disable=not acc.is_main_process, dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.progress["step"],
+            desc="train",
+            unit="step",
+            disable=not acc.is_main_process,
+            dynamic_ncols=True,
+        )
         self.model.train()
         if self._packed():  # fail before training if this model lets packed examples see each other
-            verify_packing(acc.unwrap_model(self.model), flatten=cfg.model.attn_implementation == "flash_attention_2")
+            verify_packing(
+                acc.unwrap_model(self.model), flatten=cfg.model.attn_implementation == "flash_attention_2"
+            )
         started = time.perf_counter() - self.progress["elapsed"]
         self._mark_boundary()
         try:
@@ -302,7 +373,9 @@ class FineTuneRecipe(ValidationWatch):
                 batches = self._epoch_batches(epoch)
                 usable = len(batches) // acc.num_processes * acc.num_processes or len(batches)
                 mine = batches[acc.process_index : usable : acc.num_processes]
-                groups = [mine[k : k + cfg.train.grad_accum] for k in range(0, len(mine), cfg.train.grad_accum)]
+                groups = [
+                    mine[k : k + cfg.train.grad_accum] for k in range(0, len(mine), cfg.train.grad_accum)
+                ]
                 if not groups:
                     raise ConfigError(f"too few training batches for {acc.num_processes} processes")
                 for g in range(self.progress["group"], len(groups)):
@@ -311,8 +384,11 @@ class FineTuneRecipe(ValidationWatch):
                     self.progress.update(elapsed=time.perf_counter() - started)
                     self.signals.expected_step_s = time.perf_counter() - step_started
                     step = self.progress["step"]
-                    record.update(step=step, epoch=epoch + (g + 1) / len(groups),
-                                  tokens_per_s=self.progress["tokens"] / self.progress["elapsed"])
+                    record.update(
+                        step=step,
+                        epoch=epoch + (g + 1) / len(groups),
+                        tokens_per_s=self.progress["tokens"] / self.progress["elapsed"],
+                    )
                     self._check_finite(record, metrics, bar)
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -350,7 +426,8 @@ class FineTuneRecipe(ValidationWatch):
         final = self._finish_best(final)
         metrics.close()
         self.summary.update(
-            steps=self.progress["step"], train_seconds=round(elapsed, 1),
+            steps=self.progress["step"],
+            train_seconds=round(elapsed, 1),
             tokens_per_s=round(self.progress["tokens"] / max(elapsed, 1e-9), 1),
             target_tokens_per_s=round(self.progress["target_tokens"] / max(elapsed, 1e-9), 1),
             after={**(final or {}), "answers": self.sample_answers()},
@@ -373,14 +450,23 @@ class FineTuneRecipe(ValidationWatch):
             self.progress["step"] += 1
             self.progress["group"] = index + 1
             self._mark_boundary()
-        loss = acc.reduce(torch.tensor(loss_total, device=acc.device), reduction="sum").item() / max(global_targets, 1)
-        return {"loss": loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                "target_tokens": global_targets, **(self.objective.last_metrics if self.objective else {})}
+        loss = acc.reduce(torch.tensor(loss_total, device=acc.device), reduction="sum").item() / max(
+            global_targets, 1
+        )
+        return {
+            "loss": loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "target_tokens": global_targets,
+            **(self.objective.last_metrics if self.objective else {}),
+        }
 
     def _packed(self) -> bool:
         if self.cfg.train.packing and self.cfg.method.name == "prefix":
-            raise ConfigError("train.packing does not work with method prefix: its virtual tokens come through "
-                              "the cache, which turns off the per-example attention of packed rows")
+            raise ConfigError(
+                "train.packing does not work with method prefix: its virtual tokens come through "
+                "the cache, which turns off the per-example attention of packed rows"
+            )
         return self.cfg.train.packing
 
     def _epoch_batches(self, epoch: int) -> list[list]:
@@ -397,8 +483,10 @@ class FineTuneRecipe(ValidationWatch):
         micro = packed_batches(self._lengths, t.batch_size, capacity, seed=t.seed, epoch=epoch)
         if first:
             rows = sum(len(m) for m in micro)
-            self._log(f"packing: {len(self._lengths)} examples into {rows} rows of <= {capacity} tokens "
-                      f"({sum(self._lengths) / (rows * capacity):.0%} full), {len(micro)} micro-batches an epoch")
+            self._log(
+                f"packing: {len(self._lengths)} examples into {rows} rows of <= {capacity} tokens "
+                f"({sum(self._lengths) / (rows * capacity):.0%} full), {len(micro)} micro-batches an epoch"
+            )
         return micro
 
     def _collate(self, idx: list) -> tuple[dict[str, torch.Tensor], int]:
@@ -413,11 +501,15 @@ class FineTuneRecipe(ValidationWatch):
         A micro-batch is a list of example indices (padded rows) or of bins of them (packed rows).
         """
         acc = self.accelerator
-        if self.objective:  # a preference step: (summed example loss, example count), rewards kept for the log
+        if (
+            self.objective
+        ):  # a preference step: (summed example loss, example count), rewards kept for the log
             return self.objective.accumulate(self.model, acc, self.data.train, group, self.progress)
         micro = [self._collate(idx) for idx in group]
         local_targets = sum(num_targets(b) for b, _ in micro)
-        global_targets = int(acc.reduce(torch.tensor(local_targets, device=acc.device), reduction="sum").item())
+        global_targets = int(
+            acc.reduce(torch.tensor(local_targets, device=acc.device), reduction="sum").item()
+        )
         loss_total = 0.0
         for j, (batch, real_tokens) in enumerate(micro):
             batch = {k: v.to(acc.device) for k, v in batch.items()}
@@ -448,8 +540,16 @@ class FineTuneRecipe(ValidationWatch):
             return None
         if self.monitor is not None:
             progress["monitor"] = self.monitor.state_dict()
-        return save_checkpoint(root, progress["step"], acc.unwrap_model(self.model), self.optimizer, self.scheduler,
-                               progress, self.cfg.train.keep_checkpoints, rng=rng)
+        return save_checkpoint(
+            root,
+            progress["step"],
+            acc.unwrap_model(self.model),
+            self.optimizer,
+            self.scheduler,
+            progress,
+            self.cfg.train.keep_checkpoints,
+            rng=rng,
+        )
 
     # ------------------------------------------------------------------ save / cleanup
     def save(self) -> Path:
@@ -474,13 +574,22 @@ class FineTuneRecipe(ValidationWatch):
 
     def _write_run_json(self, status: str) -> None:
         method = self.cfg.method.name
-        Run(self.run_dir, self.cfg.model.source, method, weights_kind(method), template_name=self.template.name,
-            dataset_sha256=self.data.card["sha256"], step=self.progress["step"],
-            total_steps=self.total_steps).write_status(status)
+        Run(
+            self.run_dir,
+            self.cfg.model.source,
+            method,
+            weights_kind(method),
+            template_name=self.template.name,
+            dataset_sha256=self.data.card["sha256"],
+            step=self.progress["step"],
+            total_steps=self.total_steps,
+        ).write_status(status)
 
     def cleanup(self) -> None:
         self.accelerator.end_training()
-        if hasattr(self, "_was_deterministic"):  # process-wide: give the next recipe (sweep, tests) the old one
+        if hasattr(
+            self, "_was_deterministic"
+        ):  # process-wide: give the next recipe (sweep, tests) the old one
             torch.use_deterministic_algorithms(self._was_deterministic)
 
     def _log(self, message: str) -> None:

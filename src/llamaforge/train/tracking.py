@@ -23,8 +23,10 @@ def check_trackers(names: list[str]) -> None:
     for name in names:
         module, extra = TRACKER_PACKAGES[name]
         if importlib.util.find_spec(module) is None:
-            raise ConfigError(f"train.trackers includes {name} but the {module} package is not installed: "
-                              f"pip install 'llamaforge[{extra}]'")
+            raise ConfigError(
+                f"train.trackers includes {name} but the {module} package is not installed: "
+                f"pip install 'llamaforge[{extra}]'"
+            )
 
 
 def _numbers(record: dict) -> dict[str, float]:
@@ -79,8 +81,9 @@ class MlflowTracker:
 
     STATUS = {"completed": "FINISHED", "interrupted": "KILLED", "diverged": "FAILED", "failed": "FAILED"}
 
-    def __init__(self, uri: str, experiment: str, run_dir: Path, run_name: str, params: dict[str, str],
-                 *, resume: bool):
+    def __init__(
+        self, uri: str, experiment: str, run_dir: Path, run_name: str, params: dict[str, str], *, resume: bool
+    ):
         if "://" not in uri or uri.startswith("file:"):
             # MLflow 3 keeps the file store in "maintenance mode" and refuses it unless opted in; it is
             # still the only store that needs neither a server nor a database package.
@@ -125,8 +128,16 @@ def open_trackers(cfg, run_dir: Path, *, resume: bool) -> list:
             trackers.append(TensorBoardTracker(run_dir / "tensorboard", to_yaml(cfg)))
         elif name == "mlflow":
             uri = cfg.train.mlflow_uri or (run_dir / "mlruns").resolve().as_uri()
-            trackers.append(MlflowTracker(uri, cfg.train.mlflow_experiment, run_dir, run_dir.name,
-                                          flatten(cfg.model_dump(mode="json")), resume=resume))
+            trackers.append(
+                MlflowTracker(
+                    uri,
+                    cfg.train.mlflow_experiment,
+                    run_dir,
+                    run_dir.name,
+                    flatten(cfg.model_dump(mode="json")),
+                    resume=resume,
+                )
+            )
     return trackers
 
 
@@ -179,7 +190,14 @@ def plot_losses(metrics_path: Path, out: Path) -> Path | None:
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss")
         best = min(evals, key=lambda point: point[1])
-        ax.plot(*best, "*", markersize=14, color="gold", markeredgecolor="black", label=f"best eval (step {best[0]})")
+        ax.plot(
+            *best,
+            "*",
+            markersize=14,
+            color="gold",
+            markeredgecolor="black",
+            label=f"best eval (step {best[0]})",
+        )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (per target token)")
     ax.grid(alpha=0.3)

@@ -147,8 +147,11 @@ class Pipeline:
         """Refuse an output folder that would lose anything: see `llamaforge.atomic`."""
         check_not_input(self.out, self._inputs(), "output folder")
         check_replaceable(
-            self.out, overwrite=self.cfg.overwrite, what="output folder",
-            hint="; set prepare.overwrite=true or choose another prepare.output_dir", empty_ok=True,
+            self.out,
+            overwrite=self.cfg.overwrite,
+            what="output folder",
+            hint="; set prepare.overwrite=true or choose another prepare.output_dir",
+            empty_ok=True,
         )
 
     def _read(self, src: DataSource) -> Iterator[Conversation | Rejected]:
@@ -353,7 +356,9 @@ class Pipeline:
                 "pt": it.cache.get("prompt_tokens"),
                 "at": it.cache.get("answer_tokens"),
             }
-            spool.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")  # readers let only JSON in
+            spool.write(
+                json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n"
+            )  # readers let only JSON in
 
     # ------------------------------------------------------------------ phase 2
     def _spool(self, path: Path) -> Iterator[tuple[int, Conversation, int | None, int | None]]:

@@ -137,8 +137,9 @@ def _length_stats(values) -> dict[str, Any]:
 # ------------------------------------------------------------------ report
 
 
-def write_outputs(pipeline, splits: dict[str, int], elapsed: float,
-                  review: dict[str, Any] | None = None) -> dict[str, Any]:
+def write_outputs(
+    pipeline, splits: dict[str, int], elapsed: float, review: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """`review`: what review.export_review wrote (the pipeline calls it: review builds on this module)."""
     cfg, out = pipeline.cfg, pipeline.out
     (out / ".work").mkdir(exist_ok=True)
@@ -146,11 +147,7 @@ def write_outputs(pipeline, splits: dict[str, int], elapsed: float,
     arrow = save_arrow(out) if cfg.arrow else {}
     arrow_s = time.perf_counter() - t0
     images = _histograms(pipeline, out)
-    steps = {
-        name: pipeline.stats[name].to_dict()
-        for name in STEP_ORDER
-        if name in pipeline.stats
-    }
+    steps = {name: pipeline.stats[name].to_dict() for name in STEP_ORDER if name in pipeline.stats}
     objs = pipeline.step_objects
     report: dict[str, Any] = {
         "output_dir": str(getattr(pipeline, "final_out", out)),

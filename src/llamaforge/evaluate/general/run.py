@@ -25,7 +25,6 @@ from llamaforge.evaluate.metrics import MetricScores
 log = logging.getLogger(__name__)
 
 
-
 def requests_for(suite: Suite, tokenizer, template, prompt: str) -> list[Request]:
     """Token ids of each question and of its choices, as the candidate would see them.
 
@@ -116,7 +115,9 @@ def write_suite_jsonl(path: Path, result: SuiteScores) -> Path:
 
 def read_suite_jsonl(path: Path) -> dict[str, MetricScores]:
     """The suite's metrics rebuilt from a `<candidate>.general.jsonl` (to compare runs scored apart)."""
-    records = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = [
+        json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
     right = [100.0 * r["right"] for r in records]
     metrics = {
         "general": MetricScores("general", right),
