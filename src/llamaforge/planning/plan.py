@@ -48,15 +48,11 @@ def parse_memory(text: str) -> float | None:
 
 
 def available_ram_gib() -> float:
-    """MemAvailable (what can be allocated without swapping), 0.0 where /proc/meminfo is missing."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 / GiB
-    except OSError:
-        pass
-    return 0.0
+    """Memory this process can still take (MemAvailable, capped by a cgroup limit), in GiB: the same
+    reading `batch_size: auto` plans with."""
+    from llamaforge.hardware import available_memory_bytes
+
+    return available_memory_bytes() / GiB
 
 
 def cpu_hardware(precision: str = "auto") -> Hardware:

@@ -12,27 +12,17 @@ from datetime import datetime
 from pathlib import Path
 
 from llamaforge.errors import ConfigError
-from llamaforge.studio.workspace import read_json
-
-SKIP_DIRS = {"checkpoints", "adapter", "model", "arrow", ".studio", "tensorboard", "mlruns"}
+from llamaforge.studio.workspace import find_folders, read_json
 
 
 def find_prepared(workspace: Path, depth: int = 3) -> list[Path]:
     """Folders written by `llamaforge prepare` (a report.json with per-step counts)."""
-    found: list[Path] = []
+    return find_folders(workspace, is_prepared, depth)
 
-    def walk(folder: Path, level: int) -> None:
-        report = folder / "report.json"
-        if report.is_file() and isinstance(read_json(report), dict) and "steps" in read_json(report):
-            found.append(folder)
-        if level < depth:
-            for child in sorted(folder.iterdir()):
-                if child.is_dir() and not child.name.startswith(".") and child.name not in SKIP_DIRS:
-                    walk(child, level + 1)
 
-    if workspace.is_dir():
-        walk(workspace, 0)
-    return found
+def is_prepared(folder: Path) -> bool:
+    report = read_json(folder / "report.json")
+    return isinstance(report, dict) and "steps" in report
 
 
 def resolve_prepared(workspace: Path, did: str) -> Path | None:

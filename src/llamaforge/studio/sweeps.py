@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llamaforge.studio.workspace import read_json
-
-SKIP_DIRS = {"checkpoints", "adapter", "model", "arrow", ".studio", "tensorboard", "mlruns"}
+from llamaforge.studio.workspace import find_folders, read_json
 
 
 def is_sweep(folder: Path) -> bool:
@@ -15,20 +13,7 @@ def is_sweep(folder: Path) -> bool:
 
 
 def find_sweeps(workspace: Path, depth: int = 2) -> list[Path]:
-    found: list[Path] = []
-
-    def walk(folder: Path, level: int) -> None:
-        if is_sweep(folder):
-            found.append(folder)
-            return  # its trials are not sweeps
-        if level < depth:
-            for child in sorted(folder.iterdir()):
-                if child.is_dir() and not child.name.startswith(".") and child.name not in SKIP_DIRS:
-                    walk(child, level + 1)
-
-    if workspace.is_dir():
-        walk(workspace, 0)
-    return found
+    return find_folders(workspace, is_sweep, depth, inside_matches=False)  # its trials are not sweeps
 
 
 def resolve_sweep(workspace: Path, sid: str) -> Path | None:

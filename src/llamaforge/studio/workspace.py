@@ -276,3 +276,26 @@ def files_signature(run_dir: Path) -> tuple:
         p = run_dir / name
         sig.append(p.stat().st_mtime_ns if p.is_file() else 0)
     return tuple(sig)
+
+
+SKIP_DIRS = {"checkpoints", "adapter", "model", "arrow", ".studio", "tensorboard", "mlruns"}
+
+
+def find_folders(workspace: Path, matches, depth: int, *, inside_matches: bool = True) -> list[Path]:
+    """Folders under `workspace` (at most `depth` levels down, hidden and weight folders skipped) for
+    which `matches(folder)` holds; `inside_matches=False` does not look inside a folder that matched."""
+    found: list[Path] = []
+
+    def walk(folder: Path, level: int) -> None:
+        if matches(folder):
+            found.append(folder)
+            if not inside_matches:
+                return
+        if level < depth:
+            for child in sorted(folder.iterdir()):
+                if child.is_dir() and not child.name.startswith(".") and child.name not in SKIP_DIRS:
+                    walk(child, level + 1)
+
+    if workspace.is_dir():
+        walk(workspace, 0)
+    return found
