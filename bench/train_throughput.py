@@ -348,7 +348,7 @@ def prepare(a, work: Path) -> tuple[list[dict], dict]:
     from llamaforge.config import DataConfig, DataSource
     from llamaforge.models import load_tokenizer
     from llamaforge.templates import get_template
-    from llamaforge.train.data import _split_conversations, _tokenize
+    from llamaforge.train.data import split_conversations, tokenize_conversations
 
     tokenizer = load_tokenizer(a.model)
     cfg = DataConfig(
@@ -358,9 +358,12 @@ def prepare(a, work: Path) -> tuple[list[dict], dict]:
         max_length=a.data_max_length,
     )
     template = get_template("auto", tokenizer)
-    train, val = _split_conversations(cfg, [])
+    train, val = split_conversations(cfg, [])
     rejects: list = []
-    train_rows, val_rows = _tokenize(train, template, cfg, rejects), _tokenize(val, template, cfg, rejects)
+    train_rows, val_rows = (
+        tokenize_conversations(train, template, cfg, rejects),
+        tokenize_conversations(val, template, cfg, rejects),
+    )
     with open(work / "train_messages.jsonl", "w") as fh:
         for conv in train:
             fh.write(

@@ -25,7 +25,8 @@ from llamaforge.data.curate.minhash import LSHIndex, MinHasher
 from llamaforge.data.curate.normalize import Normalizer, fix_mojibake
 from llamaforge.data.curate.pii import PIIDetector, PIIStep, iban_ok, luhn_ok
 from llamaforge.data.curate.records import Item, make_conversation
-from llamaforge.data.curate.split import content_unit, split_of, stratified_assignment
+from llamaforge.data.curate.split import stratified_assignment
+from llamaforge.data.split import content_unit, split_of
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TOKENIZER = SHARED / "assets" / "llama3-tokenizer"
@@ -328,15 +329,14 @@ def test_decontamination():
 
 
 def test_split_is_deterministic_and_stable():
-    cfg = SplitConfig(val=0.1, test=0.1)
     convs = [make_conversation(f"question {i}", f"answer {i}") for i in range(2000)]
-    first = [split_of(content_unit(c, 0), cfg) for c in convs]
-    assert first == [split_of(content_unit(c, 0), cfg) for c in convs]
+    first = [split_of(content_unit(c, 0), 0.1, 0.1) for c in convs]
+    assert first == [split_of(content_unit(c, 0), 0.1, 0.1) for c in convs]
     counts = {s: first.count(s) for s in ("train", "val", "test")}
     assert 150 < counts["val"] < 250 and 150 < counts["test"] < 250
     # growing the data never moves an existing record; another seed draws another split
-    assert [split_of(content_unit(c, 0), cfg) for c in convs[:500]] == first[:500]
-    assert [split_of(content_unit(c, 1), cfg) for c in convs] != first
+    assert [split_of(content_unit(c, 0), 0.1, 0.1) for c in convs[:500]] == first[:500]
+    assert [split_of(content_unit(c, 1), 0.1, 0.1) for c in convs] != first
 
 
 def test_stratified_split_exact_shares():

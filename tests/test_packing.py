@@ -52,9 +52,9 @@ def test_packed_batch_gives_the_loss_and_gradients_of_the_same_examples_padded(
     split = _loss_and_grads(recipe, [[[0, 1, 2]], [[3, 4], [5, 6]]])
     torch.testing.assert_close(split[2], padded[2], rtol=1e-4, atol=1e-7)
     # real tokens only are counted
-    before = recipe.progress["tokens"]
+    before = recipe.state.tokens
     recipe.accumulate([[[0, 1, 2], [3]]])
-    assert recipe.progress["tokens"] - before == sum(recipe.data.train[i]["length"] for i in range(4))
+    assert recipe.state.tokens - before == sum(recipe.data.train[i]["length"] for i in range(4))
 
 
 def test_positions_restart_and_first_labels_never_cross_a_boundary(llama3_tokenizer):
@@ -179,14 +179,12 @@ def test_packed_training_counts_real_tokens_and_learns(tmp_path, tiny_llama_dir,
     )
     recipe = FineTuneRecipe(cfg)
     recipe.setup()
-    bins = pack_bins(recipe._lengths, 128, seed=cfg.train.seed, epoch=0)
-    assert 1 < len(bins) < len(recipe._lengths) and recipe.steps_per_epoch == -(-len(bins) // 2)
+    bins = pack_bins(recipe.batches.lengths, 128, seed=cfg.train.seed, epoch=0)
+    assert 1 < len(bins) < len(recipe.batches.lengths) and recipe.steps_per_epoch == -(-len(bins) // 2)
     recipe.train()
     recipe.save()
     recipe.cleanup()
-    assert (
-        recipe.progress["tokens"] == 4 * recipe.data.card["train_tokens"]
-    )  # no pad counted, nothing skipped
+    assert recipe.state.tokens == 4 * recipe.data.card["train_tokens"]  # no pad counted, nothing skipped
     rows = read_metrics(recipe.run_dir)
     losses = step_losses(recipe.run_dir)
     assert len(losses) == recipe.total_steps == 4 * recipe.steps_per_epoch

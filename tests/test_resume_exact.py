@@ -18,6 +18,7 @@ from conftest import chat_rows, step_losses, write_jsonl
 from llamaforge.config import load_config
 from llamaforge.train import checkpoint as ck
 from llamaforge.train.recipe import FineTuneRecipe, TrainingInterrupted, run_training
+from llamaforge.train.state import TrainState
 
 STEPS = 6
 
@@ -102,7 +103,7 @@ def test_an_interrupt_after_the_update_counts_the_step_whole(tmp_path, tiny_llam
 
         def step_then_interrupt(group, index):
             record = real(group, index)
-            if recipe.progress["step"] == 4:
+            if recipe.state.step == 4:
                 raise KeyboardInterrupt
             return record
 
@@ -165,7 +166,7 @@ def test_each_rank_gets_back_its_own_rng(tmp_path, caplog):
         random.seed(100 + rank)
         np.random.seed(100 + rank)
         if rank == 0:
-            ck.save_checkpoint(root, 5, model, opt, sched, {"step": 5}, keep=2, rng=ck.rng_state())
+            ck.save_checkpoint(root, 5, model, opt, sched, TrainState(step=5), keep=2, rng=ck.rng_state())
         else:
             ck.save_rank_rng(root, 5, rank)
     (root / "rng-rank2-step-00000005.pt").unlink()  # rank 2's file lost
@@ -185,7 +186,7 @@ def test_each_rank_gets_back_its_own_rng(tmp_path, caplog):
     assert torch.rand(3).tolist() == expected  # left as it was, not given another rank's state
     for step in (6, 7):  # pruning takes the other ranks' files with their checkpoint
         ck.save_rank_rng(root, step, 1)
-        ck.save_checkpoint(root, step, model, opt, sched, {"step": step}, keep=2)
+        ck.save_checkpoint(root, step, model, opt, sched, TrainState(step=step), keep=2)
     assert sorted(p.name for p in root.iterdir()) == [
         "rng-rank1-step-00000006.pt",
         "rng-rank1-step-00000007.pt",
@@ -198,7 +199,7 @@ def test_a_checkpoint_from_before_per_rank_files_still_loads(tmp_path):
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    path = ck.save_checkpoint(tmp_path, 1, model, opt, sched, {"step": 1}, keep=1)
+    path = ck.save_checkpoint(tmp_path, 1, model, opt, sched, TrainState(step=1), keep=1)
     torch.manual_seed(3)
     random.seed(3)
     want = (random.random(), torch.rand(2).tolist())

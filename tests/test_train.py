@@ -10,6 +10,7 @@ import torch
 from conftest import chat_rows, step_losses, write_jsonl
 from llamaforge.config import load_config
 from llamaforge.train.recipe import FineTuneRecipe, run_training
+from llamaforge.train.state import TrainState
 
 
 def job(tmp_path, model_dir, data, **extra):
@@ -282,14 +283,14 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, monkeypat
     model = torch.nn.Linear(4, 4)
     opt = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    ck.save_checkpoint(tmp_path, 1, model, opt, sched, {"step": 1}, keep=2)
+    ck.save_checkpoint(tmp_path, 1, model, opt, sched, TrainState(step=1), keep=2)
 
     def die(*args, **kwargs):
         raise SystemExit("killed while writing")
 
     monkeypatch.setattr(ck, "save_file", die)
     with pytest.raises(SystemExit):
-        ck.save_checkpoint(tmp_path, 2, model, opt, sched, {"step": 2}, keep=2)
+        ck.save_checkpoint(tmp_path, 2, model, opt, sched, TrainState(step=2), keep=2)
     monkeypatch.undo()
     assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step-00000001"]
-    assert ck.load_checkpoint(ck.list_checkpoints(tmp_path)[-1], model, opt, sched) == {"step": 1}
+    assert ck.load_checkpoint(ck.list_checkpoints(tmp_path)[-1], model, opt, sched) == TrainState(step=1)

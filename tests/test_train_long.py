@@ -15,6 +15,7 @@ from llamaforge.config import load_config
 from llamaforge.errors import ConfigError
 from llamaforge.train.monitor import TrainingMonitor, overfitting
 from llamaforge.train.recipe import FineTuneRecipe, TrainingDiverged, run_training
+from llamaforge.train.state import WatchState
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -77,27 +78,27 @@ def test_monitor_best_patience_warning_and_state():
 
     assert feed(2.0, [3.0, 2.9]).best
     v = feed(1.97, [2.5])  # best, but not by more than min_delta: counts against the patience
-    assert v.best and not v.stop and m.bad_evals == 1
+    assert v.best and not v.stop and m.state.bad_evals == 1
     v = feed(1.9, [2.4])  # improves by 0.07 > min_delta: patience resets
-    assert v.best and m.bad_evals == 0 and m.best_step == 30
-    state = json.loads(json.dumps(m.state_dict()))  # survives the checkpoint's progress.json
+    assert v.best and m.state.bad_evals == 0 and m.state.best_step == 30
+    state = json.loads(json.dumps(m.state.to_dict()))  # survives the checkpoint's progress.json
     v = feed(1.95, [2.0])
     assert not v.best and v.warning is None
     v = feed(2.1, [1.5])  # a second rise while training falls: overfitting, and patience is spent
-    assert v.stop and "overfitting" in v.warning and m.stopped_at == 50
-    assert m.warnings == [{"type": "overfitting", "step": 50, "message": v.warning}]
+    assert v.stop and "overfitting" in v.warning and m.state.stopped_at == 50
+    assert m.state.warnings == [{"type": "overfitting", "step": 50, "message": v.warning}]
     assert feed(2.2, [1.4]).warning is None  # warned once per streak
-    restored = TrainingMonitor(patience=2, min_delta=0.05, overfit_evals=2)
-    restored.load_state_dict(state)
-    assert (restored.best_step, restored.best_loss, restored.bad_evals) == (30, 1.9, 0)
-    assert restored.update(40, {"eval_loss": 1.95}).best is False and restored.bad_evals == 1
+    restored = TrainingMonitor(patience=2, min_delta=0.05, overfit_evals=2, state=WatchState.from_dict(state))
+    s = restored.state
+    assert (s.best_step, s.best_loss, s.bad_evals) == (30, 1.9, 0)
+    assert restored.update(40, {"eval_loss": 1.95}).best is False and s.bad_evals == 1
 
 
 def test_nan_eval_loss_is_never_best():
     m = TrainingMonitor(patience=1)
     assert m.update(1, {"eval_loss": 2.0}).best
     v = m.update(2, {"eval_loss": float("nan")})
-    assert not v.best and v.stop and m.best_step == 1
+    assert not v.best and v.stop and m.state.best_step == 1
 
 
 # ---------------------------------------------------------------- real runs

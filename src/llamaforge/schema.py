@@ -67,6 +67,28 @@ class DataConfig(Section):
     train_on_prompt: bool = Field(False, description="also train on user/system tokens")
     strict: bool = Field(False, description="stop at the first bad record instead of rejecting it")
     seed: int = 42
+    prepared: str | None = Field(
+        None,
+        description="a `llamaforge prepare` output folder: train on its train/val splits as they are "
+        "(data.sources, data.val_sources and data.val_size then stay unset)",
+    )
+
+    @model_validator(mode="after")
+    def _prepared_alone(self) -> DataConfig:
+        if self.prepared is None:
+            return self
+        fields = type(self).model_fields
+        given = [
+            f"data.{name}"
+            for name in ("sources", "val_sources", "val_size")
+            if getattr(self, name) != fields[name].get_default(call_default_factory=True)
+        ]
+        if given:
+            raise ValueError(
+                "data.prepared trains on the prepare output's own train/val splits: leave "
+                f"{', '.join(given)} unset"
+            )
+        return self
 
 
 class MethodConfig(Section):

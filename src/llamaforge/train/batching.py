@@ -1,14 +1,21 @@
-"""Length-grouped batches, padded to the longest in the batch (never to a fixed max length), and the
-collation of one micro-batch, padded (losses.collate) or packed (packing.py)."""
+"""The batches of a run: the micro-batch size (given, or `auto`: the planner's), each epoch's
+micro-batches (length-grouped and padded to the longest in the batch, never to a fixed max length,
+or packed), and the collation of one micro-batch, padded (losses.collate) or packed (packing.py)."""
 
 from __future__ import annotations
 
+import logging
 import random
+from pathlib import Path
 
 import torch
 
+from llamaforge.config import JobConfig
+from llamaforge.errors import ConfigError
 from llamaforge.losses import collate
-from llamaforge.train.packing import collate_packed
+from llamaforge.train.packing import collate_packed, packed_batches
+
+log = logging.getLogger(__name__)
 
 
 def length_grouped_batches(
@@ -42,3 +49,90 @@ def collate_micro(
         )
     batch = collate([dataset[i] for i in idx], pad_id)
     return batch, int(batch["attention_mask"].sum())
+
+
+def pack_capacity(cfg: JobConfig) -> int | None:
+    """Tokens a packed row holds (None: padded rows)."""
+    if not cfg.train.packing:
+        return None
+    if cfg.method.name == "prefix":
+        raise ConfigError(
+            "train.packing does not work with method prefix: its virtual tokens come through "
+            "the cache, which turns off the per-example attention of packed rows"
+        )
+    return cfg.train.pack_length or cfg.data.max_length
+
+
+class EpochBatches:
+    """The run's micro-batches of each epoch, deterministic in (seed, epoch) so a resumed run replays them.
+
+    Padded: lists of example indices (length-grouped). Packed (`pack_capacity` tokens a row): lists
+    of bins of example indices.
+    """
+
+    def __init__(self, lengths, batch_size: int, *, seed: int, pack_capacity: int | None = None):
+        self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
+        self.pack_capacity = pack_capacity
+
+    def __call__(self, epoch: int) -> list[list]:
+        if self.pack_capacity is None:
+            return length_grouped_batches(self.lengths, self.batch_size, seed=self.seed, epoch=epoch)
+        return packed_batches(self.lengths, self.batch_size, self.pack_capacity, seed=self.seed, epoch=epoch)
+
+    def packing_line(self) -> str:
+        micro, capacity = self(0), self.pack_capacity
+        rows = sum(len(m) for m in micro)
+        return (
+            f"packing: {len(self.lengths)} examples into {rows} rows of <= {capacity} tokens "
+            f"({sum(self.lengths) / (rows * capacity):.0%} full), {len(micro)} micro-batches an epoch"
+        )
+
+
+def resolve_auto_batch(
+    cfg: JobConfig, model, device, precision: str, lengths, *, world: int, saved: Path | None, say
+) -> dict | None:
+    """`batch_size: auto` / `gradient_checkpointing: auto`: the planner's choice for this data on this
+    machine (planning/autobatch.py), written into `cfg.train`. `saved`: the config.yaml of the run a
+    resume continues, whose resolved choice is replayed. Returns the choice's facts for summary.json
+    (None when the batch size was given)."""
+    t = cfg.train
+    if saved is not None and saved.is_file() and "auto" in (t.batch_size, t.gradient_checkpointing):
+        from llamaforge.config import load_config
+
+        before = load_config(str(saved)).train
+        t.batch_size, t.grad_accum = before.batch_size, before.grad_accum
+        t.gradient_checkpointing = before.gradient_checkpointing
+    if t.batch_size != "auto":
+        if t.gradient_checkpointing == "auto":
+            t.gradient_checkpointing = False
+        return None
+    from llamaforge.planning.autobatch import choose_batch
+    from llamaforge.planning.dry_run import batch_planning_inputs
+
+    effective = t.target_effective_batch()
+    if effective % world:
+        raise ConfigError(f"train.effective_batch_size={effective} does not split over {world} processes")
+    arch, setup, budget, resident, mean_tokens = batch_planning_inputs(cfg, model, device, precision, lengths)
+    choice = choose_batch(
+        arch,
+        setup,
+        per_device_batch=effective // world,
+        budget_bytes=budget,
+        mean_tokens=mean_tokens,
+        already_resident=resident,
+        checkpointing=None if t.gradient_checkpointing == "auto" else t.gradient_checkpointing,
+    )
+    t.batch_size, t.grad_accum = choice.micro_batch, choice.grad_accum
+    t.gradient_checkpointing = choice.checkpointing
+    t.effective_batch_size = effective
+    say(choice.line())
+    if not choice.fits:
+        log.warning("batch: %s", choice.reason)
+    return {
+        "micro_batch": choice.micro_batch,
+        "grad_accum": choice.grad_accum,
+        "gradient_checkpointing": choice.checkpointing,
+        "planned_peak_gib": round(choice.peak_bytes / 2**30, 2),
+        "budget_gib": round(choice.budget_bytes / 2**30, 2),
+        "reason": choice.reason,
+    }

@@ -1,4 +1,5 @@
-"""Resumable checkpoints: trainable weights, optimizer, scheduler, RNG and data position.
+"""Resumable checkpoints: trainable weights, optimizer, scheduler, RNG and the loop's
+state (train/state.py: step, data position, tokens, the validation watch).
 
 Written to a temporary folder and renamed into place, so a process killed mid-save leaves the
 previous checkpoint intact. Only trainable tensors are stored (a LoRA checkpoint is megabytes,
@@ -23,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from llamaforge.train.state import TrainState
 
 PREFIX = "step-"
 log = logging.getLogger(__name__)
@@ -84,9 +87,10 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(
-    root: Path, step: int, model, optimizer, scheduler, progress: dict, keep: int, rng: dict | None = None
+    root: Path, step: int, model, optimizer, scheduler, state: TrainState, keep: int, rng: dict | None = None
 ) -> Path:
-    """Rank 0's checkpoint of `step`; `rng` is the generators' state at that step (default: now)."""
+    """Rank 0's checkpoint of `step`: the loop's `state` as progress.json; `rng` is the generators' state
+    at that step (default: now)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".tmp-{PREFIX}{step:08d}"
@@ -95,7 +99,7 @@ def save_checkpoint(
     save_file(trainable_state(model), tmp / "trainable.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "state.pt")
     torch.save(rng if rng is not None else rng_state(), tmp / "rng-rank0.pt")
-    (tmp / "progress.json").write_text(json.dumps(progress, indent=2))
+    (tmp / "progress.json").write_text(json.dumps(state.to_dict(), indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in list_checkpoints(root)[:-keep]:
@@ -127,8 +131,11 @@ def load_trainable(path: Path, model) -> None:
             params[name].copy_(value)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> dict:
-    """Restore a checkpoint into this process: weights, optimizer, scheduler and this rank's RNG."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> TrainState:
+    """Restore a checkpoint into this process: weights, optimizer, scheduler and this rank's RNG;
+    returns the loop's state (read first: a bad progress.json changes nothing)."""
+    progress = path / "progress.json"
+    loop = TrainState.from_dict(json.loads(progress.read_text()), source=str(progress))
     load_trainable(path, model)
     state = torch.load(path / "state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
@@ -140,7 +147,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> d
         set_rng_state({"torch": state["torch_rng"], "python": state["python_rng"]})
     else:
         log.warning("no RNG state for process %d in %s: its random draws will not repeat exactly", rank, path)
-    return json.loads((path / "progress.json").read_text())
+    return loop
 
 
 def _as_python_rng(value):

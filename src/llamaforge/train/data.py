@@ -13,6 +13,7 @@ from pathlib import Path
 
 from llamaforge import catalog
 from llamaforge.config import DataConfig, DataSource
+from llamaforge.data.split import content_hash, split_records
 from llamaforge.data.types import Conversation, Rejected, with_system_prompt
 from llamaforge.errors import DataError
 
@@ -52,48 +53,30 @@ def iter_source(src: DataSource, *, strict: bool, rejects: list[Rejected]) -> It
                 break
 
 
-def content_hash(conv: Conversation) -> str:
-    payload = json.dumps([[m.role, m.content] for m in conv.messages], ensure_ascii=False)
-    return hashlib.sha256(payload.encode()).hexdigest()
+def data_sources(cfg: DataConfig) -> tuple[list[DataSource], list[DataSource]]:
+    """(training sources, validation sources): a prepare output's splits (`data.prepared`, checked),
+    or the job's own."""
+    if cfg.prepared:
+        from llamaforge.data.curate.prepared import open_prepared
+
+        prepared = open_prepared(cfg.prepared)
+        return [DataSource(path=str(prepared.train))], [DataSource(path=str(prepared.val))]
+    return list(cfg.sources), list(cfg.val_sources)
 
 
-def split_of(conv: Conversation, val_fraction: float) -> str:
-    """By a hash of the content: stable when the data grows, and a repeated record never straddles splits."""
-    bucket = int(content_hash(conv)[:15], 16) / float(16**15)
-    return "val" if bucket < val_fraction else "train"
-
-
-def _split_conversations(
+def split_conversations(
     cfg: DataConfig, rejects: list[Rejected]
 ) -> tuple[list[Conversation], list[Conversation]]:
-    train: list[Conversation] = []
-    val: list[Conversation] = []
-    for src in cfg.sources:
-        train.extend(iter_source(src, strict=cfg.strict, rejects=rejects))
-    if cfg.val_sources:
-        for src in cfg.val_sources:
-            val.extend(iter_source(src, strict=cfg.strict, rejects=rejects))
-    elif cfg.val_size >= 1:
-        unique = {content_hash(c): c for c in train}
-        val_keys = set(sorted(unique)[: int(cfg.val_size)])
-        val = [unique[k] for k in sorted(val_keys)]
-        train = [c for c in train if content_hash(c) not in val_keys]
-    elif cfg.val_size > 0:
-        seen_val: set[str] = set()
-        kept = []
-        for conv in train:
-            if split_of(conv, cfg.val_size) == "val":
-                key = content_hash(conv)
-                if key not in seen_val:  # repeats stay out of training and count once in validation
-                    seen_val.add(key)
-                    val.append(conv)
-            else:
-                kept.append(conv)
-        train = kept
-    return train, val
+    """(train, val) conversations: the val sources when there are (prepare's val split with
+    `data.prepared`), otherwise a split of the sources by content (data/split.py, as prepare splits)."""
+    sources, val_sources = data_sources(cfg)
+    train = [c for src in sources for c in iter_source(src, strict=cfg.strict, rejects=rejects)]
+    if val_sources or cfg.prepared:
+        return train, [c for src in val_sources for c in iter_source(src, strict=cfg.strict, rejects=rejects)]
+    return split_records(train, cfg.val_size)
 
 
-def _tokenize(
+def tokenize_conversations(
     convs: list[Conversation],
     template,
     cfg: DataConfig,
@@ -134,22 +117,23 @@ def _to_dataset(rows: list[dict]):
 
 def prepare_data(cfg: DataConfig, template) -> PreparedData:
     rejects: list[Rejected] = []
-    train_convs, val_convs = _split_conversations(cfg, rejects)
+    train_convs, val_convs = split_conversations(cfg, rejects)
     if not train_convs:
         raise DataError("no usable training records in data.sources (see rejects.jsonl for why)")
-    train_rows = _tokenize(train_convs, template, cfg, rejects)
+    train_rows = tokenize_conversations(train_convs, template, cfg, rejects)
     val_kept: list[Conversation] = []
-    val_rows = _tokenize(val_convs, template, cfg, rejects, val_kept)
+    val_rows = tokenize_conversations(val_convs, template, cfg, rejects, val_kept)
     if not train_rows:
         raise DataError("every training record was rejected after tokenization (see rejects.jsonl)")
     digest = hashlib.sha256()
     for split, convs in (("train", train_convs), ("val", val_convs)):
         for conv in convs:
             digest.update(f"{split}\t{content_hash(conv)}\n".encode())
+    sources, val_sources = data_sources(cfg)
     card = {
         "sha256": digest.hexdigest(),
-        "sources": [_source_card(s) for s in cfg.sources],
-        "val_sources": [_source_card(s) for s in cfg.val_sources],
+        "sources": [source_card(s) for s in sources],
+        "val_sources": [source_card(s) for s in val_sources],
         "template": template.name,
         "train_records": len(train_rows),
         "val_records": len(val_rows),
@@ -164,7 +148,7 @@ def prepare_data(cfg: DataConfig, template) -> PreparedData:
     )
 
 
-def _source_card(src: DataSource) -> dict:
+def source_card(src: DataSource) -> dict:
     path = source_path(src)
     card = {
         "path": src.path,
@@ -187,3 +171,18 @@ def write_rejects(path: Path, rejects: list[Rejected]) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         for r in rejects:
             fh.write(json_line(r.to_dict()))  # a reject may hold what JSON cannot: made writable
+
+
+def write_run_data(run_dir: Path, data) -> str:
+    """The run's data files (rejects.jsonl, val.jsonl that eval re-reads, data_card.json) from a
+    `PreparedData` or a preference objective's data; returns the line that describes the data."""
+    from llamaforge.runs import write_val_conversations
+
+    write_rejects(run_dir / "rejects.jsonl", data.rejects)
+    write_val_conversations(run_dir, data.val_conversations)
+    (run_dir / "data_card.json").write_text(json.dumps(data.card, indent=2))
+    c = data.card
+    return (
+        f"data: {c['train_records']} train / {c['val_records']} val records, "
+        f"{c['rejected']} rejected, {c['train_target_tokens']} target tokens"
+    )

@@ -21,6 +21,7 @@ from llamaforge.errors import ConfigError
 from llamaforge.templates import IGNORE_INDEX
 from llamaforge.train import preference as pref
 from llamaforge.train.preference_data import answer_conversation, prepare_preferences
+from llamaforge.train.state import TrainState
 
 REFERENCE_FILE = "reference_logps.pt"
 
@@ -123,7 +124,7 @@ class PreferenceObjective:
         )
 
     def accumulate(
-        self, model, accelerator, dataset, group: list[list[int]], progress: dict
+        self, model, accelerator, dataset, group: list[list[int]], state: TrainState
     ) -> tuple[float, int]:
         """Forward/backward over the micro-batches of one step; (summed example loss, example count)."""
         micro = [[dataset[i] for i in idx] for idx in group]
@@ -136,7 +137,7 @@ class PreferenceObjective:
             loss_total += float(result.loss.detach()) * len(rows)
             chosen.append(result.chosen_rewards)
             rejected.append(result.rejected_rewards)
-            progress["tokens"] += sum(r["length"] for r in rows)
+            state.tokens += sum(r["length"] for r in rows)
         self.last_metrics = pref.preference_metrics(
             pref.PreferenceLoss(torch.zeros(()), torch.cat(chosen), torch.cat(rejected))
         )

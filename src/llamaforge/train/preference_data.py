@@ -23,7 +23,7 @@ from typing import Any
 from llamaforge.data.formats import MESSAGE_ROLES, _check_turns, _content, _Invalid, _role, _text, _type_name
 from llamaforge.data.readers import READERS, check_file
 from llamaforge.data.types import Conversation, Message, Rejected
-from llamaforge.errors import DataError
+from llamaforge.errors import ConfigError, DataError
 from llamaforge.templates import IGNORE_INDEX
 
 _MISSING = object()
@@ -345,26 +345,20 @@ def prepare_preferences(cfg, kind: str, template) -> PreparedPreferences:
     hash like SFT data (a repeated record never straddles the split), tokenized with the SFT template."""
     import hashlib
 
-    from llamaforge.train.data import _source_card, content_hash, split_of
+    from llamaforge.data.split import content_hash, split_records
+    from llamaforge.train.data import source_card
 
+    if cfg.prepared:
+        raise ConfigError(
+            "data.prepared holds conversations; preference objectives read their pairs or labelled "
+            "completions from data.sources (and data.val_sources)"
+        )
     rejects: list[Rejected] = []
     examples = _read_sources(cfg.sources, kind, cfg.strict, rejects)
     if cfg.val_sources:
         train, val = examples, _read_sources(cfg.val_sources, kind, cfg.strict, rejects)
-    elif 0 < cfg.val_size < 1:
-        train = [e for e in examples if split_of(_as_conversation(e), cfg.val_size) == "train"]
-        seen: set[str] = set()
-        val = []
-        for e in examples:
-            key = content_hash(_as_conversation(e))
-            if split_of(_as_conversation(e), cfg.val_size) == "val" and key not in seen:
-                seen.add(key)
-                val.append(e)
     else:
-        unique = {content_hash(_as_conversation(e)): e for e in examples}
-        val_keys = set(sorted(unique)[: int(cfg.val_size)])
-        val = [unique[k] for k in sorted(val_keys)]
-        train = [e for e in examples if content_hash(_as_conversation(e)) not in val_keys]
+        train, val = split_records(examples, cfg.val_size, _as_conversation)
     tokenize = tokenize_pair if kind == "pairs" else tokenize_binary
 
     def rows_of(part, kept):
@@ -395,8 +389,8 @@ def prepare_preferences(cfg, kind: str, template) -> PreparedPreferences:
     card = {
         "sha256": digest.hexdigest(),
         "kind": kind,
-        "sources": [_source_card(s) for s in cfg.sources],
-        "val_sources": [_source_card(s) for s in cfg.val_sources],
+        "sources": [source_card(s) for s in cfg.sources],
+        "val_sources": [source_card(s) for s in cfg.val_sources],
         "template": template.name,
         "train_records": len(train_rows),
         "val_records": len(val_rows),

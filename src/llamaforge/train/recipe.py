@@ -6,98 +6,62 @@ tokens of the whole optimizer step), chunked loss and exact resume stay in our h
 
 from __future__ import annotations
 
-import copy
 import json
-import logging
 import math
-import os
-import shutil
 import time
-from contextlib import nullcontext
-from datetime import datetime
 from pathlib import Path
 
 import torch
 
-from llamaforge.atomic import (
-    check_not_input,
-    check_replaceable,
-    remove_path,
-    swap_into_place,
-    tmp_sibling,
-    write_marker,
-)
+from llamaforge.atomic import remove_path, swap_into_place, tmp_sibling
 from llamaforge.config import JobConfig, to_yaml
-from llamaforge.data.types import Message
 from llamaforge.device import default_device, resolve_precision
 from llamaforge.dtypes import torch_dtype
 from llamaforge.errors import ConfigError, LlamaforgeError
-from llamaforge.losses import held_out_loss, num_targets
-from llamaforge.runs import Run, weights_kind, write_val_conversations
+from llamaforge.losses import held_out_loss
+from llamaforge.runs import Run, weights_kind
 from llamaforge.train.adapters import attach_method, count_parameters
-from llamaforge.train.batching import collate_micro, length_grouped_batches
-from llamaforge.train.checkpoint import (
-    list_checkpoints,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    save_rank_rng,
-)
+from llamaforge.train.batching import EpochBatches, collate_micro, pack_capacity, resolve_auto_batch
 from llamaforge.train.knobs import build_optimizer, check_optimizer, seed_everything
-from llamaforge.train.monitor import TrainingDiverged, ValidationWatch  # noqa: F401 - re-exported
-from llamaforge.train.packing import packed_batches, verify_packing
+from llamaforge.train.launch import check_launch, start_accelerator  # noqa: F401 - re-exported
+from llamaforge.train.monitor import TrainingDiverged
+from llamaforge.train.packing import verify_packing
+from llamaforge.train.resume import Checkpointer
+from llamaforge.train.rundir import prepare_run_dir_once, run_name
 from llamaforge.train.signals import StopSignals
-from llamaforge.train.tracking import MetricsLog, check_trackers, open_trackers, plot_losses
-
-log = logging.getLogger(__name__)
+from llamaforge.train.state import TrainState
+from llamaforge.train.step import accumulate_tokens
+from llamaforge.train.tracking import MetricsLog, check_trackers, open_trackers, plot_losses, step_bar
+from llamaforge.train.validator import Validator
 
 
 class TrainingInterrupted(LlamaforgeError):
     pass
 
 
-def run_name(cfg: JobConfig) -> str:
-    if cfg.output.name:
-        return cfg.output.name
-    stem = Path(cfg.model.source.rstrip("/")).name.removesuffix(".gguf")
-    return f"{stem}-{cfg.method.name}-{datetime.now():%Y%m%d-%H%M%S}"
+class FineTuneRecipe:
+    """One run: `setup()` (data, model, method, optimizer, the loop's state), `train()` (epochs of
+    optimizer steps, each followed by its cadence), `save()`, `cleanup()`.
 
+    Its state is explicit: `self.state` (a `TrainState`: what a checkpoint saves and a resume
+    restores) and `self.validator` (validation during training, handed what it uses).
+    """
 
-def run_inputs(cfg: JobConfig) -> list[str]:
-    """What a run reads from disk (data, a local model): its folder may be none of them, nor hold one."""
-    sources = [*cfg.data.sources, *cfg.data.val_sources]
-    return [s.path for s in sources] + [cfg.model.source]
-
-
-def check_launch(accelerator) -> None:
-    """Refuse a multi-process launch that accelerate did not join: each process would train alone."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and accelerator.num_processes != world:
-        raise ConfigError(
-            f"launched with WORLD_SIZE={world} but accelerate joined {accelerator.num_processes} process(es): "
-            "the processes would train unsynchronised copies. On CPU launch with "
-            "`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N -m llamaforge.cli train ...`."
-        )
-
-
-class FineTuneRecipe(ValidationWatch):
     def __init__(self, cfg: JobConfig, *, run_dir: Path | None = None, resume: bool = False):
         # A copy: auto batch sizing writes the resolved micro-batch into it, never into the caller's.
         self.cfg, self.resume = cfg.model_copy(deep=True), resume
         self.run_dir = run_dir or Path(cfg.output.dir) / run_name(cfg)
-        self.summary: dict = {}
+        self.summary: dict = {}  # summary.json: facts gathered from setup to the end
         self.signals = StopSignals()
-        self._boundary: tuple[dict, dict] | None = None  # (progress, RNG) at the last step boundary
+        self.state = TrainState()
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
-        from accelerate import Accelerator
-        from accelerate.state import AcceleratorState
-
         from llamaforge.hardware import configure_threads
         from llamaforge.models import load_model, warn_if_chat_tokens_untrained
         from llamaforge.templates import get_template
-        from llamaforge.train.data import prepare_data, write_rejects
+        from llamaforge.train.data import prepare_data, write_run_data
+        from llamaforge.train.objective import objective_for
 
         cfg = self.cfg
         device = default_device()
@@ -106,19 +70,11 @@ class FineTuneRecipe(ValidationWatch):
         check_trackers(cfg.train.trackers)
         self._was_deterministic = seed_everything(cfg.train.seed, cfg.train.deterministic)
         self.precision = resolve_precision(cfg.train.precision, device)
-        # accelerate keeps one process-wide state; a second recipe in the same process (tests, sweeps)
-        # with another precision must start from a clean one. The distributed state is kept.
-        AcceleratorState._reset_state()
-        self.accelerator = Accelerator(
-            mixed_precision={"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[self.precision],
-            cpu=device.type == "cpu",
-        )
-        check_launch(self.accelerator)
-        self._prepare_run_dir_once()
-        dtype = torch_dtype(cfg.model.dtype)
+        self.accelerator = start_accelerator(self.precision, device)
+        self.run_dir = prepare_run_dir_once(self.run_dir, cfg, self.accelerator, resume=self.resume)
         model, self.tokenizer = load_model(
             cfg.model.source,
-            dtype=dtype,
+            dtype=torch_dtype(cfg.model.dtype),
             quantization=cfg.quantization,
             quantization_backend=cfg.model.quantization_backend,
             attn_implementation=cfg.model.attn_implementation,
@@ -127,21 +83,13 @@ class FineTuneRecipe(ValidationWatch):
         )
         self.template = get_template(cfg.data.template, self.tokenizer)
         warn_if_chat_tokens_untrained(model, self.tokenizer, self.template)
-        from llamaforge.train.objective import objective_for
-
         self.objective = objective_for(cfg, self.tokenizer.pad_token_id)  # None: plain SFT
         self.data = (
             self.objective.prepare(cfg.data, self.template)
             if self.objective
             else prepare_data(cfg.data, self.template)
         )
-        write_rejects(self.run_dir / "rejects.jsonl", self.data.rejects)
-        write_val_conversations(self.run_dir, self.data.val_conversations)
-        (self.run_dir / "data_card.json").write_text(json.dumps(self.data.card, indent=2))
-        self._log(
-            f"data: {self.data.card['train_records']} train / {self.data.card['val_records']} val records, "
-            f"{self.data.card['rejected']} rejected, {self.data.card['train_target_tokens']} target tokens"
-        )
+        self._log(write_run_data(self.run_dir, self.data))
 
         self._resolve_batch(model, device)
         self.model = attach_method(model, cfg.method, gradient_checkpointing=cfg.train.gradient_checkpointing)
@@ -162,144 +110,89 @@ class FineTuneRecipe(ValidationWatch):
             grad_accum=cfg.train.grad_accum,
             gradient_checkpointing=cfg.train.gradient_checkpointing,
         )
-
-        world = self.accelerator.num_processes
-        batches = len(self._epoch_batches(0)) // world or 1
-        self.steps_per_epoch = max(1, math.ceil(batches / cfg.train.grad_accum))
-        self.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * self.steps_per_epoch))
-        self.optimizer = self._optimizer()
-        from transformers import get_scheduler
-
-        warmup = int(cfg.train.warmup_ratio * self.total_steps)
-        self.scheduler = get_scheduler(
-            {"constant": "constant_with_warmup"}.get(cfg.train.scheduler, cfg.train.scheduler),
-            self.optimizer,
-            num_warmup_steps=warmup,
-            num_training_steps=self.total_steps,
+        self._schedule()
+        self.checkpoints = Checkpointer(
+            self.run_dir / "checkpoints", self.accelerator, cfg.train.keep_checkpoints
         )
-        from llamaforge.train.distributed import TokenLoss
-
-        # DDP syncs (FSDP/ZeRO-3 gather) only inside the forward of what it wraps, and our chunked loss
-        # bypasses the model's forward: the wrapped module is the loss; self.model stays the plain model.
-        self.train_loss, self.optimizer = self.accelerator.prepare(
-            TokenLoss(self.model, cfg.train.loss_chunk_size), self.optimizer
-        )
-        self.progress = {"step": 0, "epoch": 0, "group": 0, "tokens": 0, "target_tokens": 0, "elapsed": 0.0}
         if self.resume:
             self._restore()
+        self.validator = Validator(
+            cfg,
+            self.run_dir,
+            self.accelerator,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            template=self.template,
+            val_conversations=self.data.val_conversations,
+            precision=self.precision,
+            watch=self.state.watch,
+            say=self._log,
+        )
         self._write_run_json("running")
 
     def _resolve_batch(self, model, device) -> None:
-        """`batch_size: auto` / `gradient_checkpointing: auto`: the planner's choice for this data on this
-        machine (planning/autobatch.py), written into the run's config.yaml so a resume replays it."""
-        t, world = self.cfg.train, self.accelerator.num_processes
-        if (
-            self.resume
-            and (self.run_dir / "config.yaml").is_file()
-            and "auto" in (t.batch_size, t.gradient_checkpointing)
-        ):
-            from llamaforge.config import load_config
-
-            saved = load_config(str(self.run_dir / "config.yaml")).train
-            t.batch_size, t.grad_accum = saved.batch_size, saved.grad_accum
-            t.gradient_checkpointing = saved.gradient_checkpointing
-        if t.batch_size != "auto":
-            if t.gradient_checkpointing == "auto":
-                t.gradient_checkpointing = False
-            return
-        from llamaforge.planning.autobatch import choose_batch
-        from llamaforge.planning.dry_run import batch_planning_inputs
-
-        effective = t.target_effective_batch()
-        if effective % world:
-            raise ConfigError(f"train.effective_batch_size={effective} does not split over {world} processes")
-        arch, setup, budget, resident, mean_tokens = batch_planning_inputs(
-            self.cfg, model, device, self.precision, self.data.train["length"]
+        """The micro-batch (`auto`: the planner's, written into the run's config.yaml so a resume replays
+        it) and the epochs' batches it makes."""
+        acc, t = self.accelerator, self.cfg.train
+        choice = resolve_auto_batch(
+            self.cfg,
+            model,
+            device,
+            self.precision,
+            self.data.train["length"],
+            world=acc.num_processes,
+            saved=self.run_dir / "config.yaml" if self.resume else None,
+            say=self._log,
         )
-        choice = choose_batch(
-            arch,
-            setup,
-            per_device_batch=effective // world,
-            budget_bytes=budget,
-            mean_tokens=mean_tokens,
-            already_resident=resident,
-            checkpointing=None if t.gradient_checkpointing == "auto" else t.gradient_checkpointing,
+        if choice:
+            self.summary["batch_choice"] = choice
+            if acc.is_main_process:
+                (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+        capacity = pack_capacity(self.cfg)
+        self.batches = EpochBatches(
+            self.data.train["length"], t.batch_size, seed=t.seed, pack_capacity=capacity
         )
-        t.batch_size, t.grad_accum = choice.micro_batch, choice.grad_accum
-        t.gradient_checkpointing = choice.checkpointing
-        t.effective_batch_size = effective
-        self._log(choice.line())
-        if not choice.fits:
-            log.warning("batch: %s", choice.reason)
-        self.summary["batch_choice"] = {
-            "micro_batch": choice.micro_batch,
-            "grad_accum": choice.grad_accum,
-            "gradient_checkpointing": choice.checkpointing,
-            "planned_peak_gib": round(choice.peak_bytes / 2**30, 2),
-            "budget_gib": round(choice.budget_bytes / 2**30, 2),
-            "reason": choice.reason,
-        }
-        if self.accelerator.is_main_process:
-            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+        if capacity:
+            self._log(self.batches.packing_line())
 
-    def _prepare_run_dir_once(self) -> None:
-        """Every process of a launch uses the main one's run directory, made (or wiped) once, before
-        any of them writes into it."""
-        acc = self.accelerator
-        if acc.num_processes > 1 and not self.cfg.output.name:  # timestamped names may differ by a second
-            from accelerate.utils import broadcast_object_list
+    def _schedule(self) -> None:
+        """Steps per epoch and in all, the optimizer and its schedule, the loss wrapped for the launch."""
+        from transformers import get_scheduler
 
-            self.run_dir = Path(broadcast_object_list([str(self.run_dir)])[0])
-        if acc.is_main_process:
-            self._prepare_run_dir()
-        acc.wait_for_everyone()
+        from llamaforge.train.distributed import TokenLoss
 
-    def _prepare_run_dir(self) -> None:
-        run = self.run_dir
-        if run.exists() and not self.resume:
-            check_not_input(run, run_inputs(self.cfg), "run directory")
-            check_replaceable(
-                run,
-                overwrite=self.cfg.output.overwrite,
-                what="run directory",
-                hint=": use --resume, output.overwrite=true or another output.name",
-            )
-            shutil.rmtree(run)  # a run folder llamaforge made (it carries the marker)
-        run.mkdir(parents=True, exist_ok=True)
-        write_marker(run, "run")
-        (run / "config.yaml").write_text(to_yaml(self.cfg))
-
-    def _optimizer(self) -> torch.optim.Optimizer:
-        t = self.cfg.train
-        return build_optimizer(self.model, t.optimizer, t.lr, t.weight_decay)
+        cfg, world = self.cfg, self.accelerator.num_processes
+        batches = len(self.batches(0)) // world or 1
+        self.steps_per_epoch = max(1, math.ceil(batches / cfg.train.grad_accum))
+        self.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * self.steps_per_epoch))
+        t = cfg.train
+        self.optimizer = build_optimizer(self.model, t.optimizer, t.lr, t.weight_decay)
+        self.scheduler = get_scheduler(
+            {"constant": "constant_with_warmup"}.get(t.scheduler, t.scheduler),
+            self.optimizer,
+            num_warmup_steps=int(t.warmup_ratio * self.total_steps),
+            num_training_steps=self.total_steps,
+        )
+        # DDP syncs (FSDP/ZeRO-3 gather) only inside the forward of what it wraps, and our chunked loss
+        # bypasses the model's forward: the wrapped module is the loss; self.model stays the plain model.
+        self.train_loss, self.optimizer = self.accelerator.prepare(
+            TokenLoss(self.model, t.loss_chunk_size), self.optimizer
+        )
 
     def _restore(self) -> None:
-        checkpoints = list_checkpoints(self.run_dir / "checkpoints")
-        if not checkpoints:
-            raise ConfigError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
-        self.progress = load_checkpoint(
-            checkpoints[-1],
-            self.accelerator.unwrap_model(self.model),
-            self.optimizer,
-            self.scheduler,
-            rank=self.accelerator.process_index,
-        )
-        self._log(f"resumed from {checkpoints[-1].name} (step {self.progress['step']})")
+        model = self.accelerator.unwrap_model(self.model)
+        self.state, path = self.checkpoints.restore(model, self.optimizer, self.scheduler)
+        self._log(f"resumed from {path.name} (step {self.state.step})")
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> dict | None:
         """Token-weighted loss over the validation set, with the training masks."""
-        if self.objective:
-            return (
-                self.objective.evaluate(
-                    self.model, self.data.val, self.cfg.train.batch_size * 2, self.accelerator.autocast
-                )
-                if self.data.val
-                else None
-            )
-        if self.data.val is None:
+        if self.data.val is None or len(self.data.val) == 0:
             return None
+        if self.objective:
+            batch = self.cfg.train.batch_size * 2
+            return self.objective.evaluate(self.model, self.data.val, batch, self.accelerator.autocast)
         self.model.eval()
         held = held_out_loss(
             self.model,
@@ -314,128 +207,141 @@ class FineTuneRecipe(ValidationWatch):
             "eval_loss": held.loss,
             "eval_ppl": held.perplexity,
             "eval_tokens": held.tokens,
-            **self._generation_metrics(),
+            **self.validator.generation_metrics(),
         }
 
-    def sample_answers(self) -> dict[str, str]:
-        from llamaforge.generation import generate
-
-        prompts = self.cfg.eval.prompts
-        if not prompts:
-            return {}
-        system = self.cfg.data.system_prompt
-        convs = [([Message("system", system)] if system else []) + [Message("user", p)] for p in prompts]
-        model = self.accelerator.unwrap_model(self.model)
-        model.eval()
-        answers = generate(
-            model,
-            self.tokenizer,
-            self.template,
-            convs,
-            max_new_tokens=self.cfg.eval.max_new_tokens,
-            precision=self.precision,
-        )
-        model.train()
-        return dict(zip(prompts, answers))
+    def _eval_and_log(self, metrics) -> None:
+        result = self.evaluate()
+        if result:
+            self.validator.after_eval(self.state.step, result, metrics)
 
     # ------------------------------------------------------------------ training
     def train(self) -> dict:
-        cfg, acc = self.cfg, self.accelerator
-        if cfg.eval.before_after and self.progress["step"] == 0:
-            before = self.evaluate()
-            self.summary["before"] = {**(before or {}), "answers": self.sample_answers()}
-            if before:
-                ppl = f" (ppl {before['eval_ppl']:.2f})" if "eval_ppl" in before else ""
-                self._log(f"eval loss before training: {before['eval_loss']:.4f}{ppl}")
-        trackers = open_trackers(cfg, self.run_dir, resume=self.resume) if acc.is_main_process else []
+        """Epochs of optimizer steps until the last step or an early stop; an interrupt checkpoints the
+        last step boundary, a failure closes the logs as failed."""
+        acc = self.accelerator
+        if self.cfg.eval.before_after and self.state.step == 0:
+            self._eval_before()
+        trackers = open_trackers(self.cfg, self.run_dir, resume=self.resume) if acc.is_main_process else []
         metrics = MetricsLog(self.run_dir / "metrics.jsonl", append=self.resume, trackers=trackers)
-        self.monitor = self._new_monitor()
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=self.total_steps,
-            initial=self.progress["step"],
-            desc="train",
-            unit="step",
-            disable=not acc.is_main_process,
-            dynamic_ncols=True,
-        )
+        bar = step_bar(self.total_steps, self.state.step, enabled=acc.is_main_process)
         self.model.train()
-        if self._packed():  # fail before training if this model lets packed examples see each other
-            verify_packing(
-                acc.unwrap_model(self.model), flatten=cfg.model.attn_implementation == "flash_attention_2"
-            )
-        started = time.perf_counter() - self.progress["elapsed"]
-        self._mark_boundary()
+        # fail before training if this model lets packed examples see each other
+        if self.batches.pack_capacity:
+            flat = self.cfg.model.attn_implementation == "flash_attention_2"
+            verify_packing(acc.unwrap_model(self.model), flatten=flat)
+        started = time.perf_counter() - self.state.elapsed
+        self.checkpoints.mark(self.state)
         try:
-            while self.progress["step"] < self.total_steps and self.monitor.stopped_at is None:
-                epoch = self.progress["epoch"]
-                batches = self._epoch_batches(epoch)
-                usable = len(batches) // acc.num_processes * acc.num_processes or len(batches)
-                mine = batches[acc.process_index : usable : acc.num_processes]
-                groups = [
-                    mine[k : k + cfg.train.grad_accum] for k in range(0, len(mine), cfg.train.grad_accum)
-                ]
-                if not groups:
-                    raise ConfigError(f"too few training batches for {acc.num_processes} processes")
-                for g in range(self.progress["group"], len(groups)):
-                    step_started = time.perf_counter()
-                    record = self._step(groups[g], g)
-                    self.progress.update(elapsed=time.perf_counter() - started)
-                    self.signals.expected_step_s = time.perf_counter() - step_started
-                    step = self.progress["step"]
-                    record.update(
-                        step=step,
-                        epoch=epoch + (g + 1) / len(groups),
-                        tokens_per_s=self.progress["tokens"] / self.progress["elapsed"],
-                    )
-                    self._check_finite(record, metrics, bar)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                    if step % cfg.train.log_every == 0 and acc.is_main_process:
-                        metrics.write(record)
-                    if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                        self._eval_and_log(metrics, step)
-                    if cfg.train.save_every and step % cfg.train.save_every == 0:
-                        self._checkpoint()
-                    if self.signals.stop_requested:
-                        raise KeyboardInterrupt
-                    if step >= self.total_steps or self.monitor.stopped_at is not None:
-                        break
-                else:
-                    self.progress.update(epoch=epoch + 1, group=0)
-                    if not cfg.train.eval_every and self.progress["step"] < self.total_steps:
-                        self._eval_and_log(metrics, self.progress["step"])
+            while not self._done():
+                self._epoch(metrics, bar, started)
         except KeyboardInterrupt:
             bar.close()
             path = self._checkpoint(at_boundary=True)
             self._write_run_json("interrupted")
             metrics.close("interrupted")
             raise TrainingInterrupted(
-                f"interrupted at step {self.progress['step']}; checkpoint saved to {path}. "
+                f"interrupted at step {self.state.step}; checkpoint saved to {path}. "
                 f"Resume with: llamaforge train {self.run_dir / 'config.yaml'} --resume {self.run_dir}"
             ) from None
         except Exception:
             metrics.close("failed")  # trackers record the failure (a no-op after a divergence closed them)
             raise
         bar.close()
-        elapsed = time.perf_counter() - started
+        return self._finish(metrics, time.perf_counter() - started)
+
+    def _done(self) -> bool:
+        return self.state.step >= self.total_steps or self.validator.stopped
+
+    def _epoch(self, metrics, bar, started: float) -> None:
+        """The current epoch's optimizer steps from its saved position; a finished epoch moves the
+        position to the next one (and, with no `train.eval_every`, evaluates)."""
+        acc, state, accum = self.accelerator, self.state, self.cfg.train.grad_accum
+        batches = self.batches(state.epoch)
+        usable = len(batches) // acc.num_processes * acc.num_processes or len(batches)
+        mine = batches[acc.process_index : usable : acc.num_processes]
+        groups = [mine[k : k + accum] for k in range(0, len(mine), accum)]
+        if not groups:
+            raise ConfigError(f"too few training batches for {acc.num_processes} processes")
+        for g in range(state.group, len(groups)):
+            step_started = time.perf_counter()
+            record = self._step(groups[g], g)
+            state.elapsed = time.perf_counter() - started
+            self.signals.expected_step_s = time.perf_counter() - step_started
+            record.update(
+                step=state.step,
+                epoch=state.epoch + (g + 1) / len(groups),
+                tokens_per_s=state.tokens / state.elapsed,
+            )
+            self._after_step(record, metrics, bar)
+            if self._done():
+                return
+        state.epoch, state.group = state.epoch + 1, 0
+        if not self.cfg.train.eval_every and state.step < self.total_steps:
+            self._eval_and_log(metrics)
+
+    def _after_step(self, record: dict, metrics, bar) -> None:
+        """The cadence after an optimizer step: divergence check, log, eval, checkpoint, stop request."""
+        t, step = self.cfg.train, record["step"]
+        diverged = self.validator.check(record)
+        if diverged:
+            bar.close()
+            self._diverged(record, diverged, metrics)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if step % t.log_every == 0 and self.accelerator.is_main_process:
+            metrics.write(record)
+        if t.eval_every and step % t.eval_every == 0:
+            self._eval_and_log(metrics)
+        if t.save_every and step % t.save_every == 0:
+            self._checkpoint()
+        if self.signals.stop_requested:
+            raise KeyboardInterrupt
+
+    def _eval_before(self) -> None:
+        before = self.evaluate()
+        self.summary["before"] = {**(before or {}), "answers": self.validator.sample_answers()}
+        self._say_eval("before", before)
+
+    def _finish(self, metrics, elapsed: float) -> dict:
+        """The final eval, the weights to keep (the last or the best eval's), the summary."""
         final = self.evaluate()
         if final:
-            metrics.write({"step": self.progress["step"], **final})
-        final = self._finish_best(final)
+            metrics.write({"step": self.state.step, **final})
+        final, facts = self.validator.finish(final, self.state.step)
+        self.summary.update(facts)
         metrics.close()
         self.summary.update(
-            steps=self.progress["step"],
+            steps=self.state.step,
             train_seconds=round(elapsed, 1),
-            tokens_per_s=round(self.progress["tokens"] / max(elapsed, 1e-9), 1),
-            target_tokens_per_s=round(self.progress["target_tokens"] / max(elapsed, 1e-9), 1),
-            after={**(final or {}), "answers": self.sample_answers()},
+            tokens_per_s=round(self.state.tokens / max(elapsed, 1e-9), 1),
+            target_tokens_per_s=round(self.state.target_tokens / max(elapsed, 1e-9), 1),
+            after={**(final or {}), "answers": self.validator.sample_answers()},
         )
-        if final:
-            ppl = f" (ppl {final['eval_ppl']:.2f})" if "eval_ppl" in final else ""
-            self._log(f"eval loss after training: {final['eval_loss']:.4f}{ppl}")
+        self._say_eval("after", final)
         return self.summary
+
+    def _say_eval(self, when: str, result: dict | None) -> None:
+        if result:
+            ppl = f" (ppl {result['eval_ppl']:.2f})" if "eval_ppl" in result else ""
+            self._log(f"eval loss {when} training: {result['eval_loss']:.4f}{ppl}")
+
+    def _diverged(self, record: dict, what: str, metrics) -> None:
+        """Stop at the first non-finite step, leaving run.json "diverged" and the metrics so far."""
+        step = record["step"]
+        message = (
+            f"training diverged at step {step}: {what} (lr {record['lr']:.3g}). "
+            "Lower train.lr, keep train.max_grad_norm > 0 or raise train.warmup_ratio."
+        )
+        if self.accelerator.is_main_process:
+            metrics.write({"step": step, "diverged": what, "lr": record["lr"]})
+            warnings = list(self.state.watch.warnings)
+            self.summary.update(status="diverged", error=message, steps=step, warnings=warnings)
+            (self.run_dir / "summary.json").write_text(json.dumps(self.summary, indent=2))
+            plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+            self._write_run_json("diverged")
+        metrics.close("diverged")
+        raise TrainingDiverged(message)
 
     def _step(self, group: list[list[int]], index: int) -> dict:
         loss_total, global_targets = self.accumulate(group)
@@ -447,108 +353,35 @@ class FineTuneRecipe(ValidationWatch):
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-            self.progress["step"] += 1
-            self.progress["group"] = index + 1
-            self._mark_boundary()
-        loss = acc.reduce(torch.tensor(loss_total, device=acc.device), reduction="sum").item() / max(
-            global_targets, 1
-        )
+            self.state.step += 1
+            self.state.group = index + 1
+            self.checkpoints.mark(self.state)
+        summed = acc.reduce(torch.tensor(loss_total, device=acc.device), reduction="sum").item()
         return {
-            "loss": loss,
+            "loss": summed / max(global_targets, 1),
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": grad_norm,
             "target_tokens": global_targets,
             **(self.objective.last_metrics if self.objective else {}),
         }
 
-    def _packed(self) -> bool:
-        if self.cfg.train.packing and self.cfg.method.name == "prefix":
-            raise ConfigError(
-                "train.packing does not work with method prefix: its virtual tokens come through "
-                "the cache, which turns off the per-example attention of packed rows"
-            )
-        return self.cfg.train.packing
-
-    def _epoch_batches(self, epoch: int) -> list[list]:
-        """This epoch's micro-batches, deterministic in (seed, epoch) so a resumed run replays them.
-
-        Padded: lists of example indices (length-grouped). Packed: lists of bins of example indices.
-        """
-        t, first = self.cfg.train, not hasattr(self, "_lengths")
-        if first:
-            self._lengths = list(self.data.train["length"])
-        if not self._packed():
-            return length_grouped_batches(self._lengths, t.batch_size, seed=t.seed, epoch=epoch)
-        capacity = t.pack_length or self.cfg.data.max_length
-        micro = packed_batches(self._lengths, t.batch_size, capacity, seed=t.seed, epoch=epoch)
-        if first:
-            rows = sum(len(m) for m in micro)
-            self._log(
-                f"packing: {len(self._lengths)} examples into {rows} rows of <= {capacity} tokens "
-                f"({sum(self._lengths) / (rows * capacity):.0%} full), {len(micro)} micro-batches an epoch"
-            )
-        return micro
+    def accumulate(self, group: list[list]) -> tuple[float, int]:
+        """Forward/backward over the micro-batches of one optimizer step; returns (summed loss, target count).
+        A micro-batch is a list of example indices (padded rows) or of bins of them (packed rows)."""
+        # a preference step: (summed example loss, example count), rewards kept for the log
+        if self.objective:
+            return self.objective.accumulate(self.model, self.accelerator, self.data.train, group, self.state)
+        micro = [self._collate(idx) for idx in group]
+        return accumulate_tokens(self.train_loss, self.accelerator, micro, self.state)
 
     def _collate(self, idx: list) -> tuple[dict[str, torch.Tensor], int]:
         flat = self.cfg.model.attn_implementation == "flash_attention_2"  # varlen needs one flat row
         return collate_micro(self.data.train, idx, self.tokenizer.pad_token_id, flatten=flat)
 
-    def accumulate(self, group: list[list]) -> tuple[float, int]:
-        """Forward/backward over the micro-batches of one optimizer step; returns (summed loss, target count).
-
-        Each micro-batch's summed token loss is divided by the target count of the whole step (all
-        micro-batches, all processes), so the gradient is that of the mean over every target token.
-        A micro-batch is a list of example indices (padded rows) or of bins of them (packed rows).
-        """
-        acc = self.accelerator
-        if (
-            self.objective
-        ):  # a preference step: (summed example loss, example count), rewards kept for the log
-            return self.objective.accumulate(self.model, acc, self.data.train, group, self.progress)
-        micro = [self._collate(idx) for idx in group]
-        local_targets = sum(num_targets(b) for b, _ in micro)
-        global_targets = int(
-            acc.reduce(torch.tensor(local_targets, device=acc.device), reduction="sum").item()
-        )
-        loss_total = 0.0
-        for j, (batch, real_tokens) in enumerate(micro):
-            batch = {k: v.to(acc.device) for k, v in batch.items()}
-            sync = j == len(micro) - 1
-            with nullcontext() if sync else acc.no_sync(self.train_loss), acc.autocast():
-                loss_sum = self.train_loss(batch)  # through the DDP/FSDP wrapper (train/distributed.py)
-                # DDP averages gradients over processes; scaling by world size makes the result the
-                # sum over all target tokens divided by their global count.
-                acc.backward(loss_sum * acc.num_processes / max(global_targets, 1))
-            loss_total += loss_sum.item()
-            self.progress["tokens"] += real_tokens
-        self.progress["target_tokens"] += local_targets
-        return loss_total, global_targets
-
-    def _mark_boundary(self) -> None:
-        """Remember progress and RNG at a step boundary: an interrupt mid-step saves these, so a resume
-        replays the interrupted step exactly (weights and optimizer only change at the boundary)."""
-        self._boundary = (copy.deepcopy(self.progress), rng_state())
-
     def _checkpoint(self, *, at_boundary: bool = False) -> Path | None:
-        """Every process saves its RNG (rank 0 in the checkpoint, the others beside it); rank 0 the rest.
-        `at_boundary`: the progress and RNG of the last step boundary (after an interrupt mid-step)."""
-        acc, root = self.accelerator, self.run_dir / "checkpoints"
-        progress, rng = self._boundary if at_boundary and self._boundary else (self.progress, None)
-        progress = copy.deepcopy(progress)
-        if not acc.is_main_process:
-            save_rank_rng(root, progress["step"], acc.process_index, rng)
-            return None
-        if self.monitor is not None:
-            progress["monitor"] = self.monitor.state_dict()
-        return save_checkpoint(
-            root,
-            progress["step"],
-            acc.unwrap_model(self.model),
-            self.optimizer,
-            self.scheduler,
-            progress,
-            self.cfg.train.keep_checkpoints,
-            rng=rng,
+        model = self.accelerator.unwrap_model(self.model)
+        return self.checkpoints.save(
+            self.state, model, self.optimizer, self.scheduler, at_boundary=at_boundary
         )
 
     # ------------------------------------------------------------------ save / cleanup
@@ -581,15 +414,14 @@ class FineTuneRecipe(ValidationWatch):
             weights_kind(method),
             template_name=self.template.name,
             dataset_sha256=self.data.card["sha256"],
-            step=self.progress["step"],
+            step=self.state.step,
             total_steps=self.total_steps,
         ).write_status(status)
 
     def cleanup(self) -> None:
         self.accelerator.end_training()
-        if hasattr(
-            self, "_was_deterministic"
-        ):  # process-wide: give the next recipe (sweep, tests) the old one
+        # process-wide: give the next recipe (sweep, tests) the old one
+        if hasattr(self, "_was_deterministic"):
             torch.use_deterministic_algorithms(self._was_deterministic)
 
     def _log(self, message: str) -> None:

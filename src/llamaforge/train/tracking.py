@@ -141,6 +141,13 @@ def open_trackers(cfg, run_dir: Path, *, resume: bool) -> list:
     return trackers
 
 
+def step_bar(total: int, done: int, *, enabled: bool):
+    """The progress bar over optimizer steps (in a log file tqdm writes a line every few seconds)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
+
+
 class MetricsLog:
     def __init__(self, path: Path, *, append: bool = False, trackers: list | None = None):
         self.path, self.trackers = path, list(trackers or [])

@@ -29,10 +29,11 @@ from llamaforge.data.curate.dedup import Dedup
 from llamaforge.data.curate.filters import Filters
 from llamaforge.data.curate.normalize import Normalizer
 from llamaforge.data.curate.pii import PIIStep
-from llamaforge.data.curate.records import Item, content_hash
+from llamaforge.data.curate.records import Item
 from llamaforge.data.curate.review import export_review
-from llamaforge.data.curate.split import SPLITS, content_unit, split_of, stratified_assignment, stratum_of
+from llamaforge.data.curate.split import stratified_assignment, stratum_of
 from llamaforge.data.jsonsafe import json_line
+from llamaforge.data.split import SPLITS, content_hash, content_unit, split_of
 from llamaforge.data.types import Conversation, Rejected
 from llamaforge.errors import DataError
 from llamaforge.schema import DataSource
@@ -413,7 +414,7 @@ class Pipeline:
                 elif assignment is not None:
                     split = assignment[i]
                 else:
-                    split = split_of(content_unit(conv, cfg.split.seed), cfg.split)
+                    split = split_of(content_unit(conv, cfg.split.seed), cfg.split.val, cfg.split.test)
                 repeat = int(conv.meta.get("repeat", 1)) if split == "train" else 1
                 line = json.dumps(conv.to_dict(), ensure_ascii=False, allow_nan=False) + "\n"
                 for _ in range(repeat):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,18 +29,6 @@ def map_messages(conv: Conversation, fn: Callable[[str], str]) -> None:
     """Apply `fn` to every message's content, in place."""
     for m in conv.messages:
         m.content = fn(m.content)
-
-
-def content_hash(conv: Conversation, salt: str = "") -> str:
-    """A stable id of the content (roles and texts), independent of source and line."""
-    h = hashlib.blake2b(digest_size=12)
-    h.update(salt.encode())
-    for m in conv.messages:
-        h.update(m.role.encode())
-        h.update(b"\x00")
-        h.update(m.content.encode("utf-8", "surrogatepass"))
-        h.update(b"\x01")
-    return h.hexdigest()
 
 
 def make_conversation(

@@ -15,7 +15,7 @@ from typing import Any
 
 from llamaforge.atomic import MARKER
 from llamaforge.data.curate.config import STEP_ORDER
-from llamaforge.data.curate.split import SPLITS
+from llamaforge.data.split import SPLITS
 
 CARD = "card.json"
 

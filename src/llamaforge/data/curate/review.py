@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from llamaforge.data.curate.config import ReviewConfig, SplitConfig
-from llamaforge.data.curate.records import answer_text, content_hash, prompt_text
-from llamaforge.data.curate.split import SPLITS, content_unit, split_of, stratum_of
+from llamaforge.data.curate.records import answer_text, prompt_text
+from llamaforge.data.curate.split import stratum_of
+from llamaforge.data.split import SPLITS, content_hash, content_unit, split_of
 from llamaforge.data.types import Conversation
 from llamaforge.errors import DataError
 
@@ -296,7 +297,9 @@ def _apply(
             if decide(rid, conv):
                 conv.meta["id"] = content_hash(conv)
                 split = (
-                    split_of(content_unit(conv, split_cfg.seed), split_cfg) if split_cfg.enabled else "train"
+                    split_of(content_unit(conv, split_cfg.seed), split_cfg.val, split_cfg.test)
+                    if split_cfg.enabled
+                    else "train"
                 )
                 new_files[split].append(json.dumps(conv.to_dict(), ensure_ascii=False) + "\n")
                 counts["held_released"] += 1

@@ -1,42 +1,20 @@
 """Step 9, split: deterministic train / validation / test by a hash of the content.
 
-Unstratified, a record's split depends only on its own content and the seed: adding records
-never moves an existing one (stable when the data grows). Stratified by a field, each stratum is
-split in the exact ratios by ranking its records' hashes: per-stratum shares are exact, and a
-record can move only if it sits at a quota boundary of a stratum that grew.
+Unstratified, a record's split depends only on its own content and the seed (data/split.py, the
+same hash and split `train` uses): adding records never moves an existing one (stable when the
+data grows). Stratified by a field, each stratum is split in the exact ratios by ranking its
+records' hashes: per-stratum shares are exact, and a record can move only if it sits at a quota
+boundary of a stratum that grew.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections import defaultdict
 from typing import Any
 
 from llamaforge.data.curate.config import SplitConfig
 from llamaforge.data.types import Conversation
-
-SPLITS = ("train", "val", "test")
-
-
-def content_unit(conv: Conversation, seed: int = 0) -> float:
-    """A number in [0, 1) from the roles and texts (not source or line) and the seed."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(str(seed).encode())
-    for m in conv.messages:
-        h.update(m.role.encode())
-        h.update(b"\x00")
-        h.update(m.content.encode("utf-8", "surrogatepass"))
-        h.update(b"\x01")
-    return int.from_bytes(h.digest(), "big") / 2**64
-
-
-def split_of(u: float, cfg: SplitConfig) -> str:
-    if u < cfg.test:
-        return "test"
-    if u < cfg.test + cfg.val:
-        return "val"
-    return "train"
 
 
 def stratum_of(conv: Conversation, field: str | None) -> str:
