@@ -333,7 +333,7 @@ def test_a_sweep_writes_only_into_its_own_folder(tmp_path):
 
 @pytest.mark.parametrize("status", ["running", "interrupted", "diverged", "failed"])
 def test_every_consumer_refuses_a_run_that_did_not_complete(tmp_path, status, capsys):
-    from llamaforge.evaluate.runner import load_candidate_tokenizer, parse_candidate
+    from llamaforge.evaluate.candidates import load_candidate_tokenizer, parse_candidate
     from llamaforge.export.cli_export import export_run
     from llamaforge.export.merge import merge_run
     from llamaforge.runs import Run, load_for_inference

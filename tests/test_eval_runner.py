@@ -12,14 +12,13 @@ from llamaforge.cli import main
 from llamaforge.config import load_config
 from llamaforge.data.types import Message
 from llamaforge.errors import ConfigError, DataError, LlamaforgeError
+from llamaforge.evaluate.candidates import parse_candidate, parse_candidates
 from llamaforge.evaluate.config import EvalMetricsConfig
 from llamaforge.evaluate.runner import (
     EvaluationConfig,
     GenerationSettings,
     check_outputs,
     generate_outputs,
-    parse_candidate,
-    parse_candidates,
     run_evaluation,
 )
 from llamaforge.evaluate.tasks import (

@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - the own_model fixture is imported, then named as a test argument
 """GGUF export: Llama models, LoRA adapters, Ollama Modelfile, manifest and atomic writes.
 
 Every exported file is reloaded with transformers' own GGUF loader (`gguf_file=`), which
@@ -24,10 +25,21 @@ import numpy as np
 import pytest
 import torch
 
+from gguf_fixtures import (  # noqa: F401 - own_model is a fixture
+    SAMPLES,
+    TOLERANCE,
+    build_tokenizer,
+    gguf_fields,
+    no_debris,
+    own_model,
+    reference_ids,
+    reload_gguf,
+    save_tiny_model,
+    tensor_types,
+)
 from llamaforge.errors import ModelSourceError
 from llamaforge.export import gguf as gx
-from llamaforge.export.gguf import export_gguf, export_lora_gguf, permute_qk
-from llamaforge.export.gguf_tokenizer import LLAMA3_SPLIT_REGEX
+from llamaforge.export.gguf import export_gguf
 from llamaforge.export.manifest import (
     ExportError,
     atomic_dir,
@@ -36,146 +48,6 @@ from llamaforge.export.manifest import (
     write_manifest,
 )
 from llamaforge.export.modelfile import render_modelfile, write_modelfile
-
-TOLERANCE = {"f32": 1e-6, "f16": 2e-3, "bf16": 1e-2, "q8_0": 3e-2, "q4_0": 0.25, "q4_1": 0.25}
-LLAMA3_JINJA = (
-    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-)
-SAMPLES = [
-    "Hello world! Llamas graze at 3,141 metres.",
-    "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi <think>ok</think><|eot_id|>",
-    "  leading spaces\n\n\ttabs, ünïcödé, 😀 emoji, 我想 chinese, 12345678 digits's won't",
-    "",
-]
-
-
-def _reference_ids(model, tok, text):
-    ids = torch.tensor([tok(text)["input_ids"]])
-    with torch.no_grad():
-        return ids, model(ids).logits
-
-
-def _reload(path: Path, config=None):
-    from transformers import AutoModelForCausalLM
-
-    kwargs = {"config": config} if config is not None else {}
-    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs).eval()
-
-
-def _fields(path: Path) -> dict:
-    """Scalar metadata of a GGUF file (string arrays left out). gguf's GGUFReader takes ~20 s on a
-    128K vocabulary, so transformers' fast header reader is used where this transformers has it."""
-    try:
-        from transformers.integrations.gguf.reader import read_gguf_metadata
-    except ImportError:
-        reader = gguf.GGUFReader(str(path))
-        return {
-            k: f.contents()
-            for k, f in reader.fields.items()
-            if not k.startswith(
-                ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type")
-            )
-        }
-    return read_gguf_metadata(str(path))[0]
-
-
-def _tensor_types(path: Path) -> dict[str, str]:
-    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
-
-
-def _no_debris(folder: Path) -> list[str]:
-    return [p.name for p in folder.iterdir() if p.name.startswith(".")]
-
-
-def _build_tokenizer(folder: Path):
-    """A small byte-level BPE tokenizer shaped like Llama 3's (its pre-tokenizer, specials, BOS)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = [
-        "<|begin_of_text|>",
-        "<|end_of_text|>",
-        "<|start_header_id|>",
-        "<|end_header_id|>",
-        "<|eot_id|>",
-    ]
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(LLAMA3_SPLIT_REGEX), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tk.decoder = decoders.ByteLevel()
-    corpus = [s * 3 for s in SAMPLES] + [
-        "the quick brown fox jumps over the lazy dog " * 20,
-        "Llamas and alpacas are camelids from South America. " * 10,
-    ]
-    tk.train_from_iterator(
-        corpus,
-        trainers.BpeTrainer(
-            vocab_size=420, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        ),
-    )
-    tk.add_tokens(["<think>", "</think>"])  # plain added tokens: USER_DEFINED in GGUF
-    bos = tk.token_to_id("<|begin_of_text|>")
-    tk.post_processor = processors.TemplateProcessing(
-        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)]
-    )
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk,
-        bos_token="<|begin_of_text|>",
-        eos_token="<|eot_id|>",
-        pad_token="<|end_of_text|>",
-    )
-    tok.chat_template = LLAMA3_JINJA
-    tok.save_pretrained(folder)
-    return tok
-
-
-def _save_tiny_model(
-    folder: Path, tok, *, vocab_size: int, tied: bool, rope=None, intermediate=128, seed=0, **extra
-):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=intermediate,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=tied,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        rope_parameters=rope,
-        **extra,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # random norms and biases, so a missed or misplaced one shows
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith(".bias"):
-                p.normal_()
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return model
-
-
-@pytest.fixture(scope="module")
-def own_model(tmp_path_factory):
-    """Tiny tied-embedding model (like SmolLM2) with a tokenizer built here; ffn rows of 80 test the
-    fallback for rows that are not whole quantisation blocks."""
-    folder = tmp_path_factory.mktemp("own")
-    tok = _build_tokenizer(folder)
-    model = _save_tiny_model(folder, tok, vocab_size=len(tok) + 3, tied=True, intermediate=80)
-    return folder, model, tok
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +71,7 @@ def rope_model(own_model, tmp_path_factory):
         "original_max_position_embeddings": 64,
         "rope_theta": 500000.0,
     }
-    model = _save_tiny_model(
+    model = save_tiny_model(
         folder, tok, vocab_size=len(tok), tied=False, rope=rope, seed=1, attention_bias=True
     )
     return folder, model, tok, export_gguf(folder, folder.parent / "rope-f32.gguf", dtype="f32")
@@ -211,7 +83,7 @@ def llama3_model(tmp_path_factory, llama3_tokenizer_dir):
 
     folder = tmp_path_factory.mktemp("llama3")
     tok = AutoTokenizer.from_pretrained(llama3_tokenizer_dir)  # the real Llama 3 tokenizer (catalog)
-    _save_tiny_model(folder, tok, vocab_size=len(tok), tied=False)
+    save_tiny_model(folder, tok, vocab_size=len(tok), tied=False)
     return folder, tok, export_gguf(folder, folder.parent / "llama3-f16.gguf", dtype="f16")
 
 
@@ -223,7 +95,7 @@ def test_llama3_tokenizer_metadata_and_tokenisation(llama3_model):
     from transformers import AutoTokenizer
 
     folder, tok, path = llama3_model
-    f = _fields(path)
+    f = gguf_fields(path)
     assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "llama-bpe"
     assert f["tokenizer.ggml.bos_token_id"] == 128000 and f["tokenizer.ggml.add_bos_token"] is True
     assert f["tokenizer.ggml.eot_token_id"] == 128009
@@ -249,7 +121,7 @@ def test_rope_scaling_and_f32_logits(rope_model):
     from transformers import AutoConfig
 
     folder, model, tok, path = rope_model
-    types = _tensor_types(path)
+    types = tensor_types(path)
     assert (
         "output.weight" in types
         and types["rope_freqs.weight"] == "F32"
@@ -264,8 +136,8 @@ def test_rope_scaling_and_f32_logits(rope_model):
     )
     assert {1.0, 8.0} <= set(np.round(factors, 5)) and len(set(np.round(factors, 5))) > 2  # all three regimes
     # transformers' GGUF loader ignores rope_freqs (and attention biases), so reload with the source config
-    reloaded = _reload(path, config=AutoConfig.from_pretrained(folder))
-    ids, ref = _reference_ids(model, tok, SAMPLES[2] * 4)  # > original_max_position_embeddings tokens
+    reloaded = reload_gguf(path, config=AutoConfig.from_pretrained(folder))
+    ids, ref = reference_ids(model, tok, SAMPLES[2] * 4)  # > original_max_position_embeddings tokens
     with torch.no_grad():
         assert (reloaded(ids).logits - ref).abs().max().item() <= TOLERANCE["f32"]
 
@@ -279,7 +151,7 @@ def test_own_tokenizer_roundtrip(own_model, own_exports):
 
     folder, _, tok = own_model
     path = own_exports["f32"]
-    f = _fields(path)
+    f = gguf_fields(path)
     assert f["tokenizer.ggml.pre"] == "llama-bpe" and f["tokenizer.ggml.add_bos_token"] is True
     assert f["tokenizer.ggml.padding_token_id"] == tok.pad_token_id != f["tokenizer.ggml.eos_token_id"]
     reader = gguf.GGUFReader(str(path))
@@ -296,7 +168,7 @@ def test_own_tokenizer_roundtrip(own_model, own_exports):
 def test_own_model_logits_per_dtype(own_model, own_exports, dtype):
     _, model, tok = own_model
     path = own_exports[dtype]
-    types = _tensor_types(path)
+    types = tensor_types(path)
     assert "output.weight" not in types  # tied: llama.cpp reuses token_embd
     assert types["blk.0.attn_norm.weight"] == "F32"
     expected = dtype.upper()
@@ -305,8 +177,8 @@ def test_own_model_logits_per_dtype(own_model, own_exports, dtype):
         assert types["blk.0.ffn_down.weight"] == "F16"  # rows of 80 are not whole 32-blocks
     if dtype.startswith("q4"):
         assert types["token_embd.weight"] == "Q8_0"  # it is also the output projection
-    reloaded = _reload(path)
-    ids, ref = _reference_ids(model, tok, SAMPLES[0] + SAMPLES[2])
+    reloaded = reload_gguf(path)
+    ids, ref = reference_ids(model, tok, SAMPLES[0] + SAMPLES[2])
     with torch.no_grad():
         diff = (reloaded(ids).logits - ref).abs().max().item()
     assert diff <= TOLERANCE[dtype], f"{dtype}: max |logit diff| {diff}"
@@ -325,7 +197,7 @@ def test_refuses_other_architectures(own_model, tmp_path):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelSourceError, match="Qwen2ForCausalLM.*supported: LlamaForCausalLM"):
         export_gguf(bad, tmp_path / "x.gguf")
-    assert not (tmp_path / "x.gguf").exists() and not _no_debris(tmp_path)
+    assert not (tmp_path / "x.gguf").exists() and not no_debris(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -343,7 +215,7 @@ def test_missing_files(own_model, tmp_path, remove, message):
     (bad / remove).unlink()
     with pytest.raises(ModelSourceError, match=message):
         export_gguf(bad, tmp_path / "x.gguf")
-    assert not (tmp_path / "x.gguf").exists() and not _no_debris(tmp_path)
+    assert not (tmp_path / "x.gguf").exists() and not no_debris(tmp_path)
 
 
 def test_unknown_pre_tokenizer_is_refused(own_model, tmp_path):
@@ -369,7 +241,7 @@ def test_existing_target_overwrite_and_failures(own_model, tmp_path, monkeypatch
     with pytest.raises(ExportError, match="not enough disk space"):
         export_gguf(folder, target, dtype="f32", overwrite=True)
     monkeypatch.undo()
-    assert target.read_bytes() == b"keep me" and not _no_debris(tmp_path)
+    assert target.read_bytes() == b"keep me" and not no_debris(tmp_path)
 
     calls = []
     real = gx._converted
@@ -384,86 +256,10 @@ def test_existing_target_overwrite_and_failures(own_model, tmp_path, monkeypatch
     with pytest.raises(RuntimeError, match="disk on fire"):
         export_gguf(folder, target, dtype="f32", overwrite=True)
     monkeypatch.undo()
-    assert target.read_bytes() == b"keep me" and not _no_debris(tmp_path)
+    assert target.read_bytes() == b"keep me" and not no_debris(tmp_path)
 
     export_gguf(folder, target, dtype="f16", overwrite=True)
-    assert _fields(target)["general.architecture"] == "llama" and not _no_debris(tmp_path)
-
-
-# ---------------------------------------------------------------------------------------------
-# LoRA adapter
-
-
-@pytest.mark.parametrize("variant", ["plain", "rslora_patterns"])
-def test_lora_adapter_matches_peft_merge(own_model, tmp_path, variant):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    folder, _, _ = own_model
-    base = AutoModelForCausalLM.from_pretrained(folder).eval()
-    extra = (
-        {"use_rslora": True, "rank_pattern": {"v_proj": 2}, "alpha_pattern": {"down_proj": 3.0}}
-        if variant == "rslora_patterns"
-        else {}
-    )
-    cfg = LoraConfig(
-        r=4,
-        lora_alpha=8,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        init_lora_weights=False,
-        **extra,
-    )
-    peft_model = get_peft_model(base, cfg)
-    peft_model.save_pretrained(tmp_path / "adapter")
-    merged = {k: v.numpy() for k, v in peft_model.merge_and_unload().state_dict().items()}
-
-    out = export_lora_gguf(tmp_path / "adapter", folder, tmp_path / "adapter.gguf")
-    reader = gguf.GGUFReader(str(out))
-    f = {k: v.contents() for k, v in reader.fields.items()}
-    assert (
-        f["general.type"] == "adapter"
-        and f["adapter.type"] == "lora"
-        and f["general.architecture"] == "llama"
-    )
-    alpha = f["adapter.lora.alpha"]
-    lora = {t.name: np.array(t.data, dtype=np.float32) for t in reader.tensors}
-    assert len(lora) == 2 * 7 * 2
-    hp = gx.read_config(folder)
-    from safetensors.torch import load_file
-
-    base_sd = {k: v.numpy() for k, v in load_file(folder / "model.safetensors").items()}
-    for layer in range(2):
-        for hf, gg, heads in [
-            ("self_attn.q_proj", "attn_q", hp.n_head),
-            ("self_attn.k_proj", "attn_k", hp.n_head_kv),
-            ("self_attn.v_proj", "attn_v", None),
-            ("mlp.down_proj", "ffn_down", None),
-        ]:
-            a, b = lora[f"blk.{layer}.{gg}.weight.lora_a"], lora[f"blk.{layer}.{gg}.weight.lora_b"]
-            w = base_sd[f"model.layers.{layer}.{hf}.weight"]
-            want = merged[f"model.layers.{layer}.{hf}.weight"]
-            if heads:  # llama.cpp adds the delta to the permuted base weight
-                w, want = permute_qk(w, heads), permute_qk(want, heads)
-            got = w + (alpha / a.shape[0]) * (b @ a)  # llama.cpp's scale: alpha / rank
-            np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"{layer} {hf}")
-
-
-def test_lora_refuses_dora_and_full_modules(own_model, tmp_path):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    folder, _, _ = own_model
-    for name, kwargs, message in [
-        ("dora", {"use_dora": True}, "DoRA"),
-        ("mts", {"modules_to_save": ["lm_head"]}, "full tensor"),
-    ]:
-        model = get_peft_model(
-            AutoModelForCausalLM.from_pretrained(folder), LoraConfig(r=2, target_modules=["q_proj"], **kwargs)
-        )
-        model.save_pretrained(tmp_path / name)
-        with pytest.raises(ExportError, match=message):
-            export_lora_gguf(tmp_path / name, folder, tmp_path / f"{name}.gguf")
-        assert not (tmp_path / f"{name}.gguf").exists()
+    assert gguf_fields(target)["general.architecture"] == "llama" and not no_debris(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,7 +314,7 @@ def test_manifest_and_atomic_dir(own_exports, tmp_path):
     with pytest.raises(ValueError), atomic_dir(target, overwrite=True) as tmp:
         (tmp / "half").write_text("x")
         raise ValueError("boom")
-    assert (target / "model.gguf").is_file() and not (target / "half").exists() and not _no_debris(tmp_path)
+    assert (target / "model.gguf").is_file() and not (target / "half").exists() and not no_debris(tmp_path)
     (target / "model.gguf").write_bytes(b"tampered")
     assert verify_manifest(target) == ["sha256 mismatch: model.gguf"]
 
@@ -579,7 +375,7 @@ def test_smollm2_export_reloads(tmp_path):
         tokenize=False,
         add_generation_prompt=True,
     )
-    ids, ref = _reference_ids(model, tok, text)
+    ids, ref = reference_ids(model, tok, text)
     # max |diff|, top-1 agreement. The weights are a dequantized Q4_1 file, so q4_1 must be lossless.
     limits = {"f32": (1e-4, 1.0), "f16": (0.1, 0.99), "q8_0": (3.0, 0.85), "q4_1": (1e-4, 1.0)}
     rows = []
@@ -587,9 +383,11 @@ def test_smollm2_export_reloads(tmp_path):
         start = time.perf_counter()
         path = export_gguf(folder, tmp_path / f"smollm2-{dtype}.gguf", dtype=dtype)
         seconds = time.perf_counter() - start
-        assert "output.weight" not in _tensor_types(path) and _fields(path)["tokenizer.ggml.pre"] == "smollm"
+        assert (
+            "output.weight" not in tensor_types(path) and gguf_fields(path)["tokenizer.ggml.pre"] == "smollm"
+        )
         with torch.no_grad():
-            logits = _reload(path)(ids).logits
+            logits = reload_gguf(path)(ids).logits
         diff = (logits - ref).abs()
         agree = (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()
         rows.append(

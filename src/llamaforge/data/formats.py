@@ -6,6 +6,10 @@ reason, raw record) for every bad one, so nothing is silently lost; `strict=True
 directory, no permission, unknown extension) is always a `DataError`. The file types, their
 line numbers and what is streamed are in `readers.py` (.jsonl/.csv/.parquet stream; a .json
 array is read whole: use .jsonl for files larger than memory).
+
+The field checks (`field_text`, `message_content`, `turn_role`, `check_turns`, `InvalidField`,
+`type_name`) are public: preference records (train/preference_data.py) are read with the same rules
+and the same messages.
 """
 
 from __future__ import annotations
@@ -21,7 +25,20 @@ from llamaforge.data.readers import EXTENSIONS, READERS, RawItem, check_file
 from llamaforge.data.types import Conversation, Message, Rejected
 from llamaforge.errors import DataError
 
-__all__ = ["EXTENSIONS", "FORMATS", "detect_format", "read_source", "write_jsonl"]
+__all__ = [
+    "EXTENSIONS",
+    "FORMATS",
+    "MESSAGE_ROLES",
+    "InvalidField",
+    "check_turns",
+    "detect_format",
+    "field_text",
+    "message_content",
+    "read_source",
+    "turn_role",
+    "type_name",
+    "write_jsonl",
+]
 
 FORMATS: tuple[str, ...] = ("alpaca", "sharegpt", "messages", "text")
 # The alpaca instruction and its optional input become one user message, joined by this.
@@ -40,7 +57,7 @@ PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_.\-]*)\s*\}\}")
 _MISSING = object()
 
 
-class _Invalid(Exception):
+class InvalidField(Exception):
     """A record-level problem: becomes a Rejected (or a DataError in strict mode)."""
 
     def __init__(self, field: str | None, reason: str):
@@ -132,7 +149,7 @@ def _convert(
             continue
         problem = json_problem(record)
         if not isinstance(record, dict):
-            reason = f"a record must be an object with named fields, got {_type_name(record)}"
+            reason = f"a record must be an object with named fields, got {type_name(record)}"
             yield Rejected(
                 source, item.line, None, reason, snippet(record) if problem and problem[2] else record
             )
@@ -154,7 +171,7 @@ def _convert(
             detected_at = item.line
         try:
             conv = _CONVERTERS[fmt](record, variables)
-        except _Invalid as exc:
+        except InvalidField as exc:
             reason = exc.reason
             other = detect_format(record)
             if detected_at is not None and other not in (None, fmt):
@@ -167,7 +184,8 @@ def _convert(
         yield Rejected(source, None, None, "empty file: no records", None)
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
+    """The JSON name of a value's type, for messages ("null", "a list", ...)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -197,19 +215,19 @@ def _fill(text: str, field: str, variables: dict[str, Any] | None) -> str:
     out = PLACEHOLDER.sub(sub, text)
     if missing:
         given = ", ".join(sorted(variables)) or "none"
-        raise _Invalid(field, f"placeholder {{{{{missing[0]}}}}} has no value (variables given: {given})")
+        raise InvalidField(field, f"placeholder {{{{{missing[0]}}}}} has no value (variables given: {given})")
     return out
 
 
-def _text(value: Any, field: str, variables: dict[str, Any] | None, *, allow_empty: bool = False) -> str:
+def field_text(value: Any, field: str, variables: dict[str, Any] | None, *, allow_empty: bool = False) -> str:
     """Check that value is text (non-blank unless allow_empty) and fill its placeholders."""
     if value is _MISSING:
-        raise _Invalid(field, f"missing field '{field}'")
+        raise InvalidField(field, f"missing field '{field}'")
     if not isinstance(value, str):
-        raise _Invalid(field, f"'{field}' must be text, got {_type_name(value)}")
+        raise InvalidField(field, f"'{field}' must be text, got {type_name(value)}")
     value = _fill(value, field, variables)
     if not allow_empty and not value.strip():
-        raise _Invalid(field, f"'{field}' is {'empty' if not value else 'whitespace only'}")
+        raise InvalidField(field, f"'{field}' is {'empty' if not value else 'whitespace only'}")
     return value
 
 
@@ -218,7 +236,7 @@ def _optional_text(record: dict[str, Any], key: str, variables: dict[str, Any] |
     value = record.get(key)
     if value is None:
         return None
-    value = _text(value, key, variables, allow_empty=True)
+    value = field_text(value, key, variables, allow_empty=True)
     return value if value.strip() else None
 
 
@@ -227,43 +245,45 @@ def _meta(record: dict[str, Any], used: Iterable[str]) -> dict[str, Any]:
     return {str(k): v for k, v in record.items() if k not in used}
 
 
-def _check_turns(turns: list[tuple[str, str, str]]) -> list[Message]:
+def check_turns(turns: list[tuple[str, str, str]]) -> list[Message]:
     """turns: (role, content, field of the role). System only first; then user/assistant alternate; end on assistant."""
     expected = "user"
     for i, (role, _, field) in enumerate(turns):
         if role == "system":
             if i != 0:
-                raise _Invalid(field, "a system turn is only allowed as the first turn")
+                raise InvalidField(field, "a system turn is only allowed as the first turn")
             continue
         if role != expected:
-            raise _Invalid(
+            raise InvalidField(
                 field,
                 f"expected a {expected} turn, got {role}: turns must alternate user/assistant after an "
                 "optional first system turn",
             )
         expected = "assistant" if role == "user" else "user"
     if turns[-1][0] != "assistant":
-        raise _Invalid(turns[-1][2], f"the conversation must end with an assistant turn, not {turns[-1][0]}")
+        raise InvalidField(
+            turns[-1][2], f"the conversation must end with an assistant turn, not {turns[-1][0]}"
+        )
     return [Message(role, content) for role, content, _ in turns]  # type: ignore[arg-type]
 
 
 def _from_alpaca(record: dict[str, Any], variables: dict[str, Any] | None) -> Conversation:
-    instruction = _text(record.get("instruction", _MISSING), "instruction", variables)
+    instruction = field_text(record.get("instruction", _MISSING), "instruction", variables)
     extra = _optional_text(record, "input", variables)
-    output = _text(record.get("output", _MISSING), "output", variables)
+    output = field_text(record.get("output", _MISSING), "output", variables)
     system = _optional_text(record, "system", variables)
     messages = [Message("system", system)] if system else []
     history = record.get("history")
     if history is not None:
         if not isinstance(history, list):
-            raise _Invalid(
-                "history", f"'history' must be a list of [user, assistant] pairs, got {_type_name(history)}"
+            raise InvalidField(
+                "history", f"'history' must be a list of [user, assistant] pairs, got {type_name(history)}"
             )
         for i, pair in enumerate(history):
             if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-                raise _Invalid(f"history[{i}]", f"'history[{i}]' must be a [user, assistant] pair")
-            messages.append(Message("user", _text(pair[0], f"history[{i}][0]", variables)))
-            messages.append(Message("assistant", _text(pair[1], f"history[{i}][1]", variables)))
+                raise InvalidField(f"history[{i}]", f"'history[{i}]' must be a [user, assistant] pair")
+            messages.append(Message("user", field_text(pair[0], f"history[{i}][0]", variables)))
+            messages.append(Message("assistant", field_text(pair[1], f"history[{i}][1]", variables)))
     user = f"{instruction}{INPUT_SEPARATOR}{extra}" if extra else instruction
     messages += [Message("user", user), Message("assistant", output)]
     return Conversation(messages, meta=_meta(record, ("instruction", "input", "output", "system", "history")))
@@ -272,24 +292,25 @@ def _from_alpaca(record: dict[str, Any], variables: dict[str, Any] | None) -> Co
 def _turn_list(record: dict[str, Any], key: str) -> list[Any]:
     turns = record.get(key, _MISSING)
     if turns is _MISSING:
-        raise _Invalid(key, f"missing field '{key}'")
+        raise InvalidField(key, f"missing field '{key}'")
     if not isinstance(turns, list):
-        raise _Invalid(key, f"'{key}' must be a list of turns, got {_type_name(turns)}")
+        raise InvalidField(key, f"'{key}' must be a list of turns, got {type_name(turns)}")
     if not turns:
-        raise _Invalid(key, f"'{key}' is empty")
+        raise InvalidField(key, f"'{key}' is empty")
     return turns
 
 
-def _role(turn: dict[str, Any], key: str, base: str, roles: dict[str, str]) -> tuple[str, str]:
+def turn_role(turn: dict[str, Any], key: str, base: str, roles: dict[str, str]) -> tuple[str, str]:
+    """(the role `turn[key]` names, mapped through `roles`; the field it came from)."""
     field = f"{base}.{key}"
     value = turn.get(key, _MISSING)
     if value is _MISSING:
-        raise _Invalid(field, f"missing field '{field}'")
+        raise InvalidField(field, f"missing field '{field}'")
     if not isinstance(value, str):
-        raise _Invalid(field, f"'{field}' must be text, got {_type_name(value)}")
+        raise InvalidField(field, f"'{field}' must be text, got {type_name(value)}")
     role = roles.get(value.strip().lower())
     if role is None:
-        raise _Invalid(field, f"unknown role {value!r}; expected one of {', '.join(roles)}")
+        raise InvalidField(field, f"unknown role {value!r}; expected one of {', '.join(roles)}")
     return role, field
 
 
@@ -301,35 +322,41 @@ def _from_sharegpt(record: dict[str, Any], variables: dict[str, Any] | None) -> 
     for i, turn in enumerate(_turn_list(record, "conversations")):
         base = f"conversations[{i}]"
         if not isinstance(turn, dict):
-            raise _Invalid(
-                base, f"'{base}' must be an object with 'from' and 'value', got {_type_name(turn)}"
+            raise InvalidField(
+                base, f"'{base}' must be an object with 'from' and 'value', got {type_name(turn)}"
             )
         # the usual {from, value}; {role, content} turns are accepted too
         role_key, text_key = (
             ("role", "content") if "from" not in turn and "role" in turn else ("from", "value")
         )
-        role, role_field = _role(turn, role_key, base, SHAREGPT_ROLES)
+        role, role_field = turn_role(turn, role_key, base, SHAREGPT_ROLES)
         if role == "system" and system and i == 0:
-            raise _Invalid(role_field, "a system prompt is given twice: in 'system' and as the first turn")
-        turns.append((role, _text(turn.get(text_key, _MISSING), f"{base}.{text_key}", variables), role_field))
-    return Conversation(_check_turns(turns), meta=_meta(record, ("conversations", "system")))
+            raise InvalidField(
+                role_field, "a system prompt is given twice: in 'system' and as the first turn"
+            )
+        turns.append(
+            (role, field_text(turn.get(text_key, _MISSING), f"{base}.{text_key}", variables), role_field)
+        )
+    return Conversation(check_turns(turns), meta=_meta(record, ("conversations", "system")))
 
 
-def _content(value: Any, field: str, variables: dict[str, Any] | None) -> str:
+def message_content(value: Any, field: str, variables: dict[str, Any] | None) -> str:
     """OpenAI content: a string, or a list of {type: "text", text} parts (joined)."""
     if not isinstance(value, list):
-        return _text(value, field, variables)
+        return field_text(value, field, variables)
     parts = []
     for j, part in enumerate(value):
         pfield = f"{field}[{j}]"
         if not isinstance(part, dict):
-            raise _Invalid(pfield, f"'{pfield}' must be a {{type, text}} part, got {_type_name(part)}")
+            raise InvalidField(pfield, f"'{pfield}' must be a {{type, text}} part, got {type_name(part)}")
         if part.get("type", "text") != "text":
-            raise _Invalid(f"{pfield}.type", f"only text parts are supported, got type {part.get('type')!r}")
-        parts.append(_text(part.get("text", _MISSING), f"{pfield}.text", variables, allow_empty=True))
+            raise InvalidField(
+                f"{pfield}.type", f"only text parts are supported, got type {part.get('type')!r}"
+            )
+        parts.append(field_text(part.get("text", _MISSING), f"{pfield}.text", variables, allow_empty=True))
     text = "".join(parts)
     if not text.strip():
-        raise _Invalid(field, f"'{field}' is {'empty' if not text else 'whitespace only'}")
+        raise InvalidField(field, f"'{field}' is {'empty' if not text else 'whitespace only'}")
     return text
 
 
@@ -338,18 +365,18 @@ def _from_messages(record: dict[str, Any], variables: dict[str, Any] | None) -> 
     for i, turn in enumerate(_turn_list(record, "messages")):
         base = f"messages[{i}]"
         if not isinstance(turn, dict):
-            raise _Invalid(
-                base, f"'{base}' must be an object with 'role' and 'content', got {_type_name(turn)}"
+            raise InvalidField(
+                base, f"'{base}' must be an object with 'role' and 'content', got {type_name(turn)}"
             )
-        role, role_field = _role(turn, "role", base, MESSAGE_ROLES)
+        role, role_field = turn_role(turn, "role", base, MESSAGE_ROLES)
         turns.append(
-            (role, _content(turn.get("content", _MISSING), f"{base}.content", variables), role_field)
+            (role, message_content(turn.get("content", _MISSING), f"{base}.content", variables), role_field)
         )
-    return Conversation(_check_turns(turns), meta=_meta(record, ("messages",)))
+    return Conversation(check_turns(turns), meta=_meta(record, ("messages",)))
 
 
 def _from_text(record: dict[str, Any], variables: dict[str, Any] | None) -> Conversation:
-    text = _text(record.get("text", _MISSING), "text", variables)
+    text = field_text(record.get("text", _MISSING), "text", variables)
     return Conversation([Message("assistant", text)], meta=_meta(record, ("text",)), raw_text=True)
 
 

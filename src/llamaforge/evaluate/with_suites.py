@@ -63,8 +63,9 @@ def add_lm_eval_scores(result, evaluation, text: str) -> None:
     """Run lm-eval on every candidate of a finished `llamaforge eval` and add rows lm_<task>_<metric>."""
     import gc
 
+    from llamaforge.evaluate.candidates import load_candidate, parse_candidates
     from llamaforge.evaluate.compare import Cell
-    from llamaforge.evaluate.runner import load_candidate, parse_candidates, write_results
+    from llamaforge.evaluate.runner import write_results
 
     tasks = check_lm_eval(text)
     table = result.table

@@ -26,6 +26,7 @@ def export_gguf_run(
     run_dir: str | Path, out: str | Path, *, dtype: str = "f16", overwrite: bool = False, adapter: bool = True
 ) -> Path:
     from llamaforge.export import gguf as gx
+    from llamaforge.export.gguf_lora import export_lora_gguf
     from llamaforge.export.modelfile import MODELFILE_NAME, render_modelfile
     from llamaforge.export.safetensors import base_config, finish, prepare, write_merged
 
@@ -46,7 +47,7 @@ def export_gguf_run(
         adapter_note: dict = {"file": None}
         if adapter and run.is_adapter:
             try:
-                lora = gx.export_lora_gguf(
+                lora = export_lora_gguf(
                     run.weights_dir,
                     merged / "config.json",
                     tmp / f"{name}-lora-f32.gguf",

@@ -8,6 +8,7 @@ so this follows what llama.cpp's convert_hf_to_gguf.py does for `LlamaForCausalL
 - the tokenizer (see `gguf_tokenizer`), chat template included;
 - q/k projection rows permuted from HF's rotate-half layout to llama.cpp's interleaved one;
 - tied embeddings: no `output.weight` tensor, llama.cpp reuses `token_embd`;
+- LoRA adapters alone: export/gguf_lora.py;
 - tensor types: norms, biases and other 1-D tensors stay F32; 2-D weights take the requested type,
   falling back to F16 when a row is not a whole number of quantisation blocks. For the 4-bit types
   the output projection (or the tied embedding that serves as one) is kept at Q8_0, as
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,25 +33,24 @@ from llamaforge.errors import ModelSourceError
 from llamaforge.export.manifest import ExportError, atomic_file
 
 DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
-LORA_DTYPES = ("f32", "f16", "bf16")
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 _SKIPPED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
-def _gguf():
+def gguf_module():
     import gguf
 
     return gguf
 
 
-def _qtype(name: str):
-    g = _gguf()
+def quant_type(name: str):
+    g = gguf_module()
     T = g.GGMLQuantizationType
     return {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_1": T.Q4_1}[name]
 
 
-def _file_type(name: str):
-    F = _gguf().LlamaFileType
+def file_type(name: str):
+    F = gguf_module().LlamaFileType
     return {
         "f32": F.ALL_F32,
         "f16": F.MOSTLY_F16,
@@ -163,7 +162,7 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 # weights
 
 
-def _weight_files(model_dir: Path) -> dict[str, Path]:
+def weight_files(model_dir: Path) -> dict[str, Path]:
     """tensor name -> safetensors file, checking that every file named by an index exists."""
     from safetensors import safe_open
 
@@ -196,7 +195,7 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
     return out
 
 
-def _tensor_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
+def tensor_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
     from safetensors import safe_open
 
     shapes: dict[str, tuple[int, ...]] = {}
@@ -227,25 +226,25 @@ class _Planned:
 
 
 def _choose_qtype(gguf_name: str, shape: tuple[int, ...], dtype: str, hp: LlamaHParams):
-    T = _gguf().GGMLQuantizationType
+    T = gguf_module().GGMLQuantizationType
     if len(shape) < 2 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight"):
         return T.F32
-    wanted = _qtype(dtype)
+    wanted = quant_type(dtype)
     is_output = gguf_name == "output.weight" or (hp.tied and gguf_name == "token_embd.weight")
     if dtype in ("q4_0", "q4_1") and is_output:
         wanted = T.Q8_0
-    block = _gguf().GGML_QUANT_SIZES[wanted][0]
+    block = gguf_module().GGML_QUANT_SIZES[wanted][0]
     if shape[-1] % block:
         return T.F16
     return wanted
 
 
 def plan_tensors(hp: LlamaHParams, shapes: dict[str, tuple[int, ...]], dtype: str) -> list[_Planned]:
-    g = _gguf()
+    g = gguf_module()
     name_map = g.get_tensor_name_map(g.MODEL_ARCH.LLAMA, hp.n_layer)
     plan: list[_Planned] = []
     unknown: list[str] = []
-    for hf_name in sorted(shapes, key=_natural_key):
+    for hf_name in sorted(shapes, key=natural_key):
         if hf_name.endswith(_SKIPPED_SUFFIXES) or (hp.tied and hf_name == "lm_head.weight"):
             continue
         new = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -290,7 +289,7 @@ def plan_tensors(hp: LlamaHParams, shapes: dict[str, tuple[int, ...]], dtype: st
     return plan
 
 
-def _natural_key(name: str) -> list:
+def natural_key(name: str) -> list:
     return [int(p) if p.isdigit() else p for p in name.replace(".", " . ").split()]
 
 
@@ -313,7 +312,7 @@ def _converted(p: _Planned, files: dict[str, Path], hp: LlamaHParams) -> np.ndar
 def _add_tensor_info(writer, p: _Planned) -> None:
     from gguf.quants import quant_shape_to_byte_shape
 
-    T = _gguf().GGMLQuantizationType
+    T = gguf_module().GGMLQuantizationType
     if p.qtype in (T.F32, T.F16):
         np_dtype = np.float32 if p.qtype == T.F32 else np.float16
         writer.add_tensor_info(p.gguf_name, p.shape, np.dtype(np_dtype), p.nbytes, raw_dtype=p.qtype)
@@ -332,7 +331,7 @@ def _add_tensor_info(writer, p: _Planned) -> None:
 
 
 def _add_hparams(writer, hp: LlamaHParams, dtype: str, name: str) -> None:
-    g = _gguf()
+    g = gguf_module()
     writer.add_type(g.GGUFType.MODEL)
     writer.add_name(name)
     writer.add_context_length(hp.n_ctx)
@@ -351,7 +350,7 @@ def _add_hparams(writer, hp: LlamaHParams, dtype: str, name: str) -> None:
     if hp.rope["rope_type"] == "linear":
         writer.add_rope_scaling_type(g.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(hp.rope["factor"]))
-    writer.add_file_type(_file_type(dtype))
+    writer.add_file_type(file_type(dtype))
     writer.add_quantization_version(g.GGML_QUANT_VERSION)
 
 
@@ -374,13 +373,13 @@ def export_gguf(
     if out_path.is_dir():
         raise ExportError(f"{out_path} is a directory; give the path of the .gguf file to write")
     hp = read_config(model_dir)
-    files = _weight_files(model_dir)
-    plan = plan_tensors(hp, _tensor_shapes(files), dtype)
+    files = weight_files(model_dir)
+    plan = plan_tensors(hp, tensor_shapes(files), dtype)
     vocab = build_vocab(model_dir, hp.vocab_size)
     metadata_bytes = sum(len(t) + 12 for t in vocab.tokens) + sum(len(m) + 8 for m in vocab.merges)
     estimate = sum(p.nbytes + 64 for p in plan) + metadata_bytes + len(vocab.chat_template or "") + (1 << 20)
 
-    g = _gguf()
+    g = gguf_module()
     with atomic_file(out_path, overwrite=overwrite, required_bytes=estimate) as tmp:
         writer = g.GGUFWriter(tmp, g.MODEL_ARCH_NAMES[g.MODEL_ARCH.LLAMA])
         try:
@@ -393,165 +392,6 @@ def export_gguf(
             writer.write_ti_data_to_file()
             for p in plan:
                 writer.write_tensor_data(_converted(p, files, hp))
-        finally:
-            writer.close()
-    return out_path
-
-
-# ---------------------------------------------------------------------------------------------
-# LoRA adapter export
-
-
-def _adapter_tensors(adapter_dir: Path) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
-
-    path = adapter_dir / "adapter_model.safetensors"
-    if not path.is_file():
-        extra = (
-            " (adapter_model.bin is pickled and never loaded)"
-            if (adapter_dir / "adapter_model.bin").exists()
-            else ""
-        )
-        raise ModelSourceError(f"{adapter_dir}: adapter_model.safetensors is missing{extra}")
-    with safe_open(path, framework="pt") as fh:
-        return {k: fh.get_tensor(k).float().numpy() for k in fh.keys()}  # noqa: SIM118
-
-
-def _lora_pairs(tensors: dict[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-    """(module name, A, B) per adapted Linear; anything else is refused with the reason."""
-    pairs: dict[str, dict[str, np.ndarray]] = {}
-    for key, value in tensors.items():
-        name = key.removeprefix("base_model.model.")
-        if "lora_embedding_" in name or "lora_magnitude_vector" in name:
-            what = "an embedding LoRA" if "lora_embedding_" in name else "a DoRA magnitude vector"
-            raise ExportError(
-                f"the adapter holds {what} ({key}); llama.cpp LoRA adapters support Linear LoRA only"
-            )
-        for part in ("lora_A", "lora_B"):
-            marker = f".{part}.weight"
-            if name.endswith(marker):
-                pairs.setdefault(name[: -len(marker)], {})[part] = value
-                break
-        else:
-            raise ExportError(
-                f"the adapter holds a full tensor {key} (modules_to_save?) that a llama.cpp "
-                "LoRA adapter cannot carry; merge and export the model instead"
-            )
-    for module, ab in sorted(pairs.items(), key=lambda kv: _natural_key(kv[0])):
-        if set(ab) != {"lora_A", "lora_B"}:
-            raise ExportError(f"the adapter has only {sorted(ab)} for {module}")
-        yield module, ab["lora_A"], ab["lora_B"]
-
-
-def _module_scale(module: str, cfg: dict) -> tuple[int, float]:
-    """(rank, alpha) PEFT uses for `module`, honouring rank_pattern / alpha_pattern."""
-    import re
-
-    def pick(pattern: dict, default):
-        for key, value in (pattern or {}).items():
-            if re.match(rf"(.*\.)?{key}$", module):
-                return value
-        return default
-
-    return int(pick(cfg.get("rank_pattern"), cfg["r"])), float(
-        pick(cfg.get("alpha_pattern"), cfg["lora_alpha"])
-    )
-
-
-def export_lora_gguf(
-    adapter_dir: Path,
-    base_config: Path | dict,
-    out_path: Path,
-    *,
-    dtype: str = "f32",
-    overwrite: bool = False,
-    name: str | None = None,
-) -> Path:
-    """Write a PEFT LoRA adapter as a llama.cpp GGUF LoRA adapter (for `llama-cli --lora`).
-
-    `base_config` is the base model folder, its config.json, or the config dict. llama.cpp scales
-    each delta by alpha / rank with one alpha for the file; rsLoRA and per-module rank/alpha
-    patterns are folded into the B matrices so that the applied delta equals PEFT's. q/k B rows are
-    permuted like the base weights (A is untouched).
-    """
-    adapter_dir, out_path = Path(adapter_dir), Path(out_path)
-    if dtype not in LORA_DTYPES:
-        raise ExportError(f"GGUF LoRA dtype must be one of {', '.join(LORA_DTYPES)}, got {dtype!r}")
-    if out_path.exists() and not overwrite:
-        raise ExportError(f"{out_path} already exists; pass --overwrite (overwrite=True) to replace it")
-    if isinstance(base_config, dict):
-        hp = LlamaHParams.from_config(base_config, where="base config")
-    else:
-        base_config = Path(base_config)
-        hp = (
-            read_config(base_config)
-            if base_config.is_dir()
-            else LlamaHParams.from_config(
-                json.loads(base_config.read_text(encoding="utf-8")), where=str(base_config)
-            )
-        )
-    cfg_path = adapter_dir / "adapter_config.json"
-    if not cfg_path.is_file():
-        raise ModelSourceError(f"{adapter_dir} is not a PEFT adapter: adapter_config.json is missing")
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise ExportError(f"{cfg_path}: peft_type {cfg.get('peft_type')} is not LoRA")
-    if cfg.get("use_dora"):
-        raise ExportError(
-            f"{cfg_path}: DoRA adapters cannot be written as llama.cpp LoRA adapters; merge and export the model"
-        )
-
-    g = _gguf()
-    name_map = g.get_tensor_name_map(g.MODEL_ARCH.LLAMA, hp.n_layer)
-    rslora = bool(cfg.get("use_rslora"))
-    alpha = float(cfg["lora_alpha"]) * (math.sqrt(cfg["r"]) if rslora else 1.0)
-    qtype = _qtype(dtype)
-    out: list[tuple[str, np.ndarray]] = []
-    for module, a, b in _lora_pairs(_adapter_tensors(adapter_dir)):
-        if module == "lm_head" and hp.tied:
-            raise ExportError(
-                "the adapter changes lm_head, which the base model ties to the embeddings; "
-                "llama.cpp cannot apply that as an adapter (merge and export instead)"
-            )
-        new = name_map.get_name(module + ".weight", try_suffixes=(".weight",))
-        if new is None:
-            raise ExportError(f"the adapter targets {module}, which is not a Llama tensor")
-        rank, m_alpha = _module_scale(module, cfg)
-        if a.shape[0] != rank or b.shape[1] != rank:
-            raise ExportError(f"{module}: lora_A {a.shape} / lora_B {b.shape} do not match rank {rank}")
-        peft_scale = m_alpha / (math.sqrt(rank) if rslora else rank)
-        correction = peft_scale / (alpha / rank)
-        if not math.isclose(correction, 1.0, rel_tol=1e-9):
-            b = b * correction
-        if module.endswith("q_proj"):
-            b = permute_qk(b, hp.n_head)
-        elif module.endswith("k_proj"):
-            b = permute_qk(b, hp.n_head_kv)
-        out += [(new + ".lora_a", a), (new + ".lora_b", b)]
-    if not out:
-        raise ExportError(f"{adapter_dir}: the adapter holds no LoRA tensors")
-
-    from gguf.quants import quantize
-
-    estimate = sum(x.size * 4 for _, x in out) + (1 << 20)
-    with atomic_file(out_path, overwrite=overwrite, required_bytes=estimate) as tmp:
-        writer = g.GGUFWriter(tmp, g.MODEL_ARCH_NAMES[g.MODEL_ARCH.LLAMA])
-        try:
-            writer.add_type(g.GGUFType.ADAPTER)
-            writer.add_name(name or adapter_dir.resolve().name)
-            writer.add_string(g.Keys.Adapter.TYPE, "lora")
-            writer.add_float32(g.Keys.Adapter.LORA_ALPHA, alpha)
-            writer.add_file_type(_file_type(dtype))
-            writer.add_quantization_version(g.GGML_QUANT_VERSION)
-            for tensor_name, data in out:
-                writer.add_tensor(
-                    tensor_name,
-                    quantize(np.ascontiguousarray(data, dtype=np.float32), qtype),
-                    raw_dtype=qtype,
-                )
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
         finally:
             writer.close()
     return out_path

@@ -76,10 +76,10 @@ def parameter_count(source: Path | str) -> int:
     """Number of stored parameters, from the safetensors headers (no weights loaded); 0 if unknown."""
     if not isinstance(source, Path):
         return 0
-    from llamaforge.export.gguf import _tensor_shapes, _weight_files
+    from llamaforge.export.gguf import tensor_shapes, weight_files
 
     try:
-        shapes = _tensor_shapes(_weight_files(source))
+        shapes = tensor_shapes(weight_files(source))
     except ModelSourceError:
         return 0
     total = 0

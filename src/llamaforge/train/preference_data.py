@@ -20,7 +20,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from llamaforge.data.formats import MESSAGE_ROLES, _check_turns, _content, _Invalid, _role, _text, _type_name
+from llamaforge.data.formats import (
+    MESSAGE_ROLES,
+    InvalidField,
+    check_turns,
+    field_text,
+    message_content,
+    turn_role,
+    type_name,
+)
 from llamaforge.data.readers import READERS, check_file
 from llamaforge.data.types import Conversation, Message, Rejected
 from llamaforge.errors import ConfigError, DataError
@@ -52,52 +60,54 @@ class BinaryExample:
 
 def _messages(value: Any, field: str) -> list[tuple[str, str, str]]:
     if not isinstance(value, list) or not value:
-        raise _Invalid(
-            field, f"'{field}' must be text or a non-empty list of messages, got {_type_name(value)}"
+        raise InvalidField(
+            field, f"'{field}' must be text or a non-empty list of messages, got {type_name(value)}"
         )
     turns = []
     for i, turn in enumerate(value):
         base = f"{field}[{i}]"
         if not isinstance(turn, dict):
-            raise _Invalid(
-                base, f"'{base}' must be an object with 'role' and 'content', got {_type_name(turn)}"
+            raise InvalidField(
+                base, f"'{base}' must be an object with 'role' and 'content', got {type_name(turn)}"
             )
-        role, role_field = _role(turn, "role", base, MESSAGE_ROLES)
-        turns.append((role, _content(turn.get("content", _MISSING), f"{base}.content", None), role_field))
+        role, role_field = turn_role(turn, "role", base, MESSAGE_ROLES)
+        turns.append(
+            (role, message_content(turn.get("content", _MISSING), f"{base}.content", None), role_field)
+        )
     return turns
 
 
 def _prompt(record: dict[str, Any]) -> list[tuple[str, str, str]]:
     value = record.get("prompt", _MISSING)
     if value is _MISSING:
-        raise _Invalid("prompt", "missing field 'prompt'")
+        raise InvalidField("prompt", "missing field 'prompt'")
     turns = (
-        [("user", _text(value, "prompt", None), "prompt")]
+        [("user", field_text(value, "prompt", None), "prompt")]
         if isinstance(value, str)
         else _messages(value, "prompt")
     )
     system = record.get("system")
     if system is not None:
         if turns[0][0] == "system":
-            raise _Invalid(
+            raise InvalidField(
                 "system", "a system prompt is given twice: in 'system' and as the first prompt turn"
             )
-        turns.insert(0, ("system", _text(system, "system", None), "system"))
+        turns.insert(0, ("system", field_text(system, "system", None), "system"))
     if turns[-1][0] != "user":
-        raise _Invalid(turns[-1][2], f"the prompt must end with a user turn, not {turns[-1][0]}")
-    _check_turns([*turns, ("assistant", "", "prompt")])  # alternation and system placement
+        raise InvalidField(turns[-1][2], f"the prompt must end with a user turn, not {turns[-1][0]}")
+    check_turns([*turns, ("assistant", "", "prompt")])  # alternation and system placement
     return turns
 
 
 def _answer(record: dict[str, Any], key: str) -> str:
     value = record.get(key, _MISSING)
     if value is _MISSING:
-        raise _Invalid(key, f"missing field '{key}'")
+        raise InvalidField(key, f"missing field '{key}'")
     if isinstance(value, str):
-        return _text(value, key, None)
+        return field_text(value, key, None)
     turns = _messages(value, key)
     if len(turns) != 1 or turns[0][0] != "assistant":
-        raise _Invalid(key, f"'{key}' must be text or one assistant message when a prompt is given")
+        raise InvalidField(key, f"'{key}' must be text or one assistant message when a prompt is given")
     return turns[0][1]
 
 
@@ -109,14 +119,16 @@ def _split_conversations(record: dict[str, Any]) -> tuple[list[tuple[str, str, s
     )
     for key, turns in (("chosen", chosen), ("rejected", rejected)):
         if turns[-1][0] != "assistant":
-            raise _Invalid(turns[-1][2], f"'{key}' must end with an assistant turn, not {turns[-1][0]}")
+            raise InvalidField(turns[-1][2], f"'{key}' must end with an assistant turn, not {turns[-1][0]}")
     if [t[:2] for t in chosen[:-1]] != [t[:2] for t in rejected[:-1]]:
-        raise _Invalid(
+        raise InvalidField(
             "rejected", "without a 'prompt', 'chosen' and 'rejected' must share every turn but the last"
         )
     if len(chosen) < 2:
-        raise _Invalid("chosen", "without a 'prompt', 'chosen' needs at least a user turn before the answer")
-    _check_turns(chosen)
+        raise InvalidField(
+            "chosen", "without a 'prompt', 'chosen' needs at least a user turn before the answer"
+        )
+    check_turns(chosen)
     return chosen[:-1], chosen[-1][1], rejected[-1][1]
 
 
@@ -126,7 +138,7 @@ def _to_messages(turns: list[tuple[str, str, str]]) -> list[Message]:
 
 def parse_pair(record: Any) -> PreferencePair:
     if not isinstance(record, dict):
-        raise _Invalid(None, f"a record must be an object with named fields, got {_type_name(record)}")
+        raise InvalidField(None, f"a record must be an object with named fields, got {type_name(record)}")
     if "prompt" in record:
         prompt = _prompt(record)
         chosen, rejected = _answer(record, "chosen"), _answer(record, "rejected")
@@ -134,27 +146,29 @@ def parse_pair(record: Any) -> PreferencePair:
         prompt, chosen, rejected = _split_conversations(record)
     else:
         keys = ", ".join(map(str, record)) or "none"
-        raise _Invalid(
+        raise InvalidField(
             "prompt",
             f"missing field 'prompt' (fields: {keys}); a pair is {{prompt, chosen, rejected}} "
             "or chosen/rejected as whole conversations",
         )
     if chosen == rejected:
-        raise _Invalid("rejected", "'chosen' and 'rejected' are the same answer: the pair teaches nothing")
+        raise InvalidField(
+            "rejected", "'chosen' and 'rejected' are the same answer: the pair teaches nothing"
+        )
     return PreferencePair(_to_messages(prompt), chosen, rejected)
 
 
 def parse_binary(record: Any) -> BinaryExample:
     if not isinstance(record, dict):
-        raise _Invalid(None, f"a record must be an object with named fields, got {_type_name(record)}")
+        raise InvalidField(None, f"a record must be an object with named fields, got {type_name(record)}")
     prompt = _prompt(record)
     completion = _answer(record, "completion")
     label = record.get("label", _MISSING)
     if label is _MISSING:
-        raise _Invalid("label", "missing field 'label'")
+        raise InvalidField("label", "missing field 'label'")
     if not isinstance(label, bool):
-        raise _Invalid(
-            "label", f"'label' must be true or false (a JSON boolean), got {_type_name(label)} {label!r}"
+        raise InvalidField(
+            "label", f"'label' must be true or false (a JSON boolean), got {type_name(label)} {label!r}"
         )
     return BinaryExample(_to_messages(prompt), completion, label)
 
@@ -177,7 +191,7 @@ def read_preferences(
         if item.reason is None:
             try:
                 example = parse(item.record)
-            except _Invalid as exc:
+            except InvalidField as exc:
                 bad = Rejected(str(p), item.line, exc.field, exc.reason, item.record)
             else:
                 example.source, example.line = str(p), item.line
