@@ -126,3 +126,10 @@ def test_preference_objectives_refuse_data_prepared(prepared, llama3_tokenizer):
         prepare_preferences(
             DataConfig(prepared=str(prepared)), "pairs", get_template("llama3", llama3_tokenizer)
         )
+
+
+def test_the_planner_counts_the_prepared_train_split(prepared):
+    from llamaforge.planning.data_tokens import job_tokens
+
+    tokens, how = job_tokens(load_config(None, [f"data.prepared={prepared}"]))
+    assert how.startswith(f"~{len(read_split(prepared / 'train.jsonl'))} records") and tokens > 0

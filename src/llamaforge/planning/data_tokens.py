@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from llamaforge import catalog
+from llamaforge.schema import DataSource
 
 CHARS_PER_TOKEN = 4.0
 TEMPLATE_TOKENS = 10
@@ -54,7 +55,10 @@ def _local_file(source: str) -> Path | None:
 def job_tokens(config) -> tuple[float | None, str]:
     """(train tokens per epoch, how they were counted), or (None, why not)."""
     total_records, total_tokens = 0, 0.0
-    for source in config.data.sources:
+    sources, prepared = config.data.sources, config.data.prepared
+    if prepared:  # a prepare output: its train split, as train reads it
+        sources = [DataSource(path=str(Path(prepared).expanduser() / "train.jsonl"))]
+    for source in sources:
         path = _local_file(source.path)
         if path is None:
             return None, f"data source '{source.path}' is not on disk (prepare it, or pass --tokens)"
@@ -67,7 +71,7 @@ def job_tokens(config) -> tuple[float | None, str]:
         total_records += len(chars) * source.repeat
         total_tokens += (sum(chars) / CHARS_PER_TOKEN + TEMPLATE_TOKENS * len(chars)) * source.repeat
     val = config.data.val_size
-    if not config.data.val_sources and val:
+    if not config.data.val_sources and not prepared and val:
         kept = (1 - val) if val < 1 else max(0.0, 1 - val / max(total_records, 1))
         total_tokens *= kept
     return total_tokens, f"~{total_records} records, estimated at {CHARS_PER_TOKEN:g} characters per token"

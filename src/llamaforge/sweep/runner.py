@@ -273,7 +273,8 @@ def run_sweep(
             echo(f"  {t.name}: {' '.join([*fixed, *t.overrides])}")
         return sweep_dir
     trials_dir = sweep_dir / "trials"
-    check_not_input(sweep_dir, [job, *(s.path for c in configs for s in c.data.sources)], "sweep folder")
+    inputs = [job, *(s.path for c in configs for s in c.data.sources), *(c.data.prepared for c in configs)]
+    check_not_input(sweep_dir, inputs, "sweep folder")
     if sweep_dir.is_dir() and any(sweep_dir.iterdir()) and not is_ours(sweep_dir):
         raise ConfigError(
             f"sweep folder {sweep_dir} is not empty and was not created by llamaforge (no "
