@@ -139,15 +139,16 @@ class TrainingMonitor:
 # ---------------------------------------------------------------- best weights on disk
 
 
-def save_best(root: Path, model, info: dict) -> Path:
-    """Trainable tensors + best.json, written to a temp folder and renamed into place (as checkpoints)."""
+def save_best(root: Path, model, info: dict, weights: dict | None = None) -> Path:
+    """Trainable tensors + best.json, written to a temp folder and renamed into place (as checkpoints).
+    `weights`: a sharded run's trainable tensors, gathered whole (train/sharded.py)."""
     from llamaforge.atomic import swap_into_place
 
     root.mkdir(parents=True, exist_ok=True)
     final, tmp = root / BEST_DIR, root / f".tmp-{BEST_DIR}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(trainable_state(model), tmp / "trainable.safetensors")
+    save_file(trainable_state(model) if weights is None else weights, tmp / "trainable.safetensors")
     (tmp / "best.json").write_text(json.dumps(info, indent=2))
     swap_into_place(tmp, final)
     return final
@@ -276,11 +277,15 @@ class ValidationWatch:
             )
 
     def _save_best(self, step: int, result: dict) -> None:
+        from llamaforge.train.sharded import gather_trainable
+
+        weights = gather_trainable(self.accelerator, self.train_loss, self.model)  # every process
         if self.accelerator.is_main_process:
             save_best(
                 self.run_dir / "checkpoints",
                 self.accelerator.unwrap_model(self.model),
                 {"step": step, **result},
+                weights,
             )
 
     def _finish_best(self, final: dict | None) -> dict | None:

@@ -46,6 +46,7 @@ from llamaforge.train.checkpoint import (
 from llamaforge.train.knobs import build_optimizer, check_optimizer, seed_everything
 from llamaforge.train.monitor import TrainingDiverged, ValidationWatch  # noqa: F401 - re-exported
 from llamaforge.train.packing import packed_batches, verify_packing
+from llamaforge.train.sharded import gather_model_state, gathered, is_fsdp, prepare_training, save_gathered
 from llamaforge.train.signals import StopSignals
 from llamaforge.train.tracking import MetricsLog, check_trackers, open_trackers, plot_losses
 
@@ -181,8 +182,8 @@ class FineTuneRecipe(ValidationWatch):
 
         # DDP syncs (FSDP/ZeRO-3 gather) only inside the forward of what it wraps, and our chunked loss
         # bypasses the model's forward: the wrapped module is the loss; self.model stays the plain model.
-        self.train_loss, self.optimizer = self.accelerator.prepare(
-            TokenLoss(self.model, cfg.train.loss_chunk_size), self.optimizer
+        self.train_loss, self.optimizer = prepare_training(  # FSDP on CPU too: train/sharded.py
+            self.accelerator, TokenLoss(self.model, cfg.train.loss_chunk_size), self.optimizer
         )
         self.progress = {"step": 0, "epoch": 0, "group": 0, "tokens": 0, "target_tokens": 0, "elapsed": 0.0}
         if self.resume:
@@ -283,11 +284,13 @@ class FineTuneRecipe(ValidationWatch):
             self.optimizer,
             self.scheduler,
             rank=self.accelerator.process_index,
+            sharded=is_fsdp(self.train_loss),
         )
         self._log(f"resumed from {checkpoints[-1].name} (step {self.progress['step']})")
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
+    @gathered
     def evaluate(self) -> dict | None:
         """Token-weighted loss over the validation set, with the training masks."""
         if self.objective:
@@ -317,6 +320,7 @@ class FineTuneRecipe(ValidationWatch):
             **self._generation_metrics(),
         }
 
+    @gathered
     def sample_answers(self) -> dict[str, str]:
         from llamaforge.generation import generate
 
@@ -421,7 +425,7 @@ class FineTuneRecipe(ValidationWatch):
         bar.close()
         elapsed = time.perf_counter() - started
         final = self.evaluate()
-        if final:
+        if final and acc.is_main_process:  # every process evaluates; one writes
             metrics.write({"step": self.progress["step"], **final})
         final = self._finish_best(final)
         metrics.close()
@@ -535,6 +539,7 @@ class FineTuneRecipe(ValidationWatch):
         acc, root = self.accelerator, self.run_dir / "checkpoints"
         progress, rng = self._boundary if at_boundary and self._boundary else (self.progress, None)
         progress = copy.deepcopy(progress)
+        gathered_state = save_gathered(acc, self.train_loss, self.model, self.optimizer)  # all processes
         if not acc.is_main_process:
             save_rank_rng(root, progress["step"], acc.process_index, rng)
             return None
@@ -549,6 +554,7 @@ class FineTuneRecipe(ValidationWatch):
             progress,
             self.cfg.train.keep_checkpoints,
             rng=rng,
+            **gathered_state,
         )
 
     # ------------------------------------------------------------------ save / cleanup
@@ -556,12 +562,13 @@ class FineTuneRecipe(ValidationWatch):
         acc = self.accelerator
         acc.wait_for_everyone()
         weights = self.run_dir / weights_kind(self.cfg.method.name)
+        state = gather_model_state(acc, self.train_loss, self.model)  # sharded weights whole on rank 0
         if acc.is_main_process:
             model = acc.unwrap_model(self.model)
             self.tokenizer.chat_template = self.template.jinja  # plain transformers then renders the same way
             tmp = tmp_sibling(weights)  # written beside, renamed into place: never half an adapter
             try:
-                model.save_pretrained(tmp, safe_serialization=True)
+                model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
                 self.tokenizer.save_pretrained(tmp)
                 self.template.save(tmp)
                 swap_into_place(tmp, weights)
