@@ -63,7 +63,7 @@ def _layer_classes(model: nn.Module) -> set[str]:
     raise ConfigError("FSDP: set FSDP_TRANSFORMER_CLS_TO_WRAP (the decoder layer class of this model)")
 
 
-def shard_on_cpu(accelerator, loss_module: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
+def shard_on_cpu(world: int, loss_module: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
     """FSDP2 over the launch's processes on CPU (gloo): one unit per decoder layer, the loss module
     as root (it holds the embeddings, final norm and head). The optimizer was built on the plain
     parameters; `fully_shard` replaces them with sharded ones, so its groups are pointed at those
@@ -77,7 +77,7 @@ def shard_on_cpu(accelerator, loss_module: nn.Module, optimizer: torch.optim.Opt
             "llamaforge shards with FSDP2 only. Use examples/accelerate/fsdp_qlora.yaml on GPUs."
         )
     names = {id(p): n for n, p in loss_module.named_parameters()}
-    mesh = init_device_mesh("cpu", (accelerator.num_processes,))
+    mesh = init_device_mesh("cpu", (world,))
     reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
     classes = _layer_classes(loss_module)
     layers = [m for m in loss_module.modules() if type(m).__name__ in classes]
@@ -110,7 +110,7 @@ def prepare_training(accelerator, loss_module: nn.Module, optimizer: torch.optim
         if accelerator.mixed_precision != "no":
             raise ConfigError("FSDP on CPU: use train.precision=fp32 (no CPU mixed precision with FSDP2 here)")
         log.info("FSDP on CPU: sharding with torch fully_shard over %d processes", accelerator.num_processes)
-        return shard_on_cpu(accelerator, loss_module, optimizer), optimizer
+        return shard_on_cpu(accelerator.num_processes, loss_module, optimizer), optimizer
     return accelerator.prepare(loss_module, optimizer)
 
 
