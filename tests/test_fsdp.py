@@ -175,7 +175,10 @@ def test_sharded_weights_gather_whole_and_load_back(gloo_group, tiny_llama_dir, 
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     wrapped(batch).backward()
     optimizer.step()
-    trained, moments = gather_trainable(state, wrapped, model), gather_optimizer_state(wrapped, model, optimizer)
+    trained, moments = (
+        gather_trainable(state, wrapped, model),
+        gather_optimizer_state(wrapped, model, optimizer),
+    )
     assert any(not torch.equal(trained[k], plain[k]) for k in plain)
     assert set(moments["state"]) == {k for k in plain if "lora_B" in k or "lora_A" in k}
 

@@ -183,7 +183,11 @@ class FineTuneRecipe(ValidationWatch):
         # DDP syncs (FSDP/ZeRO-3 gather) only inside the forward of what it wraps, and our chunked loss
         # bypasses the model's forward: the wrapped module is the loss; self.model stays the plain model.
         self.train_loss, self.optimizer = prepare_training(  # FSDP on CPU too: train/sharded.py
-            self.accelerator, TokenLoss(self.model, cfg.train.loss_chunk_size), self.optimizer
+            self.accelerator,
+            TokenLoss(self.model, cfg.train.loss_chunk_size),
+            self.optimizer,
+            cfg.train,
+            resume=self.resume,
         )
         self.progress = {"step": 0, "epoch": 0, "group": 0, "tokens": 0, "target_tokens": 0, "elapsed": 0.0}
         if self.resume:
@@ -446,7 +450,8 @@ class FineTuneRecipe(ValidationWatch):
         cfg, acc = self.cfg, self.accelerator
         grad_norm = None
         if cfg.train.max_grad_norm > 0:
-            grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm))
+            norm = acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
+            grad_norm = None if norm is None else float(norm)  # DeepSpeed clips in its step: no norm yet
         with self.signals.update():  # a signal now waits for the weights to be whole
             self.optimizer.step()
             self.scheduler.step()

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -95,11 +95,68 @@ def shard_on_cpu(world: int, loss_module: nn.Module, optimizer: torch.optim.Opti
     return loss_module
 
 
-def prepare_training(accelerator, loss_module: nn.Module, optimizer: torch.optim.Optimizer):
-    """What `accelerator.prepare(loss_module, optimizer)` does, plus FSDP on CPU (see the module doc)."""
+# DeepSpeed config key -> the job field it must equal
+DEEPSPEED_FIELDS = {
+    "train_micro_batch_size_per_gpu": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "train_batch_size": "train.batch_size x train.grad_accum x processes",
+    "gradient_clipping": "train.max_grad_norm",
+}
+
+
+def reconcile_deepspeed(ds_config: dict, train, world: int, *, resume: bool = False) -> dict:
+    """Fill the DeepSpeed config's "auto" (or missing) batch settings from the job, and refuse, before
+    anything is loaded onto the devices, any it sets to something else.
+
+    accelerate 1.15 tells DeepSpeed's engine that every backward ends an accumulation window
+    (`DeepSpeedEngineWrapper.backward` passes `sync_gradients`, which this loop never lowers), so the
+    engine would step its optimizer at every micro-batch: accumulation must be 1 under DeepSpeed.
+    """
+    if train.grad_accum != 1:
+        raise ConfigError(
+            f"train.grad_accum={train.grad_accum} under DeepSpeed: accelerate steps DeepSpeed's optimizer "
+            "at every backward, so accumulation would silently become 1. Set train.grad_accum=1 and raise "
+            "train.batch_size or the process count for the same global batch"
+        )
+    if resume:
+        raise ConfigError(
+            "--resume under DeepSpeed: llamaforge's checkpoints hold the whole trainable weights but "
+            "DeepSpeed partitions the optimizer states over the processes, so a resume would not repeat "
+            "the run; restart it, or resume with FSDP or DDP"
+        )
+    want = {
+        "train_micro_batch_size_per_gpu": train.batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": train.batch_size * train.grad_accum * world,
+        "gradient_clipping": train.max_grad_norm,
+    }
+    for key, value in want.items():
+        have = ds_config.get(key, "auto")
+        if have in (None, "auto"):
+            ds_config[key] = value
+        elif float(have) != float(value):
+            raise ConfigError(
+                f"the DeepSpeed config sets {key}={have} but the job has {DEEPSPEED_FIELDS[key]}={value}: "
+                f"make them equal, or set {key}: auto in the DeepSpeed config to take the job's"
+            )
+    return ds_config
+
+
+def prepare_training(
+    accelerator, loss_module: nn.Module, optimizer: torch.optim.Optimizer, train, *, resume: bool = False
+):
+    """What `accelerator.prepare(loss_module, optimizer)` does, plus FSDP on CPU (see the module doc)
+    and the DeepSpeed config checked against the job (`train`: the job's train section)."""
     from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        reconcile_deepspeed(
+            accelerator.state.deepspeed_plugin.deepspeed_config,
+            train,
+            accelerator.num_processes,
+            resume=resume,
+        )
     if kind == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise ConfigError(
             "FSDP version 1 is not supported: set `fsdp_version: 2` in the accelerate config "
@@ -108,7 +165,9 @@ def prepare_training(accelerator, loss_module: nn.Module, optimizer: torch.optim
         )
     if fsdp_requested() and kind == DistributedType.MULTI_CPU:
         if accelerator.mixed_precision != "no":
-            raise ConfigError("FSDP on CPU: use train.precision=fp32 (no CPU mixed precision with FSDP2 here)")
+            raise ConfigError(
+                "FSDP on CPU: use train.precision=fp32 (no CPU mixed precision with FSDP2 here)"
+            )
         log.info("FSDP on CPU: sharding with torch fully_shard over %d processes", accelerator.num_processes)
         return shard_on_cpu(accelerator.num_processes, loss_module, optimizer), optimizer
     return accelerator.prepare(loss_module, optimizer)
@@ -176,14 +235,18 @@ def load_full_weights(model: nn.Module, weights: dict) -> None:
     options = StateDictOptions(full_state_dict=True, strict=False)
     result = set_model_state_dict(model, weights, options=options)
     if result.unexpected_keys:
-        raise ValueError(f"weights do not match the model: unknown tensors {sorted(result.unexpected_keys)[:3]}")
+        raise ValueError(
+            f"weights do not match the model: unknown tensors {sorted(result.unexpected_keys)[:3]}"
+        )
 
 
 def load_full_state(model: nn.Module, optimizer, optimizer_state: dict) -> None:
     """A saved whole optimizer state (keyed by parameter name) into the shards' optimizer."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(
+        model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True)
+    )
 
 
 def gathered(method):
