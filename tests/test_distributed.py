@@ -161,6 +161,7 @@ def launch_env(name: str) -> dict[str, str]:
     [
         ("ddp", "MULTI_GPU", False),
         ("fsdp", "FSDP", True),
+        ("fsdp_qlora", "FSDP", True),
         ("deepspeed_zero2", "DEEPSPEED", False),
         ("deepspeed_zero3", "DEEPSPEED", True),
     ],
@@ -174,13 +175,14 @@ def test_accelerate_examples_load_and_launch_as_documented(name, kind, sharded, 
     config = load_config_from_file(str(ACCELERATE_EXAMPLES / f"{name}.yaml"))
     assert config.distributed_type == DistributedType[kind] and config.num_processes >= 2
     env = launch_env(name)
-    if name == "fsdp":
+    if name.startswith("fsdp"):
         assert (
             env["ACCELERATE_USE_FSDP"] == "true"
             and env["FSDP_TRANSFORMER_CLS_TO_WRAP"] == "LlamaDecoderLayer"
         )
-        for flag in ("USE_ORIG_PARAMS", "CPU_RAM_EFFICIENT_LOADING", "SYNC_MODULE_STATES"):
+        for flag in ("CPU_RAM_EFFICIENT_LOADING", "RESHARD_AFTER_FORWARD"):
             assert env[f"FSDP_{flag}"] == "true", flag
+        assert env["FSDP_VERSION"] == "2"  # version 1 is refused at setup (train/sharded.py)
     if kind == "DEEPSPEED":
         assert env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == name[-1]
     # the loader reads the same variables: a sharded launch stores the 4-bit weights as bfloat16

@@ -190,3 +190,20 @@ def test_sharded_weights_gather_whole_and_load_back(gloo_group, tiny_llama_dir, 
     back = gather_trainable(state, wrapped, model)
     for key in plain:
         torch.testing.assert_close(back[key], plain[key], rtol=0, atol=0)
+
+
+def test_a_quantized_base_is_refused_on_cpu_with_the_reason():
+    """QLoRA + FSDP is the GPU recipe (bitsandbytes, bf16 quant storage); a CPU launch asking for
+    FSDP over a 4-bit base (torchao's NF4 here) stops before any process shards anything."""
+    from torchao.quantization import to_nf4
+
+    from llamaforge.errors import ConfigError
+    from llamaforge.train.sharded import shard_on_cpu
+
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 2))
+    model[0].weight = torch.nn.Parameter(to_nf4(model[0].weight.detach()), requires_grad=False)
+    optimizer = torch.optim.AdamW(model[1].parameters())
+    with pytest.raises(
+        ConfigError, match=r"QLoRA \+ FSDP on CPU: 0.weight is a quantized weight \(NF4Tensor\)"
+    ):
+        shard_on_cpu(2, model, optimizer)

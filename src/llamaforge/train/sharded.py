@@ -71,10 +71,13 @@ def shard_on_cpu(world: int, loss_module: nn.Module, optimizer: torch.optim.Opti
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    if any(p.__class__.__name__ == "Params4bit" for p in loss_module.parameters()):
+    quantized = [n for n, p in loss_module.named_parameters() if type(p.data) is not torch.Tensor]
+    if quantized:
         raise ConfigError(
-            "QLoRA + FSDP needs CUDA GPUs: bitsandbytes 4-bit weights do not run on the CPU, and on CPU "
-            "llamaforge shards with FSDP2 only. Use examples/accelerate/fsdp_qlora.yaml on GPUs."
+            f"QLoRA + FSDP on CPU: {quantized[0]} is a quantized weight ({type(loss_module.get_parameter(quantized[0]).data).__name__}). "
+            "The 4-bit FSDP recipe needs CUDA GPUs (bitsandbytes with bnb_4bit_quant_storage=bfloat16, "
+            "examples/accelerate/fsdp_qlora.yaml); torchao's NF4 tensor is not set up for sharding here. "
+            "On CPU, shard LoRA or full fine-tuning of an unquantized model"
         )
     names = {id(p): n for n, p in loss_module.named_parameters()}
     mesh = init_device_mesh("cpu", (world,))
