@@ -71,10 +71,15 @@ def shard_on_cpu(world: int, loss_module: nn.Module, optimizer: torch.optim.Opti
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    quantized = [n for n, p in loss_module.named_parameters() if type(p.data) is not torch.Tensor]
+    quantized = [
+        (n, type(p.data).__name__)
+        for n, p in loss_module.named_parameters()
+        if type(p.data) is not torch.Tensor
+    ]
     if quantized:
+        name, kind = quantized[0]
         raise ConfigError(
-            f"QLoRA + FSDP on CPU: {quantized[0]} is a quantized weight ({type(loss_module.get_parameter(quantized[0]).data).__name__}). "
+            f"QLoRA + FSDP on CPU: {name} is a quantized weight ({kind}). "
             "The 4-bit FSDP recipe needs CUDA GPUs (bitsandbytes with bnb_4bit_quant_storage=bfloat16, "
             "examples/accelerate/fsdp_qlora.yaml); torchao's NF4 tensor is not set up for sharding here. "
             "On CPU, shard LoRA or full fine-tuning of an unquantized model"
