@@ -22,6 +22,7 @@ oneDNN buffers that RSS adds. RSS is what we measure, not time: the CPU is share
 
     python bench/plan_accuracy.py            # 11 configurations (~5-10 min on 2 cores)
     python bench/plan_accuracy.py --quick    # the two random models only
+    python bench/plan_accuracy.py --fsdp     # FSDP over 2 processes: the larger per-process peak
 Writes bench/results/plan_accuracy.json (with the machine record) and prints a table below the machine
 line. Never asserts.
 """
@@ -75,6 +76,13 @@ CONFIGS = [
     ("smollm2-135m", "full", False, "float32", 4, 256, 1024),
     ("smollm2-135m", "lora", False, "float32", 4, 256, 1024),
     ("smollm2-135m", "qlora", False, "float32", 4, 256, 1024),
+]
+# FSDP (`--fsdp`): two processes (gloo) shard each model with llamaforge.train.sharded, as
+# `ACCELERATE_USE_FSDP=true torchrun --nproc_per_node 2 ... llamaforge train` does; the per-process
+# peak (the larger of the two) against the planner's `strategy="fsdp", gpus=2` estimate.
+FSDP_CONFIGS = [
+    ("random-55M", "full", False, "float32", 4, 256, 1024),
+    ("random-55M", "lora", False, "float32", 4, 256, 1024),
 ]
 RANK, TARGETS, DROPOUT = 16, "all-linear", 0.05  # the job defaults
 
@@ -194,7 +202,10 @@ def make_optimizer(model):
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
 
-def train_steps(model, opt, batch: int, seq: int, chunk: int, steps: int, vocab: int, precision: str):
+def train_steps(
+    model, opt, batch: int, seq: int, chunk: int, steps: int, vocab: int, precision: str, wrapped=None
+):
+    """`wrapped`: the FSDP-sharded loss module (train/distributed.TokenLoss) to run the loss through."""
     import contextlib
 
     import torch
@@ -204,7 +215,10 @@ def train_steps(model, opt, batch: int, seq: int, chunk: int, steps: int, vocab:
     for _ in range(steps):
         ids = torch.randint(0, vocab, (batch, seq), generator=gen)
         with torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext():
-            loss = loss_sum(model, ids, chunk) / (batch * (seq - 1))
+            if wrapped is None:
+                loss = loss_sum(model, ids, chunk) / (batch * (seq - 1))
+            else:
+                loss = wrapped({"input_ids": ids, "labels": ids}) / (batch * (seq - 1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -235,13 +249,23 @@ def child(spec: dict) -> dict:
     loaded = _status("VmRSS") - base_rss
     vocab = model.config.vocab_size
     opt = make_optimizer(model)
+    wrapped = None
+    if spec.get("world", 1) > 1:  # under torchrun: shard as the recipe does on CPU
+        import torch.distributed as dist
+
+        from llamaforge.train.distributed import TokenLoss
+        from llamaforge.train.sharded import shard_on_cpu
+
+        dist.init_process_group("gloo")
+        wrapped = shard_on_cpu(spec["world"], TokenLoss(model, spec["chunk"]), opt)
+        gc.collect()
     train_steps(
-        model, opt, 1, 16, spec["chunk"], 1, vocab, spec["precision"]
+        model, opt, 1, 16, spec["chunk"], 1, vocab, spec["precision"], wrapped
     )  # a tiny first step allocates the AdamW state
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     train_steps(
-        model, opt, spec["batch"], spec["seq"], spec["chunk"], 1, vocab, spec["precision"]
+        model, opt, spec["batch"], spec["seq"], spec["chunk"], 1, vocab, spec["precision"], wrapped
     )  # a steady-state step
     peak = _status("VmHWM") - base_rss
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -283,7 +307,8 @@ def estimate_for(spec: dict):
         dropout=DROPOUT,
         device="cpu",
     )
-    return estimate(arch, setup)
+    world = spec.get("world", 1)
+    return estimate(arch, setup, strategy="fsdp" if world > 1 else "ddp", gpus=world)
 
 
 def resolve_default_model() -> str | None:
@@ -309,8 +334,12 @@ def run_one(spec: dict, smol: str | None) -> dict:
         PYTHONWARNINGS="ignore",
         TRANSFORMERS_VERBOSITY="error",
     )
+    launcher = [sys.executable]
+    if spec.get("world", 1) > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(spec["world"])]
+        env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(spec)],
+        [*launcher, __file__, "--child", json.dumps(spec)],
         capture_output=True,
         text=True,
         env=env,
@@ -319,7 +348,8 @@ def run_one(spec: dict, smol: str | None) -> dict:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
-    return json.loads(lines[-1])
+    ranks = [json.loads(line) for line in lines]
+    return max(ranks, key=lambda r: r["peak"]) | {"ranks_peak": [r["peak"] for r in ranks]}
 
 
 def main() -> int:
@@ -332,8 +362,12 @@ def main() -> int:
         choices=["auto", "bf16", "fp32"],
         help="autocast of the measured steps; auto: what training resolves on this machine",
     )
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "plan_accuracy.json"))
+    parser.add_argument("--fsdp", action="store_true", help="FSDP over 2 processes (FSDP_CONFIGS)")
+    parser.add_argument("--out", default=None, help="default: bench/results/plan_accuracy[_fsdp].json")
     args = parser.parse_args()
+    args.out = args.out or str(
+        ROOT / "bench" / "results" / f"plan_accuracy{'_fsdp' if args.fsdp else ''}.json"
+    )
     if args.child:
         print(json.dumps(child(json.loads(args.child))), flush=True)
         return 0
@@ -344,7 +378,7 @@ def main() -> int:
 
     machine = describe(args.precision, peak=False)  # memory, not speed: no peak needed
     print(machine.line(), flush=True)
-    smol = None if args.quick else resolve_default_model()
+    smol = None if args.quick or args.fsdp else resolve_default_model()
     rows = []
     MiB = 1024**2
     header = (
@@ -354,7 +388,7 @@ def main() -> int:
     print(header)
     print("-" * len(header))
     with tempfile.TemporaryDirectory() as tmp:
-        for model, method, ckpt, dtype, batch, seq, chunk in CONFIGS:
+        for model, method, ckpt, dtype, batch, seq, chunk in FSDP_CONFIGS if args.fsdp else CONFIGS:
             if args.quick and MODELS[model] is None:
                 continue
             spec = dict(
@@ -367,6 +401,7 @@ def main() -> int:
                 chunk=chunk,
                 tmp=tmp,
                 precision=machine.precision,
+                world=2 if args.fsdp else 1,
             )
             est = estimate_for(spec)
             if MODELS[model] is None and smol is None:

@@ -161,6 +161,7 @@ def launch_env(name: str) -> dict[str, str]:
     [
         ("ddp", "MULTI_GPU", False),
         ("fsdp", "FSDP", True),
+        ("fsdp_qlora", "FSDP", True),
         ("deepspeed_zero2", "DEEPSPEED", False),
         ("deepspeed_zero3", "DEEPSPEED", True),
     ],
@@ -174,13 +175,14 @@ def test_accelerate_examples_load_and_launch_as_documented(name, kind, sharded, 
     config = load_config_from_file(str(ACCELERATE_EXAMPLES / f"{name}.yaml"))
     assert config.distributed_type == DistributedType[kind] and config.num_processes >= 2
     env = launch_env(name)
-    if name == "fsdp":
+    if name.startswith("fsdp"):
         assert (
             env["ACCELERATE_USE_FSDP"] == "true"
             and env["FSDP_TRANSFORMER_CLS_TO_WRAP"] == "LlamaDecoderLayer"
         )
-        for flag in ("USE_ORIG_PARAMS", "CPU_RAM_EFFICIENT_LOADING", "SYNC_MODULE_STATES"):
+        for flag in ("CPU_RAM_EFFICIENT_LOADING", "RESHARD_AFTER_FORWARD"):
             assert env[f"FSDP_{flag}"] == "true", flag
+        assert env["FSDP_VERSION"] == "2"  # version 1 is refused at setup (train/sharded.py)
     if kind == "DEEPSPEED":
         assert env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == name[-1]
     # the loader reads the same variables: a sharded launch stores the 4-bit weights as bfloat16
@@ -192,3 +194,70 @@ def test_accelerate_examples_load_and_launch_as_documented(name, kind, sharded, 
     assert sharded_launch() is sharded
     storage = _quantization_config("4bit", torch.bfloat16).bnb_4bit_quant_storage
     assert storage == (torch.bfloat16 if sharded else torch.uint8)
+
+
+# ---------------------------------------------------------------------- DeepSpeed config vs the job
+
+
+def train_section(**values):
+    from llamaforge.config import load_config
+
+    return load_config(None, [f"train.{k}={v}" for k, v in values.items()]).train
+
+
+def test_deepspeed_auto_batch_settings_come_from_the_job():
+    from llamaforge.train.sharded import reconcile_deepspeed
+
+    ds = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_clipping": "auto",
+        "zero_optimization": {"stage": 3},
+    }
+    reconcile_deepspeed(ds, train_section(batch_size=4, grad_accum=1, max_grad_norm=0.5), world=2)
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 1
+    assert ds["train_batch_size"] == 8 and ds["gradient_clipping"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "key, value, field",
+    [
+        ("train_micro_batch_size_per_gpu", 8, "train.batch_size=4"),
+        ("gradient_accumulation_steps", 4, "train.grad_accum=1"),
+        ("train_batch_size", 64, "train.batch_size x train.grad_accum x processes=8"),
+        ("gradient_clipping", 1.0, "train.max_grad_norm=0.5"),
+    ],
+)
+def test_a_deepspeed_config_that_disagrees_with_the_job_is_refused(key, value, field):
+    from llamaforge.errors import ConfigError
+    from llamaforge.train.sharded import reconcile_deepspeed
+
+    with pytest.raises(ConfigError, match=f"sets {key}={value} but the job has {field}"):
+        reconcile_deepspeed(
+            {key: value}, train_section(batch_size=4, grad_accum=1, max_grad_norm=0.5), world=2
+        )
+
+
+def test_deepspeed_refuses_accumulation_and_resume():
+    from llamaforge.errors import ConfigError
+    from llamaforge.train.sharded import reconcile_deepspeed
+
+    with pytest.raises(ConfigError, match="train.grad_accum=4 under DeepSpeed"):
+        reconcile_deepspeed({}, train_section(batch_size=2, grad_accum=4), world=2)
+    with pytest.raises(ConfigError, match="--resume under DeepSpeed"):
+        reconcile_deepspeed({}, train_section(batch_size=2, grad_accum=1), world=2, resume=True)
+
+
+def test_the_zero3_example_config_passes_for_a_job_without_accumulation(monkeypatch):
+    """accelerate's own DeepSpeed plugin, built from examples/accelerate/deepspeed_zero3.yaml's
+    launch environment, agrees with a job of grad_accum 1 and max_grad_norm 1.0."""
+    pytest.importorskip("deepspeed")
+    from accelerate.utils import DeepSpeedPlugin
+
+    from llamaforge.train.sharded import reconcile_deepspeed
+
+    for key, value in launch_env("deepspeed_zero3").items():
+        if key.startswith("ACCELERATE_"):
+            monkeypatch.setenv(key, value)
+    plugin = DeepSpeedPlugin()
+    ds = reconcile_deepspeed(plugin.deepspeed_config, train_section(batch_size=2, grad_accum=1), world=2)
+    assert ds["zero_optimization"]["stage"] == 3 and ds["train_micro_batch_size_per_gpu"] == 2

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from llamaforge.errors import ConfigError
 from llamaforge.train.state import TrainState
 
 PREFIX = "step-"
@@ -87,17 +88,32 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(
-    root: Path, step: int, model, optimizer, scheduler, state: TrainState, keep: int, rng: dict | None = None
+    root: Path,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    state: TrainState,
+    keep: int,
+    rng: dict | None = None,
+    *,
+    weights: dict | None = None,
+    optimizer_state: dict | None = None,
 ) -> Path:
     """Rank 0's checkpoint of `step`: the loop's `state` as progress.json; `rng` is the generators' state
-    at that step (default: now)."""
+    at that step (default: now).
+
+    A sharded run passes `weights` and `optimizer_state` gathered whole (train/sharded.py): the
+    optimizer state is then keyed by parameter name, and only a sharded run can load it back."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".tmp-{PREFIX}{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(trainable_state(model), tmp / "trainable.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "state.pt")
+    save_file(trainable_state(model) if weights is None else weights, tmp / "trainable.safetensors")
+    saved = {"optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state}
+    saved.update(scheduler=scheduler.state_dict(), sharded=optimizer_state is not None)
+    torch.save(saved, tmp / "state.pt")
     torch.save(rng if rng is not None else rng_state(), tmp / "rng-rank0.pt")
     (tmp / "progress.json").write_text(json.dumps(state.to_dict(), indent=2))
     shutil.rmtree(final, ignore_errors=True)
@@ -122,6 +138,11 @@ def list_checkpoints(root: Path) -> list[Path]:
 def load_trainable(path: Path, model) -> None:
     """Copy a folder's trainable.safetensors into `model`, refusing tensors the model does not have."""
     tensors = load_file(path / "trainable.safetensors")
+    if any(_is_sharded(p) for p in model.parameters()):  # FSDP shards: each process takes its own
+        from llamaforge.train.sharded import load_full_weights
+
+        load_full_weights(model, tensors)
+        return
     params = dict(model.named_parameters())
     unknown = set(tensors) - set(params)
     if unknown:
@@ -131,14 +152,29 @@ def load_trainable(path: Path, model) -> None:
             params[name].copy_(value)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> TrainState:
+def load_checkpoint(
+    path: Path, model, optimizer, scheduler, rank: int = 0, *, sharded: bool = False
+) -> TrainState:
     """Restore a checkpoint into this process: weights, optimizer, scheduler and this rank's RNG;
-    returns the loop's state (read first: a bad progress.json changes nothing)."""
+    returns the loop's state (read first: a bad progress.json changes nothing).
+    `sharded`: this run's weights are FSDP shards (every process loads the full state into its own)."""
     progress = path / "progress.json"
     loop = TrainState.from_dict(json.loads(progress.read_text()), source=str(progress))
-    load_trainable(path, model)
     state = torch.load(path / "state.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    if bool(state.get("sharded")) != sharded:
+        made, now = ("an FSDP", "without FSDP") if state.get("sharded") else ("a non-FSDP", "with FSDP")
+        raise ConfigError(
+            f"{path} was written by {made} run and this run is launched {now}: "
+            "resume with the launch that wrote it"
+        )
+    if sharded:
+        from llamaforge.train.sharded import load_full_state
+
+        load_trainable(path, model)
+        load_full_state(model, optimizer, state["optimizer"])
+    else:
+        load_trainable(path, model)
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng_path = path / "rng-rank0.pt" if rank == 0 else path.parent / f"rng-rank{rank}-{path.name}.pt"
     if rng_path.is_file():
@@ -148,6 +184,12 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> T
     else:
         log.warning("no RNG state for process %d in %s: its random draws will not repeat exactly", rank, path)
     return loop
+
+
+def _is_sharded(param: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(param, DTensor)
 
 
 def _as_python_rng(value):

@@ -129,15 +129,16 @@ def non_finite(record: dict, precision: str) -> str | None:
 # ---------------------------------------------------------------- best weights on disk
 
 
-def save_best(root: Path, model, info: dict) -> Path:
-    """Trainable tensors + best.json, written to a temp folder and renamed into place (as checkpoints)."""
+def save_best(root: Path, model, info: dict, weights: dict | None = None) -> Path:
+    """Trainable tensors + best.json, written to a temp folder and renamed into place (as checkpoints).
+    `weights`: a sharded run's trainable tensors, gathered whole (train/sharded.py)."""
     from llamaforge.atomic import swap_into_place
 
     root.mkdir(parents=True, exist_ok=True)
     final, tmp = root / BEST_DIR, root / f".tmp-{BEST_DIR}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(trainable_state(model), tmp / "trainable.safetensors")
+    save_file(trainable_state(model) if weights is None else weights, tmp / "trainable.safetensors")
     (tmp / "best.json").write_text(json.dumps(info, indent=2))
     swap_into_place(tmp, final)
     return final

@@ -28,6 +28,7 @@ from llamaforge.train.monitor import TrainingDiverged
 from llamaforge.train.packing import verify_packing
 from llamaforge.train.resume import Checkpointer
 from llamaforge.train.rundir import prepare_run_dir_once, run_name
+from llamaforge.train.sharded import gather_model_state, gathered, is_fsdp, prepare_training
 from llamaforge.train.signals import StopSignals
 from llamaforge.train.state import TrainState
 from llamaforge.train.step import accumulate_tokens
@@ -127,6 +128,7 @@ class FineTuneRecipe:
             precision=self.precision,
             watch=self.state.watch,
             say=self._log,
+            wrapped=self.train_loss,
         )
         self._write_run_json("running")
 
@@ -175,17 +177,19 @@ class FineTuneRecipe:
         )
         # DDP syncs (FSDP/ZeRO-3 gather) only inside the forward of what it wraps, and our chunked loss
         # bypasses the model's forward: the wrapped module is the loss; self.model stays the plain model.
-        self.train_loss, self.optimizer = self.accelerator.prepare(
-            TokenLoss(self.model, t.loss_chunk_size), self.optimizer
+        self.train_loss, self.optimizer = prepare_training(  # FSDP on CPU too: train/sharded.py
+            self.accelerator, TokenLoss(self.model, t.loss_chunk_size), self.optimizer, t, resume=self.resume
         )
 
     def _restore(self) -> None:
         model = self.accelerator.unwrap_model(self.model)
-        self.state, path = self.checkpoints.restore(model, self.optimizer, self.scheduler)
+        sharded = is_fsdp(self.train_loss)
+        self.state, path = self.checkpoints.restore(model, self.optimizer, self.scheduler, sharded=sharded)
         self._log(f"resumed from {path.name} (step {self.state.step})")
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
+    @gathered
     def evaluate(self) -> dict | None:
         """Token-weighted loss over the validation set, with the training masks."""
         if self.data.val is None or len(self.data.val) == 0:
@@ -306,7 +310,7 @@ class FineTuneRecipe:
     def _finish(self, metrics, elapsed: float) -> dict:
         """The final eval, the weights to keep (the last or the best eval's), the summary."""
         final = self.evaluate()
-        if final:
+        if final and self.accelerator.is_main_process:  # every process evaluates; one writes
             metrics.write({"step": self.state.step, **final})
         final, facts = self.validator.finish(final, self.state.step)
         self.summary.update(facts)
@@ -348,7 +352,8 @@ class FineTuneRecipe:
         cfg, acc = self.cfg, self.accelerator
         grad_norm = None
         if cfg.train.max_grad_norm > 0:
-            grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm))
+            norm = acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
+            grad_norm = None if norm is None else float(norm)  # DeepSpeed clips in its step: no norm yet
         with self.signals.update():  # a signal now waits for the weights to be whole
             self.optimizer.step()
             self.scheduler.step()
@@ -381,7 +386,12 @@ class FineTuneRecipe:
     def _checkpoint(self, *, at_boundary: bool = False) -> Path | None:
         model = self.accelerator.unwrap_model(self.model)
         return self.checkpoints.save(
-            self.state, model, self.optimizer, self.scheduler, at_boundary=at_boundary
+            self.state,
+            model,
+            self.optimizer,
+            self.scheduler,
+            wrapped=self.train_loss,
+            at_boundary=at_boundary,
         )
 
     # ------------------------------------------------------------------ save / cleanup
@@ -389,12 +399,13 @@ class FineTuneRecipe:
         acc = self.accelerator
         acc.wait_for_everyone()
         weights = self.run_dir / weights_kind(self.cfg.method.name)
+        state = gather_model_state(acc, self.train_loss, self.model)  # sharded weights whole on rank 0
         if acc.is_main_process:
             model = acc.unwrap_model(self.model)
             self.tokenizer.chat_template = self.template.jinja  # plain transformers then renders the same way
             tmp = tmp_sibling(weights)  # written beside, renamed into place: never half an adapter
             try:
-                model.save_pretrained(tmp, safe_serialization=True)
+                model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
                 self.tokenizer.save_pretrained(tmp)
                 self.template.save(tmp)
                 swap_into_place(tmp, weights)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 from llamaforge.config import JobConfig
@@ -23,6 +24,7 @@ from llamaforge.train.monitor import (
     save_best,
     validation_sample,
 )
+from llamaforge.train.sharded import full_weights, gather_trainable
 from llamaforge.train.state import WatchState
 
 log = logging.getLogger(__name__)
@@ -42,11 +44,15 @@ class Validator:
         precision: str,
         watch: WatchState,
         say: Callable[[str], None],
+        wrapped=None,
     ):
+        """`wrapped`: the launch-wrapped loss module, through which a sharded (FSDP) run's weights are
+        gathered whole for generation and the best weights (train/sharded.py)."""
         t = cfg.train
         self.train_cfg, self.eval_cfg, self.system_prompt = t, cfg.eval, cfg.data.system_prompt
         self.checkpoints, self.accelerator, self.say = run_dir / "checkpoints", accelerator, say
         self.model, self.tokenizer, self.template, self.precision = model, tokenizer, template, precision
+        self.wrapped = wrapped
         self.monitor = TrainingMonitor(
             patience=t.early_stopping_patience,
             min_delta=t.early_stopping_min_delta,
@@ -96,14 +102,15 @@ class Validator:
         system = [Message("system", self.system_prompt)] if self.system_prompt else []
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
-        answers = generate(
-            model,
-            self.tokenizer,
-            self.template,
-            [system + [Message("user", p)] for p in prompts],
-            max_new_tokens=self.eval_cfg.max_new_tokens,
-            precision=self.precision,
-        )
+        with full_weights(self.wrapped) if self.wrapped is not None else nullcontext():
+            answers = generate(
+                model,
+                self.tokenizer,
+                self.template,
+                [system + [Message("user", p)] for p in prompts],
+                max_new_tokens=self.eval_cfg.max_new_tokens,
+                precision=self.precision,
+            )
         model.train()
         return dict(zip(prompts, answers))
 
@@ -127,8 +134,11 @@ class Validator:
             )
 
     def save_best(self, step: int, result: dict) -> None:
-        if self.accelerator.is_main_process:
-            save_best(self.checkpoints, self.accelerator.unwrap_model(self.model), {"step": step, **result})
+        """Every process calls it (a sharded run gathers its weights); the main process writes."""
+        acc = self.accelerator
+        weights = gather_trainable(acc, self.wrapped, self.model) if self.wrapped is not None else None
+        if acc.is_main_process:
+            save_best(self.checkpoints, acc.unwrap_model(self.model), {"step": step, **result}, weights)
 
     def finish(self, final: dict | None, step: int) -> tuple[dict | None, dict]:
         """Which weights get saved: the last ones, or (train.load_best_at_end) the best eval's.
