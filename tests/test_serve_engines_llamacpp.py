@@ -160,3 +160,39 @@ def test_engine_killed_mid_answer_gives_503_then_recovers(gateway):
     assert r.status_code == 503 and "engine" in r.json()["error"]["message"]
     after = chat(url, "tiny", "Hello again", max_tokens=4)  # waits in the gateway for the restart
     assert after.status_code == 200 and engine.process.restarts == restarts + 1
+
+
+def test_default_model_with_an_adapter_agrees_with_the_transformers_engine(tmp_path):
+    """50 fixed prompts, greedy, the run's template: llama.cpp (f32 GGUF + LoRA GGUF) gives the transformers
+    engine's first 16 tokens on at least 90% of them."""
+    import json
+    import sys
+    from pathlib import Path
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from llamaforge.catalog import resolve
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import serve_engines
+
+    base = resolve("smollm2-135m-instruct")
+    run = tmp_path / "runs" / "tuned"
+    torch.manual_seed(7)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]),
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)  # a delta the size training leaves
+    model.save_pretrained(run / "adapter")
+    (run / "run.json").write_text(
+        json.dumps({"base_model": str(base), "method": "lora", "weights": "adapter", "template": "auto"})
+    )
+    result = serve_engines.agreement(str(run), ["f32"], 50)
+    print(result)
+    assert result["f32"]["rate"] >= 0.9, result
