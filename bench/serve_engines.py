@@ -119,11 +119,10 @@ class Gateway:
         from llamaforge.serve.engines import llamacpp_engine
 
         self.engine = llamacpp_engine(self.cfg, exporters()) if self.kind == "llamacpp" else Engine(self.cfg)
+        app = create_app(self.cfg, self.engine)  # gives the engine the app's metrics, then load
         self.engine.load()
         port = free_port()
-        self.server = uvicorn.Server(
-            uvicorn.Config(create_app(self.cfg, self.engine), port=port, log_level="warning")
-        )
+        self.server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
         threading.Thread(target=self.server.run, daemon=True).start()
         while not self.server.started:
             time.sleep(0.05)

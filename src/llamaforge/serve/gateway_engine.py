@@ -69,6 +69,7 @@ class RemoteEngine:
         self._tasks: set[asyncio.Task] = set()
         self._engine_metrics = b""
         self._meta_base = None
+        self._stopped = False
 
     # ------------------------------------------------------------------ loading
     def load(self) -> None:
@@ -123,6 +124,7 @@ class RemoteEngine:
             raise
 
     def shutdown(self) -> None:
+        self._stopped = True
         if self.process is not None:
             self.process.stop()
 
@@ -375,7 +377,7 @@ class RemoteEngine:
     def _scrape(self) -> None:
         """Keep a copy of the engine's Prometheus metrics (renamed apart from ours) for /metrics."""
         with httpx.Client(timeout=2.0) as client:
-            while self.process is not None and not self.process.error:
+            while not self._stopped and self.process is not None and not self.process.error:
                 process = self.process
                 if process.up.is_set():
                     try:

@@ -110,7 +110,8 @@ def completion_body(req, lora_index: int | None, n_loras: int) -> dict:
         "repeat_penalty": 1.0,
         "presence_penalty": 0.0,
         "frequency_penalty": 0.0,
-        "seed": req.seed if req.seed is not None else req.id,
+        # llama.cpp's seed is a uint32 whose top value means "random"
+        "seed": (req.seed if req.seed is not None else req.id) % (2**32 - 1),
     }
     if n_loras:
         body["lora"] = [{"id": i, "scale": 1.0 if i == lora_index else 0.0} for i in range(n_loras)]
