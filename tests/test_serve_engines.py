@@ -163,3 +163,34 @@ def test_engine_process_that_cannot_start_says_why(tmp_path):
         proc.start()
     proc.stop()
     assert "model file is corrupt" in (tmp_path / "b.log").read_text()
+
+
+def test_gateway_applies_stop_tokens_stop_strings_and_length(llama3_tokenizer):
+    """The engine's tokens become the answer by the gateway's rules, as in the in-process engine."""
+    import asyncio
+
+    from llamaforge.serve.gateway_engine import RemoteEngine
+
+    engine = RemoteEngine(ServeConfig(), backend=None)
+    engine.tokenizer = llama3_tokenizer
+    ids = llama3_tokenizer("Hello world, STOP here and more", add_special_tokens=False)["input_ids"]
+    eot = llama3_tokenizer.convert_tokens_to_ids("<|eot_id|>")
+
+    async def answer(tokens: list[int], **kw) -> tuple[str, str, int]:
+        req = GenRequest(prompt_ids=[1], adapter=None, **{"max_tokens": 50, **kw})
+        req.loop, req.events = asyncio.get_running_loop(), asyncio.Queue()
+        for token in tokens:  # one token a chunk, as llama-server streams them
+            if engine.accept_tokens(req, [token]):
+                break
+        text, reason = "", None
+        while not req.events.empty():
+            kind, value = req.events.get_nowait()
+            text, reason = (text + value, reason) if kind == "text" else (text, value)
+        return text, reason, len(req.token_ids)
+
+    text, reason, _ = asyncio.run(answer(ids, stop=["STOP"]))
+    assert (text, reason) == ("Hello world, ", "stop")
+    text, reason, n = asyncio.run(answer([*ids[:3], eot, *ids[3:]], stop_ids=frozenset({eot})))
+    assert reason == "stop" and n == 3 and text == llama3_tokenizer.decode(ids[:3])
+    text, reason, n = asyncio.run(answer(ids, max_tokens=4))
+    assert reason == "length" and n == 4 and text == llama3_tokenizer.decode(ids[:4])

@@ -36,10 +36,9 @@ def exporters():
 
 
 @pytest.fixture(scope="module")
-def gateway(tiny_llama_dir, adapters, tmp_path_factory):  # noqa: F811
+def gateway(tiny_llama_dir, adapters):  # noqa: F811
     from llamaforge.serve.engines import llamacpp_engine
 
-    os.environ["LLAMAFORGE_HOME"] = str(tmp_path_factory.mktemp("home"))  # GGUF cache of this test only
     cfg = serve_config(
         tiny_llama_dir, adapters, gguf_dtype="f32", max_batch_size=8, engine_threads=1, max_model_len=512
     )
@@ -53,7 +52,6 @@ def gateway(tiny_llama_dir, adapters, tmp_path_factory):  # noqa: F811
             time.sleep(0.2)
         yield url, engine
     engine.shutdown()
-    os.environ.pop("LLAMAFORGE_HOME", None)
 
 
 def chat(url: str, model: str, content: str, max_tokens: int = 24, **kw) -> httpx.Response:
