@@ -288,7 +288,12 @@ def main() -> int:
     parser.add_argument(
         "--agreement", type=int, default=0, metavar="N", help="also the greedy agreement on N prompts"
     )
-    parser.add_argument("--engines", nargs="+", default=["gateway+llamacpp", "llama-server", "transformers"])
+    parser.add_argument(
+        "--engines",
+        nargs="*",
+        default=["gateway+llamacpp", "llama-server", "transformers"],
+        help="which to time (none: only --agreement)",
+    )
     parser.add_argument(
         "--quick", action="store_true", help="a smoke run: 16 tokens, 1 and 2 clients, 1 repeat"
     )
