@@ -118,6 +118,12 @@ def test_cli_engine_choice(tmp_path):
     assert parse("m", "--engine", "llamaforge").engine == "transformers"  # the former name
     with pytest.raises(ConfigError, match="gguf_dtype"):
         parse("m", "serve.gguf_dtype=q2")
+    from llamaforge.commands.serve import run
+
+    with pytest.raises(
+        Exception, match="serve.engine: unknown serving engine 'llamacp'. did you mean 'llamacpp'"
+    ):
+        run(build_parser().parse_args(["serve", "m", "serve.engine=llamacp"]))
 
 
 # ------------------------------------------------------------------ the supervised child

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 from llamaforge.commands._common import formatter, setup_logging
@@ -112,4 +113,8 @@ def run(args) -> int:
     from llamaforge.export.gguf import export_gguf, export_lora_gguf
 
     exporters = (export_gguf, lambda adapter, base, out: export_lora_gguf(adapter, base, out, dtype="f32"))
-    return ENGINES.get(cfg.engine, field="--engine").serve(cfg, exporters=exporters)
+    serve = ENGINES.get(cfg.engine, field="serve.engine").serve
+    params = inspect.signature(serve).parameters.values()
+    if any(p.name == "exporters" or p.kind is p.VAR_KEYWORD for p in params):
+        return serve(cfg, exporters=exporters)
+    return serve(cfg)  # an engine registered elsewhere: serve(cfg), as docs/extending.md shows

@@ -92,10 +92,10 @@ class ServeConfig(Section):
         16, ge=1, le=1024, description="prefix cache granularity: prompts share cached KV in whole blocks"
     )
     max_model_len: int | None = Field(None, ge=16, description="context limit (default: the model's)")
-    engine: Literal["auto", "llamacpp", "vllm", "transformers"] = Field(
+    engine: str = Field(
         "auto",
-        description="what decodes: auto picks vLLM on CUDA when installed, llama.cpp on CPU when built "
-        "(`make serve-cpu`), else the in-process transformers engine",
+        description="what decodes (a registry.ENGINES name): auto picks vLLM on CUDA when installed, llama.cpp "
+        "on CPU when built (`make serve-cpu`), else transformers (in process); or llamacpp, vllm, transformers",
     )
     gguf_dtype: Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"] = Field(
         "q8_0", description="llama.cpp engine: the GGUF type the base model is converted to (cached)"
