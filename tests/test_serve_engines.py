@@ -200,3 +200,30 @@ def test_gateway_applies_stop_tokens_stop_strings_and_length(llama3_tokenizer):
     assert reason == "stop" and n == 3 and text == llama3_tokenizer.decode(ids[:3])
     text, reason, n = asyncio.run(answer(ids, max_tokens=4))
     assert reason == "length" and n == 4 and text == llama3_tokenizer.decode(ids[:4])
+
+
+def test_gguf_cache_is_keyed_by_content(tmp_path, monkeypatch):
+    """A model converts once; the same bytes elsewhere reuse it, changed bytes convert again; K-quants
+    without llama-quantize are refused naming the setting."""
+    from llamaforge.serve import gguf_cache
+
+    monkeypatch.setenv("LLAMAFORGE_HOME", str(tmp_path / "home"))
+    made = []
+
+    def export(model_dir: Path, out: Path, *, dtype: str) -> Path:
+        made.append((model_dir.name, dtype))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes((model_dir / "model.safetensors").read_bytes())
+        return out
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+        (tmp_path / name / "model.safetensors").write_bytes(b"weights")
+    first = gguf_cache.base_gguf(tmp_path / "a", "f32", export)
+    assert gguf_cache.base_gguf(tmp_path / "b", "f32", export) == first and made == [("a", "f32")]
+    (tmp_path / "b" / "model.safetensors").write_bytes(b"tuned weights")
+    second = gguf_cache.base_gguf(tmp_path / "b", "f32", export)
+    assert second != first and second.read_bytes() == b"tuned weights" and len(made) == 2
+    with pytest.raises(ConfigError, match="serve.gguf_dtype=q4_k_m needs llama.cpp's llama-quantize"):
+        gguf_cache.base_gguf(tmp_path / "a", "q4_k_m", export)

@@ -97,8 +97,10 @@ class ServeConfig(Section):
         description="what decodes (a registry.ENGINES name): auto picks vLLM on CUDA when installed, llama.cpp "
         "on CPU when built (`make serve-cpu`), else transformers (in process); or llamacpp, vllm, transformers",
     )
-    gguf_dtype: Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"] = Field(
-        "q8_0", description="llama.cpp engine: the GGUF type the base model is converted to (cached)"
+    gguf_dtype: Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k"] = Field(
+        "q8_0",
+        description="llama.cpp engine: the GGUF type the base model is converted to (cached); the K-quants "
+        "q4_k_m, q5_k_m, q6_k are made by llama.cpp's llama-quantize",
     )
     engine_threads: int | None = Field(None, ge=1, description="llama.cpp engine: CPU threads (default: all cores)")
     engine_start_timeout_s: float = Field(

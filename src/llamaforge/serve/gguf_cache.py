@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from llamaforge.atomic import atomic_write_text
+from llamaforge.errors import ConfigError
 
 _lock = threading.Lock()
 
@@ -52,10 +55,41 @@ def folder_sha(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def base_gguf(model_dir: Path, dtype: str, export_base: Callable[..., Path]) -> Path:
+# serve.gguf_dtype -> llama-quantize's type name; the K-quants only llama.cpp's quantizer makes
+QUANTIZE_TYPES = {
+    "q8_0": "Q8_0",
+    "q4_0": "Q4_0",
+    "q4_1": "Q4_1",
+    "q4_k_m": "Q4_K_M",
+    "q5_k_m": "Q5_K_M",
+    "q6_k": "Q6_K",
+}
+K_QUANTS = ("q4_k_m", "q5_k_m", "q6_k")
+
+
+def base_gguf(
+    model_dir: Path, dtype: str, export_base: Callable[..., Path], quantize: Path | None = None
+) -> Path:
+    """The model as GGUF of `dtype`. With llama-quantize (`quantize`), quantized types are made from the
+    f32 GGUF by it (seconds, where numpy takes minutes) and the K-quants become possible."""
     out = cache_dir() / f"base-{folder_sha(model_dir)[:24]}-{dtype}.gguf"
-    if not out.is_file():
-        export_base(Path(model_dir), out, dtype=dtype)
+    if out.is_file():
+        return out
+    if dtype in K_QUANTS and quantize is None:
+        raise ConfigError(f"serve.gguf_dtype={dtype} needs llama.cpp's llama-quantize (make serve-cpu)")
+    if quantize is None or dtype not in QUANTIZE_TYPES:
+        return export_base(Path(model_dir), out, dtype=dtype)
+    f32 = base_gguf(model_dir, "f32", export_base)
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    proc = subprocess.run(
+        [str(quantize), str(f32), str(partial), QUANTIZE_TYPES[dtype]], capture_output=True, text=True
+    )
+    if proc.returncode != 0 or not partial.is_file():
+        partial.unlink(missing_ok=True)
+        raise ConfigError(
+            f"llama-quantize {QUANTIZE_TYPES[dtype]} failed:\n{(proc.stdout + proc.stderr)[-800:]}"
+        )
+    os.replace(partial, out)
     return out
 
 

@@ -158,7 +158,8 @@ class LlamaCppBackend:
         from llamaforge.serve.engine_process import EngineProcess
         from llamaforge.serve.gguf_cache import base_gguf
 
-        self.base_gguf = base_gguf(engine.base_dir, engine.cfg.gguf_dtype, self.export_base)
+        quantize = find_binary("llama-quantize")
+        self.base_gguf = base_gguf(engine.base_dir, engine.cfg.gguf_dtype, self.export_base, quantize)
         for name, adapter in engine.adapters.items():
             self.index[name] = len(self.files)
             self.files.append(self._lora_file(engine, adapter))
