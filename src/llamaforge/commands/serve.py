@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 from llamaforge.commands._common import formatter, setup_logging
@@ -13,6 +14,7 @@ EPILOG = """examples:
   LLAMAFORGE_API_KEYS=team-a:sk-0123456789 llamaforge serve runs/try2 --host 0.0.0.0
   LLAMAFORGE_API_KEYS=ops:sk-admin-98765:admin,team-a:sk-0123456789 llamaforge serve runs/try2 --host 0.0.0.0
                                                               # only `:admin` keys may load/unload adapters
+  llamaforge serve runs/try2 --engine llamacpp                # llama.cpp's llama-server behind the gateway
   llamaforge serve runs/try2 --print-vllm-command             # the equivalent `vllm serve` command line
   llamaforge serve --config job.yaml serve.audit.path=logs/audit.jsonl serve.moderation.blocklist=[foo]
 
@@ -43,8 +45,8 @@ def register(sub) -> None:
     p.add_argument(
         "--engine",
         choices=ENGINES.names(),
-        default="llamaforge",
-        help="vllm: start vLLM's OpenAI server with the equivalent arguments (GPU)",
+        help="what decodes behind the gateway (default serve.engine, auto): llamacpp (CPU, `make serve-cpu`), "
+        "vllm (GPU), transformers (in process); auto picks the fastest one present",
     )
     p.add_argument(
         "--print-vllm-command", action="store_true", help="print the `vllm serve` command and exit"
@@ -73,9 +75,11 @@ def build_config(args):
         if not sep or not name or not path:
             raise ConfigError(f"--lora {item}: expected NAME=PATH")
         data.setdefault("adapters", {})[name] = path
-    for key in ("host", "port", "api_keys_file"):
+    for key in ("host", "port", "api_keys_file", "engine"):
         if getattr(args, key) is not None:
             data[key] = getattr(args, key)
+    if data.get("engine") == "llamaforge":  # the transformers engine's former name
+        data["engine"] = "transformers"
     from pydantic import ValidationError
 
     try:
@@ -106,4 +110,11 @@ def run(args) -> int:
 
         print(command_line(cfg))
         return 0
-    return ENGINES.get(args.engine, field="--engine").serve(cfg)
+    from llamaforge.export.gguf import export_gguf, export_lora_gguf
+
+    exporters = (export_gguf, lambda adapter, base, out: export_lora_gguf(adapter, base, out, dtype="f32"))
+    serve = ENGINES.get(cfg.engine, field="serve.engine").serve
+    params = inspect.signature(serve).parameters.values()
+    if any(p.name == "exporters" or p.kind is p.VAR_KEYWORD for p in params):
+        return serve(cfg, exporters=exporters)
+    return serve(cfg)  # an engine registered elsewhere: serve(cfg), as docs/extending.md shows

@@ -90,7 +90,8 @@ async def complete(
         return None  # nobody is listening
     if finish == "error":
         await asyncio.to_thread(_finished, server, req, meta, finish, None)
-        raise APIError(500, f"generation failed: {text}", type="server_error")
+        # 503 when the engine process went away (gateway_engine.EngineUnavailable): worth a retry
+        raise APIError(getattr(text, "status", 500), f"generation failed: {text}", type="server_error")
     blocked = None
     moderate = server.cfg.moderation.check_output and server.moderator.active
     if moderate and (blocked := await server.moderator.check(req.text)):

@@ -92,6 +92,25 @@ class ServeConfig(Section):
         16, ge=1, le=1024, description="prefix cache granularity: prompts share cached KV in whole blocks"
     )
     max_model_len: int | None = Field(None, ge=16, description="context limit (default: the model's)")
+    engine: str = Field(
+        "auto",
+        description="what decodes (a registry.ENGINES name): auto picks vLLM on CUDA when installed, llama.cpp "
+        "on CPU when built (`make serve-cpu`), else transformers (in process); or llamacpp, vllm, transformers",
+    )
+    gguf_dtype: Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k"] = Field(
+        "q8_0",
+        description="llama.cpp engine: the GGUF type the base model is converted to (cached); the K-quants "
+        "q4_k_m, q5_k_m, q6_k are made by llama.cpp's llama-quantize",
+    )
+    engine_threads: int | None = Field(None, ge=1, description="llama.cpp engine: CPU threads (default: all cores)")
+    engine_start_timeout_s: float = Field(
+        600.0, gt=0, description="an engine process not healthy after this long fails to start"
+    )
+    engine_wait_s: float = Field(
+        120.0,
+        gt=0,
+        description="requests wait this long in the gateway for an engine being (re)started before a 503",
+    )
     default_max_tokens: int = Field(256, ge=1)
     default_temperature: float = Field(
         1.0, ge=0, le=2, description="OpenAI's default when a request sets none"

@@ -3,6 +3,8 @@ labelled by the served model name (the base or an adapter), plus process memory 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -20,6 +22,7 @@ _TOKEN_LATENCY = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4,
 class Metrics:
     def __init__(self, prefix: str = "vllm:", registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
+        self.engine_exposition: Callable[[], bytes] | None = None  # set by a gateway engine
         r, p, label = self.registry, prefix, ["model_name"]
         self.ttft = Histogram(
             f"{p}time_to_first_token_seconds", "Time to first token", label, registry=r, buckets=_LATENCY
@@ -92,4 +95,6 @@ class Metrics:
         self.e2e.labels(model).observe(seconds)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        """Ours, then the engine process's own metrics when one runs behind the gateway."""
+        extra = self.engine_exposition() if self.engine_exposition else b""
+        return generate_latest(self.registry) + extra

@@ -131,3 +131,125 @@ def launch(cfg: ServeConfig) -> int:
     args = vllm_args(cfg)
     os.execve(exe, args, {**os.environ, **vllm_env(cfg)})
     return 0  # not reached
+
+
+# ---------------------------------------------------------------------------------------------
+# vLLM behind the gateway
+
+
+def gateway_argv(cfg: ServeConfig, base: str, served_name: str, adapters: dict[str, str], max_rank: int):
+    """argv(port, key) for `vllm serve` as the gateway's private engine: loopback, runtime LoRA loading
+    (the gateway confines and checks each path first), the adapters of the run at start. The key goes
+    through VLLM_API_KEY (gateway_env), never the command line."""
+
+    def argv(port: int, key: str) -> list[str]:
+        args = [
+            "vllm",
+            "serve",
+            base,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--served-model-name",
+            served_name,
+            "--dtype",
+            "bfloat16" if cfg.dtype == "bfloat16" else "auto",
+            "--max-num-seqs",
+            str(max(cfg.max_batch_size, 1)),
+        ]
+        if cfg.max_model_len:
+            args += ["--max-model-len", str(cfg.max_model_len)]
+        if adapters or (cfg.allow_adapter_loading and cfg.max_adapters):
+            args += ["--enable-lora", "--max-loras", str(max(1, cfg.max_adapters)), "--max-lora-rank", str(max_rank)]
+        if adapters:
+            args += ["--lora-modules", *(f"{name}={path}" for name, path in adapters.items())]
+        return args
+
+    return argv
+
+
+def gateway_rank(cfg: ServeConfig, adapter_paths: list[str]) -> int:
+    """--max-lora-rank: the largest rank of the runs served at start (16 when none), rounded up to a rank
+    vLLM accepts and capped by serve.max_lora_rank; adapters loaded later must fit it."""
+    need = max_lora_rank(adapter_paths) if adapter_paths else 16
+    if need > cfg.max_lora_rank:
+        raise ConfigError(f"an adapter has rank {need}, over serve.max_lora_rank={cfg.max_lora_rank}")
+    return need
+
+
+def completions_body(req, model: str) -> dict:
+    """vLLM's /v1/completions for a GenRequest: token ids in, text and token ids out; the template's
+    stop tokens go as stop_token_ids, the stop strings are the gateway's."""
+    return {
+        "model": model,
+        "prompt": list(req.prompt_ids),
+        "max_tokens": req.max_tokens,
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "seed": req.seed if req.seed is not None else req.id,
+        "stream": True,
+        "stop_token_ids": sorted(req.stop_ids),
+        "skip_special_tokens": True,
+        "return_token_ids": True,
+    }
+
+
+class VllmBackend:
+    name = "vLLM"
+    max_rank = 16
+
+    def start(self, engine):
+        from llamaforge.catalog import home
+        from llamaforge.serve.engine_process import EngineProcess
+
+        exe = shutil.which("vllm")
+        if exe is None:
+            raise ConfigError("--engine vllm needs vLLM (`pip install vllm`, on a machine with a GPU)")
+        paths = {name: a.path for name, a in engine.adapters.items()}
+        self.max_rank = gateway_rank(engine.cfg, list(paths.values()))
+        argv = gateway_argv(engine.cfg, str(engine.base_dir), engine.base_name, paths, self.max_rank)
+        process = EngineProcess(
+            "vllm",
+            argv,
+            env=lambda key: {"VLLM_API_KEY": key, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"},
+            log_path=home() / "logs" / f"vllm-{os.getpid()}.log",
+            start_timeout_s=engine.cfg.engine_start_timeout_s,
+        )
+        process.start()
+        return process
+
+    def request(self, engine, req) -> tuple[str, dict]:
+        return "/v1/completions", completions_body(req, req.adapter or engine.base_name)
+
+    def read(self, engine, req, chunk: dict) -> bool:
+        choice = (chunk.get("choices") or [{}])[0]
+        if engine.accept_text(req, choice.get("text") or "", list(choice.get("token_ids") or [])):
+            return True
+        if choice.get("finish_reason"):
+            engine.finish(req, "length" if choice["finish_reason"] == "length" else "stop")
+            return True
+        return False
+
+    def _post(self, engine, path: str, body: dict) -> None:
+        import httpx
+
+        process = engine.process
+        resp = httpx.post(process.base_url + path, json=body, headers=process.headers, timeout=300)
+        if resp.status_code != 200:
+            raise ConfigError(f"vLLM refused {path} ({resp.status_code}): {resp.text[:400]}")
+
+    def add_adapter(self, engine, adapter) -> None:
+        if adapter.rank > self.max_rank:
+            raise ConfigError(
+                f"adapter '{adapter.name}' has rank {adapter.rank}, over the engine's --max-lora-rank "
+                f"{self.max_rank} (the largest rank of the adapters served at start)"
+            )
+        self._post(engine, "/v1/load_lora_adapter", {"lora_name": adapter.name, "lora_path": adapter.path})
+
+    def remove_adapter(self, engine, name: str) -> None:
+        self._post(engine, "/v1/unload_lora_adapter", {"lora_name": name})
+
+    def rename_metrics(self, text: str) -> str:
+        """vLLM's own metrics carry the names the gateway uses: they are shown as vllm_engine:*."""
+        return text.replace("vllm:", "vllm_engine:")
