@@ -396,10 +396,10 @@ def test_the_whole_lifecycle_without_a_terminal(page, studio_url, studio_workspa
         "fetch('/api/chat/open', {method: 'POST', headers: {'Content-Type': 'application/json'},"
         " body: JSON.stringify({target: 'run:runs/from-form'})}).then(r => r.json())"
     )
-    page.wait_for_function(
-        "g => fetch(g + '/health').then(r => r.json()).then(h => (h.models || []).includes('runs--from-form'))",
-        arg=opened["gateway"],
-        timeout=120_000,
+    page.evaluate(  # until the adapter has loaded into the gateway (its /health lists it)
+        "async ([g, m]) => { for (;;) { const h = await (await fetch(g + '/health')).json();"
+        " if ((h.models || []).includes(m)) return; await new Promise(r => setTimeout(r, 500)); } }",
+        [opened["gateway"], opened["model"]],
     )
     whole = page.evaluate(
         "([g, m]) => fetch(g + '/v1/chat/completions', {method: 'POST', headers: {'Content-Type': 'application/json'},"
