@@ -21,6 +21,9 @@ import yaml
 from studio_fixtures import run_files, studio_workspace, tiny_job  # noqa: F401 - fixture
 
 CHROMIUM = "/usr/bin/chromium"
+# a subprocess that imports torch and loads a model, on a 2-core machine that may be busy (the
+# lifecycle's steps take 15-140 s each when it is not)
+SLOW_MS = 600_000
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 if shutil.which(CHROMIUM) is None:
     pytest.skip(
@@ -309,7 +312,7 @@ def test_the_whole_lifecycle_without_a_terminal(page, studio_url, studio_workspa
     page.click("#launch-job")
     page.wait_for_url("**/runs/runs/from-form", timeout=30_000)
     page.wait_for_function(
-        "document.querySelector('#run-status').textContent === 'completed'", timeout=300_000
+        "document.querySelector('#run-status').textContent === 'completed'", timeout=SLOW_MS
     )
     took("train (launch to completed)", started)
     run_dir = studio_workspace / "runs" / "from-form"
@@ -339,7 +342,7 @@ def test_the_whole_lifecycle_without_a_terminal(page, studio_url, studio_workspa
     page.click("#eval-run")
     page.wait_for_selector('#job-log[data-kind="eval"]')
     page.wait_for_function(
-        "document.querySelector('#job-log').textContent.includes('[exited ')", timeout=300_000
+        "document.querySelector('#job-log').textContent.includes('[exited ')", timeout=SLOW_MS
     )
     took("eval (click to results)", started)
     assert "[exited 0]" in page.locator("#job-log").inner_text(), page.locator("#job-log").inner_text()
@@ -366,7 +369,7 @@ def test_the_whole_lifecycle_without_a_terminal(page, studio_url, studio_workspa
     row = page.locator("#served tr[data-served]")
     row.wait_for()
     page.wait_for_function(
-        "document.querySelector('#served .serve-state').textContent.trim() === 'ready'", timeout=180_000
+        "document.querySelector('#served .serve-state').textContent.trim() === 'ready'", timeout=SLOW_MS
     )
     took("serve (click to ready)", started)
     url = row.locator(".serve-url").inner_text()
@@ -378,14 +381,14 @@ def test_the_whole_lifecycle_without_a_terminal(page, studio_url, studio_workspa
     started = time.perf_counter()
     row.locator(".serve-chat").click()
     page.wait_for_url("**/chat?served=**")
-    page.wait_for_selector("#chat-send:not([disabled])", timeout=120_000)
+    page.wait_for_selector("#chat-send:not([disabled])", timeout=SLOW_MS)
     panes = page.locator(".pane")
     assert [panes.nth(i).get_attribute("data-model") for i in range(2)] == ["tiny", "from-form"]
     assert panes.nth(1).get_attribute("data-gateway").startswith("/served/")
     page.fill("#chat-max-tokens", "8")
     page.click("#chat-send")
     page.wait_for_function(
-        "[...document.querySelectorAll('.pane')].every(p => p.dataset.done === '1')", timeout=120_000
+        "[...document.querySelectorAll('.pane')].every(p => p.dataset.done === '1')", timeout=SLOW_MS
     )
     took("chat (load and both answers)", started)
     for i in range(2):
@@ -424,7 +427,7 @@ def test_the_whole_lifecycle_without_a_terminal(page, studio_url, studio_workspa
     page.click("#export-run")
     page.wait_for_selector('#job-log[data-kind="export"]')
     page.wait_for_function(
-        "document.querySelector('#job-log').textContent.includes('[exited ')", timeout=300_000
+        "document.querySelector('#job-log').textContent.includes('[exited ')", timeout=SLOW_MS
     )
     took("export (click to exited)", started)
     assert "[exited 0]" in page.locator("#job-log").inner_text()
@@ -435,7 +438,7 @@ def test_the_whole_lifecycle_without_a_terminal(page, studio_url, studio_workspa
 
 def test_chat_streams_base_and_adapter_answers(page, studio_url, studio_workspace, shots):
     page.goto(studio_url + "/chat?run=runs/done")
-    page.wait_for_selector("#chat-send:not([disabled])", timeout=120_000)
+    page.wait_for_selector("#chat-send:not([disabled])", timeout=SLOW_MS)
     panes = page.locator(".pane")
     assert panes.count() == 2
     assert panes.nth(0).get_attribute("data-model") == "tiny"
@@ -443,7 +446,7 @@ def test_chat_streams_base_and_adapter_answers(page, studio_url, studio_workspac
     page.fill("#chat-max-tokens", "12")
     page.click("#chat-send")
     page.wait_for_function(
-        "[...document.querySelectorAll('.pane')].every(p => p.dataset.done === '1')", timeout=120_000
+        "[...document.querySelectorAll('.pane')].every(p => p.dataset.done === '1')", timeout=SLOW_MS
     )
     for i in range(2):
         finish = panes.nth(i).locator(".finish").inner_text()
@@ -477,12 +480,12 @@ def test_stop_a_running_job_from_its_page(page, studio_url, studio_workspace):
     page.wait_for_selector("body:not([data-pending]) #job-ok:not([hidden])")
     page.click("#launch-job")
     page.wait_for_url("**/runs/runs/stopped", timeout=30_000)
-    page.wait_for_function("Number(document.querySelector('#last-step').textContent) >= 2", timeout=300_000)
+    page.wait_for_function("Number(document.querySelector('#last-step').textContent) >= 2", timeout=SLOW_MS)
     page.click("#stop-run")
     page.wait_for_function(
         "document.querySelector('#job-log') && "
         "document.querySelector('#job-log').textContent.includes('[exited ')",
-        timeout=120_000,
+        timeout=SLOW_MS,
     )
     run = studio_workspace / "runs" / "stopped"
     info = json.loads((run / "run.json").read_text())

@@ -130,7 +130,9 @@ def register(app: FastAPI, studio, page) -> None:
         rules = body.get("fail_if") or []
         if isinstance(rules, str):
             rules = rules.splitlines()
-        job = studio.jobs.evaluate(run, task, limit=limit or None, fail_if=check_rules([str(r) for r in rules]))
+        job = studio.jobs.evaluate(
+            run, task, limit=limit or None, fail_if=check_rules([str(r) for r in rules])
+        )
         return {"job": job.to_dict(studio.workspace)}
 
     # ------------------------------------------------------------------ serve
@@ -192,7 +194,11 @@ def register(app: FastAPI, studio, page) -> None:
             if not served.running:
                 raise ConfigError(f"the server of {served.run_dir.name} has exited")
             model = served.run_dir.name  # `llamaforge serve RUN` names the run's weights after its folder
-            return {"gateway": f"/served/{served.id}", "model": model, "label": f"{model} (served, {served.url})"}
+            return {
+                "gateway": f"/served/{served.id}",
+                "model": model,
+                "label": f"{model} (served, {served.url})",
+            }
         if kind == "run":
             gateway, model = studio.gateways.for_run(studio.run_dir(value))
             return {"gateway": f"/gateway/{gateway.id}", "model": model, "label": f"{value} (tuned)"}

@@ -184,7 +184,9 @@ class ServedRouter:
         parts = scope["path"].split("/", 3)  # "", "served", id, rest
         served = self.manager.get(parts[2]) if len(parts) >= 3 else None
         if served is None or not served.running:
-            message = "no such server: start it from the run page" if served is None else "the server has exited"
+            message = (
+                "no such server: start it from the run page" if served is None else "the server has exited"
+            )
             await JSONResponse({"error": {"message": message, "type": "not_found_error"}}, 404)(
                 scope, receive, send
             )
@@ -214,9 +216,7 @@ class ServedRouter:
                     {
                         "type": "http.response.start",
                         "status": response.status_code,
-                        "headers": [
-                            (k, v) for k, v in response.headers.raw if k.lower() not in HOP_HEADERS
-                        ],
+                        "headers": [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_HEADERS],
                     }
                 )
                 async for chunk in response.aiter_raw():

@@ -303,6 +303,11 @@ const Studio = (() => {
       }
       pane.dataset.done = "1";
     }
+    for (const side of ["a", "b"]) {  // the model-name box only where "a base model" is chosen
+      const select = $(`#chat-target-${side}`), box = $(`#chat-model-${side}`);
+      const sync = () => { box.hidden = select.value !== "model:"; };
+      select.addEventListener("change", sync); sync();
+    }
     $("#chat-open").addEventListener("click", open);
     $("#chat-send").addEventListener("click", () => $$(".pane").forEach((p) => { p.dataset.done = ""; ask(p); }));
     if ($("#chat-target-a").value || $("#chat-target-b").value) open();
