@@ -240,8 +240,12 @@ def test_loopback_only_without_keys_and_keys_elsewhere(workspace, tmp_path, monk
 
 
 def test_chat_refuses_an_unfinished_run(client):
-    answer = client.post("/api/chat/open", json={"run": "runs/gamma"})
+    answer = client.post("/api/chat/open", json={"target": "run:runs/gamma"})
     assert answer.status_code == 400 and "has not finished (status interrupted)" in answer.json()["error"]
+    unknown = client.post("/api/chat/open", json={"target": "runs/alpha"})
+    assert unknown.status_code == 400 and "chat target must be run:RUN, base:RUN" in unknown.json()["error"]
+    gone = client.post("/api/chat/open", json={"target": "served:nope"})
+    assert gone.status_code == 404
 
 
 def test_resume_needs_a_checkpoint(client):
@@ -322,11 +326,11 @@ def test_sweeps_page_shows_the_sweeps_own_table_and_chart(client, workspace):
 
 
 def test_chat_base_model_must_be_a_catalog_name_hub_id_or_inside_the_workspace(client):
-    outside = client.post("/api/chat/open", json={"base": "/etc"})
+    outside = client.post("/api/chat/open", json={"target": "model:/etc"})
     assert (
         outside.status_code == 400 and "base model: /etc is outside the workspace" in outside.json()["error"]
     )
-    escaping = client.post("/api/chat/open", json={"base": "../somewhere"})
+    escaping = client.post("/api/chat/open", json={"target": "model:../somewhere"})
     assert escaping.status_code == 400 and "outside the workspace" in escaping.json()["error"]
 
 
@@ -357,3 +361,46 @@ def test_plan_endpoint_runs_the_planner_on_the_forms_job(client, workspace):
     assert not list((workspace / ".studio").glob("plan-*.yaml")), "the temporary job file is removed"
     bad = client.post("/api/jobs/plan", json={"values": {**values, "train.lr": "0"}, "gpu": "H100"})
     assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "train.lr"
+
+
+def test_eval_launch_checks_the_task_rules_and_limit_before_anything_starts(client, workspace):
+    (workspace / "data").mkdir()
+    (workspace / "data" / "eval.jsonl").write_text('{"instruction": "q", "output": "a"}\n')
+    (workspace / "runs" / "alpha" / "val.jsonl").write_text('{"messages": []}\n')
+
+    def error(rid="runs/alpha", **body):
+        answer = client.post(f"/api/runs/{rid}/eval", json={"task": "data/eval.jsonl", **body})
+        assert answer.status_code == 400, answer.text
+        return answer.json()["error"]
+
+    assert "has not finished" in error("runs/gamma")
+    assert error(task="../outside.jsonl").startswith("task: ../outside.jsonl is outside the workspace")
+    assert error(task="/etc/passwd").startswith("task: /etc/passwd is outside the workspace")
+    assert error(task="data/missing.jsonl") == "task: data/missing.jsonl is not a file in the workspace"
+    assert error(task="") == "task: choose the jsonl file to evaluate on"
+    assert error(limit="ten") == "limit: 'ten' is not a whole number"
+    assert error(limit="0") == "limit: must be at least 1, got 0"
+    assert error(fail_if="tuned.loss > base.loss\ntuned.loss >") == (
+        "fail-if line 2: fail_if rule 'tuned.loss >': a side of the comparison is empty or ends with + or -"
+    )
+    assert error(fail_if=["merged.loss > 1"]) == (
+        "fail-if line 1: 'merged.loss > 1' names candidate 'merged'; the candidates are base, tuned"
+    )
+    assert not (workspace / "evals").exists() and not (workspace / ".studio" / "jobs").exists()
+    page = client.get("/runs/runs/alpha").text
+    tasks = page.split('id="eval-task"')[1].split("</select>")[0]
+    assert tasks.index("runs/alpha/val.jsonl") < tasks.index("data/eval.jsonl")
+    assert "metrics.jsonl" not in tasks and "rejects.jsonl" not in tasks
+
+
+def test_serve_action_needs_keys_off_loopback_and_a_finished_run(client, workspace, monkeypatch):
+    monkeypatch.delenv("LLAMAFORGE_API_KEYS", raising=False)
+    wide = client.post("/api/runs/runs/alpha/serve", json={"host": "0.0.0.0"})
+    assert wide.status_code == 400 and "refusing to serve on 0.0.0.0 without API keys" in wide.json()["error"]
+    odd = client.post("/api/runs/runs/alpha/serve", json={"host": "example.com"})
+    assert odd.json()["error"] == "host: 'example.com' is not an IP address (e.g. 127.0.0.1 or 0.0.0.0)"
+    unfinished = client.post("/api/runs/runs/gamma/serve", json={})
+    assert unfinished.status_code == 400 and "has not finished" in unfinished.json()["error"]
+    assert client.get("/api/serve").json() == []
+    assert client.get("/api/serve/nope").status_code == 404
+    assert client.get("/served/nope/health").status_code == 404

@@ -21,6 +21,9 @@ import yaml
 from studio_fixtures import run_files, studio_workspace, tiny_job  # noqa: F401 - fixture
 
 CHROMIUM = "/usr/bin/chromium"
+# a subprocess that imports torch and loads a model, on a 2-core machine that may be busy (the
+# lifecycle's steps take 15-140 s each when it is not)
+SLOW_MS = 600_000
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 if shutil.which(CHROMIUM) is None:
     pytest.skip(
@@ -269,7 +272,15 @@ def test_a_wrong_field_shows_the_schemas_error(page, studio_url, shots):
     assert "train.epoch: unknown key. did you mean 'train.epochs'?" in box.inner_text()
 
 
-def test_launch_from_the_form_and_watch_the_live_curve(page, studio_url, studio_workspace, shots):
+def test_the_whole_lifecycle_without_a_terminal(page, studio_url, studio_workspace, shots):
+    """The issue's done-when path: launch a job from the form, watch it train, evaluate it against its
+    base from the run page, serve it, compare base and tuned answers side by side in the chat (the
+    tuned one from the served process), stop the server, and export the run."""
+    timings: dict[str, float] = {}
+
+    def took(what: str, since: float) -> None:
+        timings[what] = time.perf_counter() - since
+        print(f"\n{what}: {timings[what]:.1f} s", flush=True)
     page.goto(studio_url + "/new")
     page.wait_for_selector("#job-ok:not([hidden])")
     values = {
@@ -295,14 +306,15 @@ def test_launch_from_the_form_and_watch_the_live_curve(page, studio_url, studio_
     with page.expect_download() as download:
         page.click("#download-yaml")
     downloaded = Path(download.value.path()).read_text()
+
+    # train: the live curve reaches the last step
+    started = time.perf_counter()
     page.click("#launch-job")
     page.wait_for_url("**/runs/runs/from-form", timeout=30_000)
-    started = time.perf_counter()
     page.wait_for_function(
-        "document.querySelector('#run-status').textContent === 'completed'", timeout=300_000
+        "document.querySelector('#run-status').textContent === 'completed'", timeout=SLOW_MS
     )
-    seconds = time.perf_counter() - started
-
+    took("train (launch to completed)", started)
     run_dir = studio_workspace / "runs" / "from-form"
     info, summary, metrics = run_files(run_dir)
     assert info["status"] == "completed" and summary["steps"] == 3
@@ -321,19 +333,120 @@ def test_launch_from_the_form_and_watch_the_live_curve(page, studio_url, studio_
     page.locator("#run-finished a").click()
     page.wait_for_selector("#answers-table")
     page.screenshot(path=str(shots / "run-launched.png"), full_page=True)
-    print(f"\nform launch -> completed in {seconds:.1f} s")
+
+    # evaluate from the run page: `llamaforge eval` on the run's held-out records, then its table and gate
+    started = time.perf_counter()
+    page.select_option("#eval-task", "runs/from-form/val.jsonl")
+    page.fill("#eval-limit", "4")
+    page.fill("#eval-fail-if", "tuned.loss > base.loss + 5")
+    page.click("#eval-run")
+    page.wait_for_selector('#job-log[data-kind="eval"]')
+    page.wait_for_function(
+        "document.querySelector('#job-log').textContent.includes('[exited ')", timeout=SLOW_MS
+    )
+    took("eval (click to results)", started)
+    assert "[exited 0]" in page.locator("#job-log").inner_text(), page.locator("#job-log").inner_text()
+    results = json.loads((studio_workspace / "evals" / "from-form" / "results.json").read_text())
+    assert results["run"]["task"]["examples"] == 4 and results["run"]["gate_failed"] is False
+    page.click("#job-result a")
+    page.wait_for_url("**/evals/evals/from-form")
+    for cand in ("base", "tuned"):
+        cell = page.locator(f'#eval-results tr[data-metric="loss"] td[data-candidate="{cand}"]')
+        assert float(cell.locator(".value").inner_text()) == pytest.approx(
+            results["metrics"]["loss"][cand]["value"], rel=1e-3
+        )
+        low, high = results["metrics"]["loss"][cand]["ci"]
+        assert f"[{low:.4g}, {high:.4g}]" in cell.inner_text()
+    assert page.locator("#gate").inner_text().startswith("ok: tuned.loss > base.loss + 5")
+    assert page.locator("#examples tr[data-index]").count() == 4
+    page.screenshot(path=str(shots / "eval-launched.png"), full_page=True)
+
+    # serve it from the run page: `llamaforge serve` on loopback, its URL and state
+    started = time.perf_counter()
+    page.goto(studio_url + "/runs/runs/from-form")
+    assert page.locator("#run-evals a").inner_text() == "evals/from-form"
+    page.click("#serve-run")
+    row = page.locator("#served tr[data-served]")
+    row.wait_for()
+    page.wait_for_function(
+        "document.querySelector('#served .serve-state').textContent.trim() === 'ready'", timeout=SLOW_MS
+    )
+    took("serve (click to ready)", started)
+    url = row.locator(".serve-url").inner_text()
+    assert url.startswith("http://127.0.0.1:") and url.endswith("/v1")
+    assert row.locator(".serve-models").inner_text() == "tiny, from-form"
+    page.screenshot(path=str(shots / "run-serve.png"), full_page=True)
+
+    # chat: base and tuned side by side, the tuned one answered by the served process
+    started = time.perf_counter()
+    row.locator(".serve-chat").click()
+    page.wait_for_url("**/chat?served=**")
+    page.wait_for_selector("#chat-send:not([disabled])", timeout=SLOW_MS)
+    panes = page.locator(".pane")
+    assert [panes.nth(i).get_attribute("data-model") for i in range(2)] == ["tiny", "from-form"]
+    assert panes.nth(1).get_attribute("data-gateway").startswith("/served/")
+    page.fill("#chat-max-tokens", "8")
+    page.click("#chat-send")
+    page.wait_for_function(
+        "[...document.querySelectorAll('.pane')].every(p => p.dataset.done === '1')", timeout=SLOW_MS
+    )
+    took("chat (load and both answers)", started)
+    for i in range(2):
+        assert panes.nth(i).locator(".finish").inner_text().startswith("finish: ")
+        assert panes.nth(i).locator(".answer").inner_text().strip()
+    # the served process and the studio's own gateway give the tuned run the same greedy answer
+    opened = page.evaluate(
+        "fetch('/api/chat/open', {method: 'POST', headers: {'Content-Type': 'application/json'},"
+        " body: JSON.stringify({target: 'run:runs/from-form'})}).then(r => r.json())"
+    )
+    page.evaluate(  # until the adapter has loaded into the gateway (its /health lists it)
+        "async ([g, m]) => { for (;;) { const h = await (await fetch(g + '/health')).json();"
+        " if ((h.models || []).includes(m)) return; await new Promise(r => setTimeout(r, 500)); } }",
+        [opened["gateway"], opened["model"]],
+    )
+    whole = page.evaluate(
+        "([g, m]) => fetch(g + '/v1/chat/completions', {method: 'POST', headers: {'Content-Type': 'application/json'},"
+        " body: JSON.stringify({model: m, max_tokens: 8, temperature: 0,"
+        " messages: [{role: 'user', content: 'Who are you?'}]})}).then(r => r.json())",
+        [opened["gateway"], opened["model"]],
+    )
+    assert "choices" in whole, whole
+    assert panes.nth(1).locator(".answer").inner_text() == whole["choices"][0]["message"]["content"].strip()
+    page.screenshot(path=str(shots / "chat-served.png"))
+
+    # stop the server, then export the run
+    page.goto(studio_url + "/runs/runs/from-form")
+    row = page.locator("#served tr[data-served]")
+    row.locator(".serve-stop").click()
+    page.wait_for_function(
+        "document.querySelector('#served .serve-state').textContent.trim() === 'stopped'", timeout=60_000
+    )
+    assert page.evaluate("fetch('/api/serve').then(r => r.json())")[0]["returncode"] is not None
+    started = time.perf_counter()
+    page.select_option("#export-format", "safetensors")
+    page.click("#export-run")
+    page.wait_for_selector('#job-log[data-kind="export"]')
+    page.wait_for_function(
+        "document.querySelector('#job-log').textContent.includes('[exited ')", timeout=SLOW_MS
+    )
+    took("export (click to exited)", started)
+    assert "[exited 0]" in page.locator("#job-log").inner_text()
+    out = studio_workspace / "exports" / "from-form-safetensors"
+    assert (out / "manifest.json").is_file() and list(out.glob("*.safetensors"))
+    assert page.locator("#job-result").inner_text() == "Written to exports/from-form-safetensors"
 
 
 def test_chat_streams_base_and_adapter_answers(page, studio_url, studio_workspace, shots):
     page.goto(studio_url + "/chat?run=runs/done")
-    page.wait_for_selector("#chat-send:not([disabled])", timeout=120_000)
+    page.wait_for_selector("#chat-send:not([disabled])", timeout=SLOW_MS)
     panes = page.locator(".pane")
     assert panes.count() == 2
+    assert panes.nth(0).get_attribute("data-model") == "tiny"
     assert panes.nth(1).get_attribute("data-model") == "runs--done"
     page.fill("#chat-max-tokens", "12")
     page.click("#chat-send")
     page.wait_for_function(
-        "[...document.querySelectorAll('.pane')].every(p => p.dataset.done === '1')", timeout=120_000
+        "[...document.querySelectorAll('.pane')].every(p => p.dataset.done === '1')", timeout=SLOW_MS
     )
     for i in range(2):
         finish = panes.nth(i).locator(".finish").inner_text()
@@ -342,7 +455,7 @@ def test_chat_streams_base_and_adapter_answers(page, studio_url, studio_workspac
     # the streamed text is the same answer as the gateway's non-streamed one (greedy decoding)
     gateway = page.evaluate(
         "fetch('/api/chat/open', {method: 'POST', headers: {'Content-Type': 'application/json'},"
-        " body: JSON.stringify({run: 'runs/done'})}).then(r => r.json())"
+        " body: JSON.stringify({target: 'run:runs/done'})}).then(r => r.json())"
     )["gateway"]
     whole = page.evaluate(
         "([g, m]) => fetch(g + '/v1/chat/completions', {method: 'POST', headers: {'Content-Type': 'application/json'},"
@@ -354,19 +467,7 @@ def test_chat_streams_base_and_adapter_answers(page, studio_url, studio_workspac
     page.screenshot(path=str(shots / "chat.png"))
 
 
-def test_export_from_the_run_page_and_stop_a_running_job(page, studio_url, studio_workspace):
-    page.goto(studio_url + "/runs/runs/done")
-    page.select_option("#export-format", "safetensors")
-    page.click("#export-run")
-    page.wait_for_function(
-        "document.querySelector('#job-log') && "
-        "document.querySelector('#job-log').textContent.includes('[exited ')",
-        timeout=300_000,
-    )
-    assert "[exited 0]" in page.locator("#job-log").inner_text()
-    out = studio_workspace / "exports" / "done-safetensors"
-    assert (out / "manifest.json").is_file() and list(out.glob("*.safetensors"))
-
+def test_stop_a_running_job_from_its_page(page, studio_url, studio_workspace):
     # a long job, stopped from its page: SIGTERM -> checkpoint -> run.json "interrupted", resumable
     page.goto(studio_url + "/new")
     page.click('button[data-tab="yaml-tab"]')
@@ -379,12 +480,12 @@ def test_export_from_the_run_page_and_stop_a_running_job(page, studio_url, studi
     page.wait_for_selector("body:not([data-pending]) #job-ok:not([hidden])")
     page.click("#launch-job")
     page.wait_for_url("**/runs/runs/stopped", timeout=30_000)
-    page.wait_for_function("Number(document.querySelector('#last-step').textContent) >= 2", timeout=300_000)
+    page.wait_for_function("Number(document.querySelector('#last-step').textContent) >= 2", timeout=SLOW_MS)
     page.click("#stop-run")
     page.wait_for_function(
         "document.querySelector('#job-log') && "
         "document.querySelector('#job-log').textContent.includes('[exited ')",
-        timeout=120_000,
+        timeout=SLOW_MS,
     )
     run = studio_workspace / "runs" / "stopped"
     info = json.loads((run / "run.json").read_text())

@@ -27,11 +27,12 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from llamaforge.errors import ConfigError
-from llamaforge.studio import results_pages, schema_form
+from llamaforge.studio import actions, results_pages, schema_form
 from llamaforge.studio import workspace as ws
-from llamaforge.studio.gateway import GatewayRouter, Gateways, absolute_source
+from llamaforge.studio.gateway import GatewayRouter, Gateways
 from llamaforge.studio.jobs import JobManager, default_run_name
 from llamaforge.studio.security import COOKIE, StudioGuard, studio_auth
+from llamaforge.studio.serving import ServedRouter, ServeManager
 
 HERE = Path(__file__).parent
 SORT_KEYS = (
@@ -67,12 +68,16 @@ def _fmt_loss(value) -> str:
 
 
 class Studio:
-    """What the routes share: the workspace, its jobs and the chat gateways."""
+    """What the routes share: the workspace, its jobs, the chat gateways and the servers it started."""
 
     def __init__(self, workspace: Path, host: str, api_keys_file: str | None):
         self.workspace = workspace.resolve()
         self.jobs = JobManager(self.workspace)
         self.gateways = Gateways(self.workspace, host=host, api_keys_file=api_keys_file)
+        self.serving = ServeManager(self.workspace, api_keys_file=api_keys_file)
+
+    def serving_dict(self, served) -> dict:
+        return served.to_dict(self.workspace)
 
     def run_dir(self, rid: str) -> Path:
         """A run of the workspace, or one a job of this studio is about to create (its page can be
@@ -99,6 +104,7 @@ def create_app(workspace: str | Path, *, host: str = "127.0.0.1", api_keys_file:
         yield
         studio.jobs.shutdown()
         studio.gateways.shutdown()
+        studio.serving.shutdown()
 
     app = FastAPI(title="llamaforge studio", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.studio = studio
@@ -106,6 +112,7 @@ def create_app(workspace: str | Path, *, host: str = "127.0.0.1", api_keys_file:
     templates.env.filters.update(when=_fmt_time, duration=_fmt_duration, loss=_fmt_loss)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     app.mount("/gateway", GatewayRouter(studio.gateways))
+    app.mount("/served", ServedRouter(studio.serving))
 
     def page(request: Request, name: str, **context) -> HTMLResponse:
         context.update(workspace=str(studio.workspace), auth_required=auth.required)
@@ -169,6 +176,9 @@ def create_app(workspace: str | Path, *, host: str = "127.0.0.1", api_keys_file:
             checkpoints=ws.checkpoints(run),
             warnings=ws.warnings(run, log_text),
             job=job.to_dict(studio.workspace) if job else None,
+            tasks=actions.task_files(studio.workspace, run),
+            evals=actions.evals_of(studio.workspace, rid),
+            served=[studio.serving_dict(s) for s in studio.serving.all() if s.run_dir == run],
         )
 
     @app.get("/api/runs/{rid:path}/metrics")
@@ -304,31 +314,7 @@ def create_app(workspace: str | Path, *, host: str = "127.0.0.1", api_keys_file:
 
     results_pages.register(app, studio, page)
 
-    # ------------------------------------------------------------------ chat
-    @app.get("/chat", response_class=HTMLResponse)
-    async def chat_page(request: Request, run: str = ""):
-        finished = [r for r in ws.list_runs(studio.workspace) if r.status == "completed"]
-        return page(request, "chat.html", runs=finished, selected=run)
-
-    @app.post("/api/chat/open")
-    async def chat_open(request: Request):
-        """The gateway (and model names) for a run: its base and its adapter side by side."""
-        body = await request.json()
-        rid = str(body.get("run") or "")
-        if rid:
-            run = studio.run_dir(rid)
-            gateway, model = studio.gateways.for_run(run)
-            models = [gateway.engine.base_name, model] if model != gateway.engine.base_name else [model]
-        else:
-            base = str(body.get("base") or "").strip()
-            if not base:
-                raise ConfigError("choose a run, or name a base model")
-            problem = schema_form.model_source_problem(base, studio.workspace)
-            if problem:
-                raise ConfigError(f"base model: {problem}")
-            gateway = studio.gateways.for_base(absolute_source(base, studio.workspace))
-            models = [gateway.engine.base_name]
-        return {"gateway": f"/gateway/{gateway.id}", "models": models, **studio.gateways.status(gateway)}
+    actions.register(app, studio, page)
 
     return StudioGuard(app, auth, host)
 

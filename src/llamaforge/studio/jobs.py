@@ -25,7 +25,7 @@ from llamaforge.errors import ConfigError
 @dataclass
 class Job:
     id: str
-    kind: str  # train | resume
+    kind: str  # train | resume | export | eval
     run_dir: Path
     job_file: Path
     log_path: Path
@@ -33,6 +33,7 @@ class Job:
     started: float = field(default_factory=time.time)
     process: subprocess.Popen | None = None
     returncode: int | None = None
+    result: Path | None = None  # the folder the job writes besides the run (an eval's results, an export)
 
     @property
     def running(self) -> bool:
@@ -54,6 +55,7 @@ class Job:
             "started": self.started,
             "running": running,
             "returncode": self.returncode,
+            "result": self.result.relative_to(workspace).as_posix() if self.result else None,
         }
 
 
@@ -89,12 +91,14 @@ class JobManager:
         self.jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
 
-    def _spawn(self, kind: str, run_dir: Path, job_file: Path, args: list[str]) -> Job:
+    def _spawn(
+        self, kind: str, run_dir: Path, job_file: Path, args: list[str], result: Path | None = None
+    ) -> Job:
         job_id = f"{datetime.now():%Y%m%d-%H%M%S}-{run_dir.name}"
         log_dir = self.workspace / ".studio" / "jobs" / job_id
         log_dir.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "llamaforge.cli", *args]
-        job = Job(job_id, kind, run_dir, job_file, log_dir / "log.txt", argv)
+        job = Job(job_id, kind, run_dir, job_file, log_dir / "log.txt", argv, result=result)
         env = _child_env()
         with open(job.log_path, "w", encoding="utf-8") as log:
             log.write("$ llamaforge " + " ".join(args) + "\n")
@@ -150,7 +154,33 @@ class JobManager:
         out = _free_path(self.workspace / "exports" / f"{run_dir.name}-{fmt}")
         rel = run_dir.relative_to(self.workspace).as_posix()
         args = ["export", rel, "--format", fmt, "--out", out.relative_to(self.workspace).as_posix()]
-        return self._spawn("export", run_dir, run_dir / "config.yaml", args)
+        return self._spawn("export", run_dir, run_dir / "config.yaml", args, result=out)
+
+    def evaluate(self, run_dir: Path, task: Path, *, limit: int | None, fail_if: list[str]) -> Job:
+        """`llamaforge eval RUN/config.yaml --candidates base=base:RUN tuned=RUN --task T --out evals/<run>`:
+        the run's base and its weights on the same examples, written to a new folder of the workspace.
+        `task` is already checked to be a file inside the workspace, the rules to parse."""
+        if self.running_for(run_dir):
+            raise ConfigError(f"a job is already running for {run_dir.relative_to(self.workspace)}")
+        out = _free_path(self.workspace / "evals" / run_dir.name)
+        out.mkdir(parents=True)  # reserved now: a second evaluation picks the next name
+        rel = run_dir.relative_to(self.workspace).as_posix()
+        args = [
+            "eval",
+            f"{rel}/config.yaml",
+            "--candidates",
+            f"base=base:{rel}",
+            f"tuned={rel}",
+            "--task",
+            task.relative_to(self.workspace).as_posix(),
+            "--out",
+            out.relative_to(self.workspace).as_posix(),
+        ]
+        if limit:
+            args += ["--limit", str(limit)]
+        for rule in fail_if:
+            args += ["--fail-if", rule]
+        return self._spawn("eval", run_dir, run_dir / "config.yaml", args, result=out)
 
     def plan(self, yaml_text: str, gpu: str | None, gpus: int = 1, timeout: float = 180) -> str:
         """`llamaforge plan job.yaml [--gpu G --gpus N]` on the form's job: memory, time and method advice."""

@@ -96,7 +96,10 @@ const Studio = (() => {
     if (log) {
       const src = new EventSource(`/api/jobs/${log.dataset.job}/log`);
       src.addEventListener("line", (e) => { log.textContent += JSON.parse(e.data) + "\n"; log.scrollTop = log.scrollHeight; });
-      src.addEventListener("end", (e) => { log.textContent += `[exited ${JSON.parse(e.data).returncode}]\n`; src.close(); $("#stop-run").hidden = true; });
+      src.addEventListener("end", (e) => {
+        log.textContent += `[exited ${JSON.parse(e.data).returncode}]\n`; src.close(); $("#stop-run").hidden = true;
+        if ($("#job-result")) $("#job-result").hidden = false;
+      });
     }
     const act = async (what, payload = {}) => {
       const r = await fetch(`${base}/${what}`, {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(payload)});
@@ -108,7 +111,36 @@ const Studio = (() => {
     $("#resume-run").addEventListener("click", () => act("resume"));
     const exp = $("#export-run");
     if (exp) exp.addEventListener("click", () => act("export", {format: $("#export-format").value}));
+    const ev = $("#eval-run");
+    if (ev) ev.addEventListener("click", () => act("eval", {task: $("#eval-task").value, limit: $("#eval-limit").value,
+                                                            fail_if: $("#eval-fail-if").value}));
+    const serve = $("#serve-run");
+    if (serve) serve.addEventListener("click", () => act("serve", {host: $("#serve-host").value}));
+    $$("#served tr[data-served]").forEach(servedRow);
     rejects(rid);
+  }
+
+  /* a server started from the run page: its state until it has stopped, stop, and chat once ready */
+  function servedRow(tr) {
+    const sid = tr.dataset.served;
+    const stop = $(".serve-stop", tr);
+    stop.addEventListener("click", async () => {
+      stop.disabled = true;
+      const r = await fetch(`/api/serve/${sid}/stop`, {method: "POST"});
+      show(await r.json());
+    });
+    function show(s) {
+      const badge = $(".serve-state .status", tr);
+      badge.textContent = s.state; badge.className = "status " + ({ready: "completed", starting: "running"}[s.state] || "interrupted");
+      $(".serve-models", tr).textContent = s.models.join(", ");
+      $(".serve-chat", tr).hidden = s.state !== "ready";
+      stop.hidden = s.state === "stopped" || s.state === "exited";
+      return s.state === "starting" || s.state === "ready";
+    }
+    (async function poll() {
+      const r = await fetch(`/api/serve/${sid}`);
+      if (r.ok && show(await r.json())) setTimeout(poll, 1000);
+    })();
   }
 
   function rejects(rid) {
@@ -205,41 +237,52 @@ const Studio = (() => {
 
   /* ------------------------------------------------------------------ chat */
   function chat() {
-    let gateway = null, models = [];
     const state = $("#chat-state");
+    const post = (url, body) => fetch(url, {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+    async function ready(gateway, model) {  // a gateway's /health says 503 while its model loads
+      for (;;) {
+        const h = await fetch(gateway + "/health");
+        const health = await h.json();
+        if (h.ok && health.models.includes(model)) return null;
+        if (health.status === "failed") return "failed: " + health.error;
+        if (h.status === 404) return health.error?.message || "not found";
+        await new Promise((res) => setTimeout(res, 500));
+      }
+    }
     async function open() {
       $("#chat-send").disabled = true;
       state.textContent = "loading...";
-      const r = await fetch("/api/chat/open", {method: "POST", headers: {"Content-Type": "application/json"},
-        body: JSON.stringify({run: $("#chat-run").value, base: $("#chat-base").value})});
-      const body = await r.json();
-      if (!r.ok) { state.textContent = body.error || JSON.stringify(body); return; }
-      gateway = body.gateway;
-      for (;;) {  // the gateway's /health says 503 while the model loads
-        const h = await fetch(gateway + "/health");
-        const health = await h.json();
-        if (h.ok && body.models.every((m) => health.models.includes(m))) break;
-        if (health.status === "failed") { state.textContent = "failed: " + health.error; return; }
-        await new Promise((res) => setTimeout(res, 500));
+      const targets = ["a", "b"].map((side) => {
+        const v = $(`#chat-target-${side}`).value;
+        return v === "model:" ? "model:" + $(`#chat-model-${side}`).value : v;
+      }).filter((v) => v);
+      if (!targets.length) { state.textContent = "choose at least one model"; return; }
+      const opened = [];
+      for (const target of targets) {
+        const r = await post("/api/chat/open", {target});
+        const body = await r.json();
+        if (!r.ok) { state.textContent = body.error || JSON.stringify(body); return; }
+        opened.push(body);
       }
-      models = body.models;
-      $("#chat-panes").replaceChildren(...models.map((m) => {
+      const problems = (await Promise.all(opened.map((o) => ready(o.gateway, o.model)))).filter((p) => p);
+      if (problems.length) { state.textContent = problems.join("; "); return; }
+      $("#chat-panes").replaceChildren(...opened.map((o, i) => {
         const pane = document.createElement("div");
-        pane.className = "pane"; pane.dataset.model = m;
+        pane.className = "pane"; pane.dataset.model = o.model; pane.dataset.gateway = o.gateway; pane.dataset.side = "ab"[i];
         pane.innerHTML = "<h3></h3><div class='answer'></div><div class='meta finish'></div>";
-        pane.querySelector("h3").textContent = m === models[0] && models.length > 1 ? `base: ${m}` : m;
+        pane.querySelector("h3").textContent = `${"AB"[i]}: ${o.label}`;
         return pane;
       }));
-      state.textContent = "ready: " + models.join(" | ");
+      state.textContent = "ready: " + opened.map((o) => o.label).join(" | ");
       $("#chat-send").disabled = false;
     }
     async function ask(pane) {
       const out = pane.querySelector(".answer"), finish = pane.querySelector(".finish");
       out.textContent = ""; finish.textContent = "streaming...";
-      const r = await fetch(gateway + "/v1/chat/completions", {method: "POST", headers: {"Content-Type": "application/json"},
-        body: JSON.stringify({model: pane.dataset.model, stream: true, messages: [{role: "user", content: $("#chat-prompt").value}],
-          max_tokens: Number($("#chat-max-tokens").value), temperature: Number($("#chat-temperature").value)})});
-      if (!r.ok) { finish.textContent = (await r.json()).error?.message || r.statusText; return; }
+      const r = await post(pane.dataset.gateway + "/v1/chat/completions", {model: pane.dataset.model, stream: true,
+        messages: [{role: "user", content: $("#chat-prompt").value}],
+        max_tokens: Number($("#chat-max-tokens").value), temperature: Number($("#chat-temperature").value)});
+      if (!r.ok) { finish.textContent = (await r.json()).error?.message || r.statusText; pane.dataset.done = "1"; return; }
       const reader = r.body.getReader(), decoder = new TextDecoder();
       let buffer = "", chunks = 0;
       for (;;) {
@@ -260,9 +303,14 @@ const Studio = (() => {
       }
       pane.dataset.done = "1";
     }
+    for (const side of ["a", "b"]) {  // the model-name box only where "a base model" is chosen
+      const select = $(`#chat-target-${side}`), box = $(`#chat-model-${side}`);
+      const sync = () => { box.hidden = select.value !== "model:"; };
+      select.addEventListener("change", sync); sync();
+    }
     $("#chat-open").addEventListener("click", open);
     $("#chat-send").addEventListener("click", () => $$(".pane").forEach((p) => { p.dataset.done = ""; ask(p); }));
-    if ($("#chat-run").value) open();
+    if ($("#chat-target-a").value || $("#chat-target-b").value) open();
   }
 
   /* ------------------------------------------------------------------ data review */
