@@ -209,3 +209,24 @@ def test_a_quantized_base_is_refused_on_cpu_with_the_reason():
         ConfigError, match=r"QLoRA \+ FSDP on CPU: 0.weight is a quantized weight \(NF4Tensor\)"
     ):
         shard_on_cpu(2, model, optimizer)
+
+
+@pytest.mark.slow
+def test_a_deepspeed_launch_on_cpu_is_refused_not_run_as_ddp(tmp_path, tiny_llama_dir):
+    """accelerate 1.15 gives a CPU launch with ACCELERATE_USE_DEEPSPEED=true a plain DDP setup;
+    the recipe stops at setup on every process instead of training something else than asked."""
+    job = write_job(tmp_path, tiny_llama_dir)
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "1",
+        "ACCELERATE_USE_DEEPSPEED": "true",
+        "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "llamaforge.cli", "train", str(job), "output.name=ds"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode != 0
+    assert (done.stdout + done.stderr).count("asks for DeepSpeed but accelerate set up MULTI_CPU") == 2
+    assert not (tmp_path / "runs" / "ds" / "metrics.jsonl").exists()
