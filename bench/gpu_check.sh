@@ -169,6 +169,9 @@ part_distributed() {
   if [ -n "$(pip_args)" ]; then export PIP_NO_INDEX=1; fi
   local gpus rc=0
   gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+  # shellcheck disable=SC2046
+  "$PY" -c "import deepspeed" 2>/dev/null || "$PY" -m pip install -q $(pip_args) deepspeed ||
+    echo "deepspeed could not be installed: the ZeRO cases skip"
   "$PY" -m pytest -m gpu -q -rA -p no:cacheprovider --junitxml="$RESULTS/pytest_distributed.xml" \
     tests/test_fsdp_gpu.py || rc=$?
   echo "{\"status\": \"pytest exit $rc on $gpus GPU(s): cases in pytest_distributed.xml\"}" >"$WORK/json/distributed.json"

@@ -56,12 +56,12 @@ def launch_fsdp(job, *args: str) -> None:
     assert "FSDP on CPU: sharding" in done.stderr + done.stdout
 
 
-def single(job, *args: str):
-    """The reference: one process, two accumulated micro-batches a step (the same global batch)."""
+def single(job, *args: str, grad_accum: int = 2):
+    """The reference: one process, accumulating the micro-batches both processes take in a step."""
     from llamaforge.config import load_config
     from llamaforge.train.recipe import run_training
 
-    run_dir, summary = run_training(load_config(job, ["train.grad_accum=2", *args]))
+    run_dir, summary = run_training(load_config(job, [f"train.grad_accum={grad_accum}", *args]))
     return run_dir, summary
 
 
@@ -70,9 +70,9 @@ def eval_losses(run_dir) -> list[float]:
     return [r["eval_loss"] for r in rows if "eval_loss" in r]
 
 
-def assert_same_run(run_dir, reference, weights_file: str) -> None:
+def assert_same_run(run_dir, reference, weights_file: str, steps: int = 8) -> None:
     got, want = step_losses(run_dir), step_losses(reference)
-    assert len(got) == len(want) == 8
+    assert len(got) == len(want) == steps
     assert got == pytest.approx(want, rel=0, abs=TOL)
     assert eval_losses(run_dir) == pytest.approx(eval_losses(reference), rel=0, abs=TOL)
     mine, theirs = load_file(run_dir / weights_file), load_file(reference / weights_file)
@@ -96,10 +96,12 @@ def test_lora_under_fsdp_trains_evaluates_and_saves_like_one_process(tmp_path, t
 
 @pytest.mark.slow
 def test_full_fine_tuning_under_fsdp_saves_the_whole_model(tmp_path, tiny_llama_dir):
+    """With accumulation too: each process accumulates 2 micro-batches into its gradient shards
+    (reduce-scattered at every backward), one process accumulates all 4."""
     job = write_job(tmp_path, tiny_llama_dir, method="full", extra=", lr: 0.0005, keep_checkpoints: 1")
-    reference, _ = single(job, "output.name=single")
-    launch_fsdp(job, "output.name=fsdp")
-    assert_same_run(tmp_path / "runs" / "fsdp", reference, "model/model.safetensors")
+    reference, _ = single(job, "output.name=single", grad_accum=4)
+    launch_fsdp(job, "output.name=fsdp", "train.grad_accum=2")
+    assert_same_run(tmp_path / "runs" / "fsdp", reference, "model/model.safetensors", steps=4)
 
 
 @pytest.mark.slow
@@ -207,3 +209,24 @@ def test_a_quantized_base_is_refused_on_cpu_with_the_reason():
         ConfigError, match=r"QLoRA \+ FSDP on CPU: 0.weight is a quantized weight \(NF4Tensor\)"
     ):
         shard_on_cpu(2, model, optimizer)
+
+
+@pytest.mark.slow
+def test_a_deepspeed_launch_on_cpu_is_refused_not_run_as_ddp(tmp_path, tiny_llama_dir):
+    """accelerate 1.15 gives a CPU launch with ACCELERATE_USE_DEEPSPEED=true a plain DDP setup;
+    the recipe stops at setup on every process instead of training something else than asked."""
+    job = write_job(tmp_path, tiny_llama_dir)
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "1",
+        "ACCELERATE_USE_DEEPSPEED": "true",
+        "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "llamaforge.cli", "train", str(job), "output.name=ds"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode != 0
+    assert (done.stdout + done.stderr).count("asks for DeepSpeed but accelerate set up MULTI_CPU") == 2
+    assert not (tmp_path / "runs" / "ds" / "metrics.jsonl").exists()

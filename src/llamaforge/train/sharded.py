@@ -171,6 +171,15 @@ def prepare_training(
             "(examples/accelerate/fsdp.yaml), so evaluation, checkpoints and the final save can gather "
             "the sharded weights through torch.distributed.checkpoint"
         )
+    if (
+        os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        and kind != DistributedType.DEEPSPEED
+    ):
+        raise ConfigError(
+            f"the launch asks for DeepSpeed but accelerate set up {kind.value}: accelerate 1.15 runs DeepSpeed "
+            "only on GPUs (a CPU launch would silently train with DDP). On CPU use FSDP "
+            "(ACCELERATE_USE_FSDP=true) or plain torchrun"
+        )
     if fsdp_requested() and kind == DistributedType.MULTI_CPU:
         if accelerator.mixed_precision != "no":
             raise ConfigError(
