@@ -14,13 +14,14 @@ EPILOG = """examples:
 def register(sub) -> None:
     p = sub.add_parser(
         "studio",
-        help="web UI: runs, live curves, job form and launch, data review, eval and grading, chat",
+        help="web UI: runs, live curves, job form and launch, data review, eval and grading, serve, chat",
         epilog=EPILOG,
         formatter_class=formatter(),
         description="Serve the studio: the workspace's runs with live loss curves, data cards and "
         "rejects; a new-job form generated from the job schema that launches `llamaforge train`; "
-        "prepare reports and expert review; eval results with blind A/B grading; sweeps; a chat "
-        "playground on a base model and a run's adapter through the serving code.",
+        "prepare reports and expert review; eval results with blind A/B grading; sweeps; run actions "
+        "(evaluate, serve, export, stop, resume); a chat playground with two models side by side "
+        "(base models, runs' adapters, a served run) through the serving code.",
     )
     p.add_argument("--workspace", default=".", help="folder holding the runs, jobs and data (default: .)")
     p.add_argument(
