@@ -12,6 +12,8 @@ import pytest
 
 pytest.importorskip("fastapi")
 
+from llamaforge.data.feedback import read_feedback  # noqa: E402
+from llamaforge.schema import FeedbackOptions  # noqa: E402
 from llamaforge.serve.app import create_app  # noqa: E402
 from test_serve import adapters, assert_error, chat_body, engine, local, metric, with_  # noqa: E402, F401
 
@@ -71,6 +73,12 @@ def test_feedback_is_joined_to_the_answer_and_redacted(keyed):
         == 200
     )
     assert [x["rating"] for x in stored(folder)] == ["down", 5]
+    # the log is what `format: feedback` reads: the last rating of the answer counts
+    [example] = read_feedback(folder / "feedback.jsonl", FeedbackOptions(kind="binary"))
+    assert example.meta["feedback"]["label"] is True and example.messages[-1].content == record["response"]
+    assert [m.role for m in example.messages] == ["user", "assistant"] and "<EMAIL>" in example.messages[
+        0
+    ].content
     text = client.get("/metrics").text
     assert metric(text, 'vllm:feedback_ratings_total{model_name="a1",rating="down"}') == 1
     assert metric(text, 'vllm:feedback_ratings_total{model_name="a1",rating="5"}') == 1

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from llamaforge.data.feedback import preference_record
 from llamaforge.data.formats import MESSAGE_ROLES, _check_turns, _content, _Invalid, _role, _text, _type_name
 from llamaforge.data.readers import READERS, check_file
 from llamaforge.data.types import Conversation, Message, Rejected
@@ -127,6 +128,7 @@ def _to_messages(turns: list[tuple[str, str, str]]) -> list[Message]:
 def parse_pair(record: Any) -> PreferencePair:
     if not isinstance(record, dict):
         raise _Invalid(None, f"a record must be an object with named fields, got {_type_name(record)}")
+    record = preference_record(record) or record  # a prepared `format: feedback` example
     if "prompt" in record:
         prompt = _prompt(record)
         chosen, rejected = _answer(record, "chosen"), _answer(record, "rejected")
@@ -147,6 +149,7 @@ def parse_pair(record: Any) -> PreferencePair:
 def parse_binary(record: Any) -> BinaryExample:
     if not isinstance(record, dict):
         raise _Invalid(None, f"a record must be an object with named fields, got {_type_name(record)}")
+    record = preference_record(record) or record  # a prepared `format: feedback` example
     prompt = _prompt(record)
     completion = _answer(record, "completion")
     label = record.get("label", _MISSING)
