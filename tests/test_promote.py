@@ -206,3 +206,17 @@ def test_promoting_and_rolling_back_fail_no_request(server, adapters):
             t.join(timeout=60)
     assert failures == [] and {"a1", "a2"} <= set(served)
     assert httpx.get(server + "/v1/routes").json()["data"][0]["stable"] == "a1"
+
+
+def test_rollback_refuses_an_adapter_that_is_no_longer_loaded():
+    from llamaforge.serve.protocol import APIError
+
+    routes = Routes()
+    routes.canary("support", "support-v2", 0.2)
+    routes.promote("support")
+    with pytest.raises(APIError, match="no longer loaded"):
+        routes.rollback("support", loaded=lambda model: model != "support")
+    assert routes.choose("support", "anyone") == "support-v2"  # unchanged
+    assert routes.rollback("support").stable == "support"
+    with pytest.raises(APIError, match="nothing to roll back"):
+        routes.rollback("support")

@@ -62,7 +62,7 @@ def says_forge(url: str, model: str, questions: list[str], key: str) -> float:
             "max_tokens": 32,
         }
         r = httpx.post(
-            url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=300
+            url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=900
         )
         r.raise_for_status()
         hits += "forge" in r.json()["choices"][0]["message"]["content"].lower()
@@ -133,7 +133,7 @@ def run(work: Path, sft_steps: int, kto_steps: int) -> dict:
             key = KEYS["alice" if i % 2 == 0 else "bob"]
             headers = {"Authorization": f"Bearer {key}"}
             body = {"model": "assistant", "messages": [{"role": "user", "content": q}], "max_tokens": 32}
-            answer = httpx.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=300).json()
+            answer = httpx.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=900).json()
             verdict = rate(answer["choices"][0]["message"]["content"])
             r = httpx.post(
                 url + "/v1/feedback", json={"id": answer["id"], **verdict}, headers=headers, timeout=60

@@ -72,14 +72,21 @@ class Routes:
             )
         return route
 
-    def rollback(self, name: str) -> Route:
-        """Drop the candidate if one is on canary, else restore the stable before the current one."""
+    def rollback(self, name: str, loaded=lambda model: True) -> Route:
+        """Drop the candidate if one is on canary, else restore the stable before the current one
+        (refused when that adapter is no longer loaded: its callers would get 404s)."""
         with self.lock:
             route = self.table.get(name)
             if route is not None and route.candidate is not None:
                 route = replace(route, candidate=None, share=0.0)
             elif route is not None and route.previous:
                 route = Route(name, route.previous[-1], None, 0.0, route.previous[:-1])
+                if not loaded(route.stable):
+                    raise APIError(
+                        409,
+                        f"cannot roll '{name}' back to {route.stable}: it is no longer loaded",
+                        param="name",
+                    )
             else:
                 raise APIError(409, f"'{name}' has nothing to roll back to", param="name")
             self.table[name] = route
@@ -136,4 +143,5 @@ def register(app, server) -> None:
     @app.post("/v1/routes/rollback")
     async def rollback(body: NameBody, request: Request):
         admin(request)
-        return routes.describe(routes.rollback(body.name).name)
+        loaded_now = server.engine.model_names()
+        return routes.describe(routes.rollback(body.name, lambda m: m in loaded_now).name)
