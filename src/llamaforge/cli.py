@@ -19,6 +19,7 @@ COMMANDS = [
     "merge",
     "export",
     "serve",
+    "promote",
     "plan",
     "sweep",
     "config",

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator,
 from llamaforge.registry import METHODS, OPTIMIZERS
 
 TemplateName = Literal["auto", "model", "llama3", "chatml", "alpaca", "raw"]
-DataFormat = Literal["auto", "alpaca", "sharegpt", "messages", "text"]
+DataFormat = Literal["auto", "alpaca", "sharegpt", "messages", "text", "feedback"]
 
 
 class Section(BaseModel):
@@ -38,6 +38,39 @@ class ModelConfig(Section):
     trust_remote_code: bool = False
 
 
+class FeedbackOptions(Section):
+    """How a `format: feedback` source (the server's feedback.jsonl) becomes examples (data/feedback.py)."""
+
+    kind: Literal["sft", "binary", "pairs"] = Field(
+        "binary",
+        description="sft: corrections as answers; binary (KTO): rated answers labelled good/bad, corrections "
+        "good; pairs (DPO/ORPO): correction over the original answer, and better- over worse-rated answers "
+        "to the same prompt",
+    )
+    since: str | None = Field(None, description="only feedback given at or after this UTC time (ISO 8601)")
+    until: str | None = Field(None, description="only feedback given before this UTC time (ISO 8601)")
+    good_from: int = Field(4, ge=1, le=5, description="a 1-5 rating at or above this is good (like up)")
+    bad_to: int = Field(2, ge=1, le=5, description="a 1-5 rating at or below this is bad (like down)")
+
+    @field_validator("since", "until")
+    @classmethod
+    def _iso(cls, value: str | None) -> str | None:
+        from datetime import datetime
+
+        if value is not None:
+            try:
+                datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                raise ValueError(f"{value!r} is not an ISO 8601 time, e.g. 2026-11-30T18:00:00Z") from None
+        return value
+
+    @model_validator(mode="after")
+    def _order(self) -> FeedbackOptions:
+        if self.bad_to >= self.good_from:
+            raise ValueError(f"bad_to ({self.bad_to}) must be below good_from ({self.good_from})")
+        return self
+
+
 class DataSource(Section):
     path: str = Field(description="a .json/.jsonl/.csv/.parquet/.txt file, or a catalog dataset name")
     format: DataFormat = "auto"
@@ -45,6 +78,9 @@ class DataSource(Section):
     repeat: int = Field(1, ge=1, description="repeat the source this many times (upsampling small sets)")
     variables: dict[str, str] = Field(
         default_factory=dict, description="values for {{placeholders}} in the records, e.g. name, author"
+    )
+    feedback: FeedbackOptions = Field(
+        default_factory=FeedbackOptions, description="format: feedback only: which examples, which window"
     )
 
 

@@ -89,6 +89,7 @@ def read_source(
     *,
     strict: bool = False,
     variables: dict[str, Any] | None = None,
+    feedback: Any = None,
 ) -> Iterator[Conversation | Rejected]:
     """Stream the records of one file as Conversations (good) and Rejected (bad).
 
@@ -100,6 +101,12 @@ def read_source(
     The file-level checks run now, at the call; records are read as the iterator is consumed.
     """
     p = Path(path)
+    if format == "feedback":  # the server's feedback log (data/feedback.py); `feedback`: FeedbackOptions
+        from llamaforge.data.feedback import read_feedback
+        from llamaforge.schema import FeedbackOptions
+
+        items = read_feedback(p, feedback or FeedbackOptions())
+        return _raise_first(items) if strict else items
     if format != "auto" and format not in FORMATS:
         raise DataError(
             f"unknown data format {format!r}; expected auto or one of {', '.join(FORMATS)}", path=str(p)
@@ -372,7 +379,14 @@ def _from_messages(record: dict[str, Any], variables: dict[str, Any] | None) -> 
         turns.append(
             (role, message_content(turn.get("content", _MISSING), f"{base}.content", variables), role_field)
         )
-    return Conversation(check_turns(turns), meta=_meta(record, ("messages",)))
+    meta = _meta(record, ("messages",))
+    feedback = meta.get("meta", {}).get("feedback") if isinstance(meta.get("meta"), dict) else None
+    if isinstance(feedback, dict) and feedback.get("label") is False:
+        raise InvalidField(
+            "meta.feedback.label",
+            "a feedback example rated bad is not an answer to learn: train it with method.objective kto",
+        )
+    return Conversation(check_turns(turns), meta=meta)
 
 
 def _from_text(record: dict[str, Any], variables: dict[str, Any] | None) -> Conversation:

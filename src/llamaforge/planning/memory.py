@@ -56,10 +56,21 @@ class Setup:
     )
     double_quant: bool = True
     modules_to_save: tuple[str, ...] = ()
+    objective: str = "sft"  # sft | dpo | kto | orpo (method.objective)
+    precompute_reference: bool = False
 
     @property
     def tokens(self) -> int:
-        return self.batch * self.seq
+        """Tokens the step trains on (backward): a DPO/ORPO row is two sequences, chosen and rejected."""
+        return self.batch * self.seq * objective_passes(self.objective, self.precompute_reference)[0]
+
+    @property
+    def forward_only_tokens(self) -> int:
+        """Tokens run forward without backward in one pass: the reference (the adapter-disabled base)
+        on both answers of a DPO row, and for KTO each of the reference, its KL batch and the policy's
+        KL estimate, one micro-batch at a time."""
+        trained, extra = objective_passes(self.objective, self.precompute_reference)
+        return self.batch * self.seq * (trained if extra else 0)
 
     def prec(self) -> Precision:
         autocast = self.precision in ("bf16", "fp16")
@@ -85,6 +96,20 @@ class Estimate:
     phases: dict[str, float] = field(default_factory=dict)
     peak: float = 0.0
     peak_phase: str = ""
+
+
+def objective_passes(objective: str, precompute_reference: bool = False) -> tuple[int, int]:
+    """(sequences per row trained with backward, forward-only passes per row) of a training objective
+    (train/preference.py): DPO trains chosen and rejected and runs the reference on both; ORPO has no
+    reference; KTO trains one completion and runs its reference, the mismatched-pair KL batch through
+    the policy (no grad) and through the reference. Precomputed references leave only the KL policy pass."""
+    if objective == "dpo":
+        return 2, 0 if precompute_reference else 2
+    if objective == "orpo":
+        return 2, 0
+    if objective == "kto":
+        return 1, 1 if precompute_reference else 3
+    return 1, 0
 
 
 def _targets(setup: Setup):
@@ -243,6 +268,12 @@ def estimate(arch: Arch, setup: Setup, *, strategy: str = "ddp", gpus: int = 1) 
         "backward_end": static + grads + emb_grad + work,
         "optimizer_step": static + grads + opt_temp,
     }
+    if setup.forward_only_tokens:
+        # The reference (and KTO's KL) forward under no_grad, before the policy's: one layer's
+        # activations live at a time, plus the loss chunk's logits; the autocast casts are not cached.
+        ref_tok = setup.forward_only_tokens
+        ref_loss = 8 * min(setup.loss_chunk, ref_tok) * V + head_cast
+        phases["reference_forward"] = static + per_layer * ref_tok + ref_loss
     if setup.checkpointing:
         # Bound over the whole backward: every layer input still saved, the gradients all there.
         phases["backward_recompute"] = (

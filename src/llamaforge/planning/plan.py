@@ -135,6 +135,8 @@ def base_setup(
         optimizer=optimizer,
         device=device,
         modules_to_save=tuple(config.method.modules_to_save),
+        objective=config.method.objective,
+        precompute_reference=config.method.precompute_reference,
     )
 
 
@@ -253,6 +255,8 @@ def make_plan(
             base.seq,
             checkpointing=row["checkpointing"],
             adapter_params=0 if method == "full" else info["trainable_params"],
+            objective=base.objective,
+            precompute_reference=base.precompute_reference,
         )
         m = mfu * (QLORA_SLOWDOWN if method == "qlora" else 1.0)
         rate = hw.tflops * 1e12

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llamaforge.planning.arch import Arch
+from llamaforge.planning.memory import objective_passes
 
 GB = 1024**3
 
@@ -69,11 +70,21 @@ def representative_gpu(memory_gib: float) -> GPU:
 
 
 def flops_per_token(
-    arch: Arch, method: str, seq: int, *, checkpointing: bool = False, adapter_params: int = 0
+    arch: Arch,
+    method: str,
+    seq: int,
+    *,
+    checkpointing: bool = False,
+    adapter_params: int = 0,
+    objective: str = "sft",
+    precompute_reference: bool = False,
 ) -> float:
+    """Per token of the data (a preference row counts its prompt + answer once): the training passes
+    and the forward-only ones (the reference, KTO's KL) of the objective (memory.objective_passes)."""
     n = arch.matmul_params
     attn = 12 * arch.layers * arch.q_dim * seq  # QK^T and AV, forward (4) + backward (8)
     flops = (6 * n if method == "full" else 4 * n + 6 * adapter_params) + attn
     if checkpointing:
         flops += 2 * n + attn / 3
-    return float(flops)
+    trained, forward_only = objective_passes(objective, precompute_reference)
+    return float(trained * flops + forward_only * (2 * n + attn / 3))

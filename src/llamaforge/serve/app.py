@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llamaforge.errors import LlamaforgeError
+from llamaforge.serve import canary, feedback
 from llamaforge.serve.audit import AuditLog
 from llamaforge.serve.auth import Auth, load_keys
 from llamaforge.serve.completion import complete
@@ -131,6 +132,10 @@ class Server:
             tenant=tenant,
         )
 
+    def route(self, body: SamplingBody, caller) -> str:
+        """The loaded model that answers: the canary table's choice for this caller, checked."""
+        return self.resolve_model(self.routes.choose(body.model, f"{caller.name}\x00{body.user or ''}"))
+
     def resolve_model(self, name: str) -> str:
         if name not in self.engine.model_names():
             raise APIError(
@@ -182,6 +187,9 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None, *, load: bool = T
     async def _crash(request: Request, exc: Exception):
         log.exception("unhandled error")
         return SafeJSONResponse(error_body(f"Internal error: {type(exc).__name__}", "server_error"), 500)
+
+    feedback.register(app, server)  # POST /v1/feedback
+    canary.register(app, server)  # server.routes and /v1/routes
 
     @app.get("/health")
     async def health():
@@ -256,22 +264,22 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None, *, load: bool = T
         from llamaforge.data.types import Message
 
         server.check_ready()
-        model = server.resolve_model(body.model)
+        caller = caller_of(request.scope)
+        model = server.route(body, caller)
         messages = [Message(m.role, m.text()) for m in body.messages]
         server.check_prompt_size(sum(len(m.content) for m in messages), "messages")
         prompt_text = "\n".join(f"{m.role}: {m.content}" for m in messages)
         template = server.engine.template_for(model)
         encode = functools.partial(encode_chat, template, messages)
-        caller = caller_of(request.scope)
         return await complete(server, request, body, model, encode, prompt_text, caller, chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
         server.check_ready()
-        model = server.resolve_model(body.model)
+        caller = caller_of(request.scope)
+        model = server.route(body, caller)
         server.check_prompt_size(len(body.prompt), "prompt")
         encode = functools.partial(encode_text, server.engine.tokenizer, body.prompt)
-        caller = caller_of(request.scope)
         return await complete(server, request, body, model, encode, body.prompt, caller, chat=False)
 
     return app

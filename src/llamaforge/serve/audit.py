@@ -37,6 +37,8 @@ class AuditLog:
         self.path = Path(cfg.path) if cfg.path else None
         self.lock = threading.Lock()
         self.redact = _redactor() if cfg.redact_pii else None
+        self.listeners: list = []  # called with each record as written (feedback.py keeps recent answers)
+        self.owner_of = None  # key name -> keyed hash, recorded as `owner` (set by feedback.py)
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if not cfg.redact_pii:
@@ -67,18 +69,17 @@ class AuditLog:
             if isinstance(value, str):
                 fields[key] = self._bound(value, redact=key in ("prompt", "response"))
         fields["redacted"] = self.redact is not None
-        line = (
-            json.dumps(
-                {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z", **fields},
-                ensure_ascii=False,
-            )
-            + "\n"
-        )
+        if self.owner_of is not None and isinstance(fields.get("key_id"), str):
+            fields["owner"] = self.owner_of(fields["key_id"])
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z", **fields}
+        line = json.dumps(record, ensure_ascii=False) + "\n"
         with self.lock:
             self._rotate_if_needed(len(line.encode()))
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             with os.fdopen(fd, "a", encoding="utf-8", errors="replace") as f:
                 f.write(line)
+            for listener in self.listeners:
+                listener(record)
 
     def _rotate_if_needed(self, incoming: int) -> None:
         try:

@@ -73,6 +73,9 @@ class Metrics:
         self.prefix_hits = Counter(
             f"{p}prefix_cache_hits", "Prefix cache hits, in prompt tokens reused", label, registry=r
         )
+        self.feedback = Counter(
+            f"{p}feedback_ratings", "Ratings received on /v1/feedback", ["model_name", "rating"], registry=r
+        )  # rating: up, down, or 1-5
         self.adapters_loaded = Gauge(f"{p}lora_adapters_loaded", "LoRA adapters in memory", registry=r)
         ProcessCollector(registry=r)  # process_resident_memory_bytes, cpu seconds, open fds
         PlatformCollector(registry=r)

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from llamaforge.data.feedback import preference_record
 from llamaforge.data.formats import (
     MESSAGE_ROLES,
     InvalidField,
@@ -139,6 +140,7 @@ def _to_messages(turns: list[tuple[str, str, str]]) -> list[Message]:
 def parse_pair(record: Any) -> PreferencePair:
     if not isinstance(record, dict):
         raise InvalidField(None, f"a record must be an object with named fields, got {type_name(record)}")
+    record = preference_record(record) or record  # a prepared `format: feedback` example
     if "prompt" in record:
         prompt = _prompt(record)
         chosen, rejected = _answer(record, "chosen"), _answer(record, "rejected")
@@ -161,6 +163,7 @@ def parse_pair(record: Any) -> PreferencePair:
 def parse_binary(record: Any) -> BinaryExample:
     if not isinstance(record, dict):
         raise InvalidField(None, f"a record must be an object with named fields, got {type_name(record)}")
+    record = preference_record(record) or record  # a prepared `format: feedback` example
     prompt = _prompt(record)
     completion = _answer(record, "completion")
     label = record.get("label", _MISSING)

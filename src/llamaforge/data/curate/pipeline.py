@@ -160,7 +160,8 @@ class Pipeline:
         from llamaforge.data.formats import read_source
 
         path = resolve_source_path(src.path, self.base_dir)
-        stream = read_source(path, src.format, variables=dict(src.variables) or None)
+        feedback = src.feedback if src.format == "feedback" else None
+        stream = read_source(path, src.format, variables=dict(src.variables) or None, feedback=feedback)
         self.source_files[src.path] = {
             "path": str(path),
             "format": src.format,
@@ -171,6 +172,8 @@ class Pipeline:
             "records": 0,
             "unreadable": 0,
         }
+        if feedback is not None:  # which log, which window, which examples
+            self.source_files[src.path]["feedback"] = feedback.model_dump()
         info = self.source_files[src.path]
         good = 0
         for rec in stream:
