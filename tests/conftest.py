@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,53 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def step_losses(run_dir: Path) -> list[float]:
     """The training loss of every optimizer step, in order, from the run's metrics.jsonl."""
     return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` (relative path -> hex)."""
+    import hashlib
+
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_llama_dir) -> Iterator[Path]:
+    """A finished 6-step LoRA run of the tiny Llama on 16 chat records (no validation split), trained
+    once per test session for every test that only reads a run (eval, merge, generate, chat, ...).
+
+    Shared, so read-only: a test that writes into it fails here, at the end of the session."""
+    from llamaforge.config import load_config
+    from llamaforge.train.recipe import run_training
+
+    tmp = tmp_path_factory.mktemp("tiny-run")
+    data = write_jsonl(tmp / "data.jsonl", chat_rows(16))
+    cfg = load_config(
+        None,
+        [
+            f"model.source={tiny_llama_dir}",
+            f"data.sources=[{{path: {data}}}]",
+            "data.template=llama3",
+            "data.val_size=0",
+            f"output.dir={tmp}",
+            "output.name=run",
+            "eval.prompts=[]",
+            "eval.before_after=false",
+            "train.max_steps=6",
+            "train.batch_size=4",
+            "train.lr=5e-2",
+            "train.warmup_ratio=0",
+            "train.precision=fp32",
+            "method.rank=4",
+            "method.dropout=0",
+        ],
+    )
+    run_dir, _ = run_training(cfg)
+    before = folder_digest(run_dir)
+    yield run_dir
+    after = folder_digest(run_dir)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"a test wrote into the shared tiny_run (read-only): {changed}"

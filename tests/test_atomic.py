@@ -229,6 +229,10 @@ def fake_run(run: Path, status: str | None = "completed", base: str = "some-base
 
 def test_a_run_folder_is_replaced_only_when_llamaforge_made_it(tmp_path):
     from llamaforge.train.recipe import FineTuneRecipe
+    from llamaforge.train.rundir import prepare_run_dir
+
+    def prepare(r: FineTuneRecipe) -> None:
+        prepare_run_dir(r.run_dir, r.cfg, resume=r.resume)
 
     src = data_file(tmp_path / "data.jsonl")
 
@@ -244,28 +248,30 @@ def test_a_run_folder_is_replaced_only_when_llamaforge_made_it(tmp_path):
 
     mine = user_folder(tmp_path / "runs" / "r")
     with pytest.raises(ConfigError, match="not created by llamaforge"):
-        recipe()._prepare_run_dir()
+        prepare(recipe())
     assert snapshot(tmp_path / "runs" / "r") == mine
     inside = data_file(tmp_path / "runs" / "r2" / "data.jsonl")
     (tmp_path / "runs" / "r2" / MARKER).write_text("{}")
     with pytest.raises(ConfigError, match="contains the input"):
-        FineTuneRecipe(
-            load_config(
-                None,
-                [
-                    f"data.sources=[{{path: {inside}}}]",
-                    f"output.dir={tmp_path / 'runs'}",
-                    "output.name=r2",
-                    "output.overwrite=true",
-                ],
+        prepare(
+            FineTuneRecipe(
+                load_config(
+                    None,
+                    [
+                        f"data.sources=[{{path: {inside}}}]",
+                        f"output.dir={tmp_path / 'runs'}",
+                        "output.name=r2",
+                        "output.overwrite=true",
+                    ],
+                )
             )
-        )._prepare_run_dir()
+        )
     assert inside.is_file()
     r = recipe(**{"output.name": "r3"})
-    r._prepare_run_dir()
+    prepare(r)
     assert is_ours(tmp_path / "runs" / "r3")
     (tmp_path / "runs" / "r3" / "old.txt").write_text("x")
-    recipe(**{"output.name": "r3"})._prepare_run_dir()  # ours, overwrite=true: replaced
+    prepare(recipe(**{"output.name": "r3"}))  # ours, overwrite=true: replaced
     assert not (tmp_path / "runs" / "r3" / "old.txt").exists()
 
 

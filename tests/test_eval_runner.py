@@ -9,7 +9,6 @@ import torch
 
 from conftest import build_tiny_llama, chat_rows, write_jsonl
 from llamaforge.cli import main
-from llamaforge.config import load_config
 from llamaforge.data.types import Message
 from llamaforge.errors import ConfigError, DataError, LlamaforgeError
 from llamaforge.evaluate.candidates import parse_candidate, parse_candidates
@@ -34,33 +33,9 @@ SCORING = EvalMetricsConfig(metrics=["bleu", "rouge", "exact_match"], bootstrap_
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tiny_llama_dir):
-    from llamaforge.train.recipe import run_training
-
-    tmp = tmp_path_factory.mktemp("eval-run")
-    data = write_jsonl(tmp / "data.jsonl", chat_rows(16))
-    cfg = load_config(
-        None,
-        [
-            f"model.source={tiny_llama_dir}",
-            f"data.sources=[{{path: {data}}}]",
-            "data.template=llama3",
-            "data.val_size=0",
-            f"output.dir={tmp}",
-            "output.name=r",
-            "eval.prompts=[]",
-            "eval.before_after=false",
-            "train.max_steps=6",
-            "train.batch_size=4",
-            "train.lr=5e-2",
-            "train.warmup_ratio=0",
-            "train.precision=fp32",
-            "method.rank=4",
-            "method.dropout=0",
-        ],
-    )
-    run, _ = run_training(cfg)
-    return run
+def run_dir(tiny_run):
+    """The shared finished tiny run (conftest.tiny_run): 6 LoRA steps on 16 chat records."""
+    return tiny_run
 
 
 @pytest.fixture(scope="module")

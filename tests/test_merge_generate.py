@@ -7,34 +7,11 @@ import json
 import pytest
 import torch
 
-from conftest import chat_rows, write_jsonl
-from llamaforge.config import load_config
-from llamaforge.train.recipe import run_training
-
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, tiny_llama_dir):
-    tmp = tmp_path_factory.mktemp("run")
-    data = write_jsonl(tmp / "data.jsonl", chat_rows(16))
-    cfg = load_config(
-        None,
-        [
-            f"model.source={tiny_llama_dir}",
-            f"data.sources=[{{path: {data}}}]",
-            "data.template=llama3",
-            "data.val_size=0",
-            f"output.dir={tmp}",
-            "output.name=run",
-            "eval.prompts=[]",
-            "train.max_steps=6",
-            "train.lr=5e-2",
-            "train.precision=fp32",
-            "method.rank=4",
-            "method.dropout=0",
-        ],
-    )
-    run_dir, _ = run_training(cfg)
-    return run_dir
+def trained_run(tiny_run):
+    """The shared finished tiny run (conftest.tiny_run): 6 LoRA steps on 16 chat records."""
+    return tiny_run
 
 
 def test_merged_model_matches_base_plus_adapter(trained_run, tmp_path):

@@ -211,7 +211,7 @@ def test_recipe_setup_guards_the_4bit_base_before_eval(tmp_path, tiny64_dir):
     randomise_lora_b(recipe.model)
     ref = reference(tiny64_dir, recipe.model, bnb_dequantised)
     assert recipe.evaluate()["eval_loss"] > 0
-    assert list(recipe.sample_answers()) == ["Hi"]
+    assert list(recipe.validator.sample_answers()) == ["Hi"]
     batch = collate([recipe.data.train[i] for i in range(4)], recipe.tokenizer.pad_token_id)
     assert min_cosine(recipe.model, ref, batch) >= 0.999
     assert not any(m.support_avx512bf16_for_cpu for m in layers)  # how: the repacking kernel is off

@@ -71,11 +71,10 @@ def test_lora_run_writes_a_complete_run_dir_and_loss_falls(tmp_path, tiny_llama_
     assert any("lora_A" in n for n, _ in peft_model.named_parameters())
 
 
-def test_same_template_at_inference_as_in_training(tmp_path, tiny_llama_dir, data_file):
+def test_same_template_at_inference_as_in_training(tiny_run):
     from llamaforge.runs import load_for_inference
 
-    cfg = job(tmp_path, tiny_llama_dir, data_file, **{"train.max_steps": 1})
-    run_dir, _ = run_training(cfg)
+    run_dir = tiny_run
     _, tokenizer, template = load_for_inference(run_dir)
     saved = json.loads((run_dir / "adapter" / "llamaforge_template.json").read_text())
     assert template.name == "llama3" and template.jinja == saved["jinja"] == tokenizer.chat_template
