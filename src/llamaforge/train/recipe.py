@@ -32,6 +32,7 @@ from llamaforge.data.types import Message
 from llamaforge.device import default_device, resolve_precision
 from llamaforge.dtypes import torch_dtype
 from llamaforge.errors import ConfigError, LlamaforgeError
+from llamaforge.hardware import release_free_memory
 from llamaforge.losses import held_out_loss, num_targets
 from llamaforge.runs import Run, weights_kind, write_val_conversations
 from llamaforge.train.adapters import attach_method, count_parameters
@@ -94,7 +95,7 @@ class FineTuneRecipe(ValidationWatch):
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
 
-        from llamaforge.hardware import configure_threads
+        from llamaforge.hardware import configure_allocator, configure_threads
         from llamaforge.models import load_model, warn_if_chat_tokens_untrained
         from llamaforge.templates import get_template
         from llamaforge.train.data import prepare_data, write_rejects
@@ -102,6 +103,7 @@ class FineTuneRecipe(ValidationWatch):
         cfg = self.cfg
         device = default_device()
         threads = configure_threads() if device.type == "cpu" else None
+        allocator = configure_allocator(cfg.train.release_memory)
         check_optimizer(cfg.train.optimizer, device)
         check_trackers(cfg.train.trackers)
         self._was_deterministic = seed_everything(cfg.train.seed, cfg.train.deterministic)
@@ -153,6 +155,7 @@ class FineTuneRecipe(ValidationWatch):
             f"({100 * trainable / total:.2f}%), precision {self.precision}"
             + (f", {threads} CPU threads" if threads else "")
         )
+        log.info(allocator)
         self.summary.update(
             trainable_params=trainable,
             total_params=total,
@@ -309,6 +312,7 @@ class FineTuneRecipe(ValidationWatch):
             chunk_size=self.cfg.train.loss_chunk_size,
             autocast=self.accelerator.autocast,
         )
+        release_free_memory()
         self.model.train()
         return {
             "eval_loss": held.loss,
@@ -335,6 +339,7 @@ class FineTuneRecipe(ValidationWatch):
             max_new_tokens=self.cfg.eval.max_new_tokens,
             precision=self.precision,
         )
+        release_free_memory()
         model.train()
         return dict(zip(prompts, answers))
 
@@ -450,6 +455,7 @@ class FineTuneRecipe(ValidationWatch):
             self.progress["step"] += 1
             self.progress["group"] = index + 1
             self._mark_boundary()
+        release_free_memory()  # train.release_memory: the step's freed activations go back
         loss = acc.reduce(torch.tensor(loss_total, device=acc.device), reduction="sum").item() / max(
             global_targets, 1
         )
