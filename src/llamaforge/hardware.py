@@ -256,9 +256,9 @@ def process_rss_bytes() -> int:
 # By default the threshold *rises* to the size of each such block freed (up to 32 MiB), so after the
 # first step every activation of a small model (a few MiB each) comes from the heap, whose freed holes
 # are kept: RSS grows from step to step (quickstart's worst micro-batch, SmolLM2-135M LoRA fp32 4 x 377
-# tokens, AMD EPYC: 6.3 GB after one step, 9.0 GB after two, for ~3.9 GB of tensors).
-# "step": malloc_trim after each step returns the free pages (the growth stops; the pages fault in
-#         again in the next step, which costs little next to a step).
+# tokens, AMD EPYC: 6.3 GB after one step, 9.0 GB after two, for ~3.3 GB of tensors).
+# "step": malloc_trim after each step returns the free pages: 1.1 GB resident between steps, and the
+#         growth stops (its pages fault in again in the next step: 6.0 vs 5.4 s of system time, noise).
 # "eager": a fixed 64 KiB threshold maps and unmaps every activation (4.1 GB after one step, measured),
 #         but every new tensor's pages fault in: 15.4 s vs 5.4 s of system time for 24 s of compute.
 EAGER_MMAP_THRESHOLD = 64 * 1024

@@ -160,7 +160,7 @@ class TrainConfig(Section):
         description="CPU memory (glibc malloc): step = hand the heap's free pages back after every "
         "optimizer step, eval and generation (no growth from step to step); eager = also map each block "
         "over 64 KiB on its own and unmap it when freed (the lowest peak, ~1.5x less RSS, but page faults "
-        "cost ~40% more CPU time); off = glibc's defaults. Left alone when MALLOC_* variables or a "
+        "cost ~35% more CPU time); off = glibc's defaults. Left alone when MALLOC_* variables or a "
         "preloaded jemalloc/tcmalloc are set",
     )
     eval_every: int = Field(0, ge=0, description="optimizer steps between evals; 0 = at each epoch end only")

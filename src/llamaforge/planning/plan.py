@@ -403,7 +403,7 @@ def assumptions(hw: Hardware, base: Setup) -> list[str]:
     else:
         out.append(
             "CPU: the peak is resident memory added by training, with glibc malloc's slack "
-            "(x1.65 with train.release_memory step, x1.10 eager, x2.3 off)"
+            "(x1.8 with train.release_memory step, x1.2 eager, x2.7 off)"
         )
     return out
 
