@@ -281,6 +281,7 @@ def test_the_whole_lifecycle_without_a_terminal(page, studio_url, studio_workspa
     def took(what: str, since: float) -> None:
         timings[what] = time.perf_counter() - since
         print(f"\n{what}: {timings[what]:.1f} s", flush=True)
+
     page.goto(studio_url + "/new")
     page.wait_for_selector("#job-ok:not([hidden])")
     values = {

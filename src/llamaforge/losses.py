@@ -4,7 +4,9 @@ that training, `llamaforge eval` and the quantized export all measure with it.
 Prompt and pad positions need no logits, and a 128K vocabulary would make full-sequence float32
 logits huge (Llama 3 item 10): we run the decoder, keep the hidden states of target positions, and
 project them through lm_head a chunk at a time under activation checkpointing, so at most one
-chunk of logits is alive in forward or backward.
+chunk of logits is alive in forward or backward. For Llama's plain lm_head the chunks go through
+`LinearCrossEntropy` instead, which computes each chunk's gradient in forward (below): no logits are
+kept or recomputed for backward at all.
 """
 
 from __future__ import annotations
@@ -49,6 +51,73 @@ def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tens
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
+# ---------------------------------------------------------------- fused linear cross-entropy
+# Cross-entropy through the LM head without the [tokens, vocab] logits, and without recomputing them.
+#
+# Each chunk of target positions is projected through the head, its loss summed and its gradient
+# (softmax minus one-hot) pushed back through the head at once, inside the forward; only the gradients
+# for the hidden states (tokens x hidden) and, when it trains, the head's weight are kept for backward.
+# This is the "fused linear cross-entropy" of Liger Kernel and cut-cross-entropy, which are Triton/CUDA
+# only and so do not run on CPU; here it is plain torch. Against the checkpointed chunks it saves the
+# head's recomputation in backward and the chunk's saved log-softmax and its gradient: one chunk of
+# fp32 logits is the whole transient.
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T` (no bias) against `targets`, in chunks of `chunk` rows."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int, compute_dtype):
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w = weight.to(compute_dtype)
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start : start + chunk].to(compute_dtype)
+            y = targets[start : start + chunk]
+            logits = (h @ w.T).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if not (want_h or want_w):
+                continue
+            probs = logits.sub_(lse[:, None]).exp_()  # in place: the chunk's logits become its gradient
+            probs[torch.arange(len(y), device=y.device), y] -= 1.0
+            grad = probs.to(compute_dtype)
+            del logits, probs
+            if want_h:
+                grad_h[start : start + chunk] = (grad @ w).to(hidden.dtype)
+            if want_w:
+                grad_w += (grad.T @ h).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_h, grad_w = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = grad_h * grad_output.to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w = (grad_w * grad_output).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None, None
+
+
+def fusable(head: torch.nn.Module) -> bool:
+    """A plain bias-free Linear (Llama's lm_head): adapters or modules_to_save wrappers take the
+    checkpointed path, whose autograd sees through them."""
+    return type(head) is torch.nn.Linear and head.bias is None
+
+
+def linear_cross_entropy_sum(
+    head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """Summed cross-entropy of the head's logits for `hidden` [n, h] against `targets` [n]. The matmuls
+    run in autocast's dtype when autocast is on (as the head's own forward would), the softmax in fp32."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    with torch.autocast(device, enabled=False):
+        return LinearCrossEntropy.apply(hidden, head.weight, targets, chunk, dtype)
+
+
 def decoder_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Last hidden states of the decoder, for padded (attention_mask) or packed (position_ids) batches.
 
@@ -71,7 +140,9 @@ def without_redundant_mask(batch: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return {k: v for k, v in batch.items() if k != "attention_mask"} if right_padded else batch
 
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int = 1024) -> torch.Tensor:
+def token_loss_sum(
+    model, batch: dict[str, torch.Tensor], chunk_size: int = 1024, *, fused: bool = True
+) -> torch.Tensor:
     """Sum (not mean) of the cross-entropy over every target token of the batch.
 
     The caller divides by the target-token count of the whole optimizer step (all micro-batches,
@@ -86,6 +157,8 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int = 1024
     mask = targets != IGNORE_INDEX
     picked = hidden[:, :-1][mask]
     wanted = targets[mask]
+    if fused and fusable(head):
+        return linear_cross_entropy_sum(head, picked, wanted, chunk_size)
     total = hidden.new_zeros((), dtype=torch.float32)
     several = picked.shape[0] > chunk_size  # one chunk: nothing to save by recomputing it in backward
     for start in range(0, picked.shape[0], chunk_size):

@@ -41,6 +41,7 @@ def job_setup(cfg, device: str, precision: str) -> tuple[Setup, list[str]]:
         precision=precision,
         optimizer="adamw8bit" if "8bit" in optimizer else "adamw",
         adam_impl="fused" if optimizer == "adamw" else "auto",
+        release_memory=getattr(t, "release_memory", "step"),
     )
     return setup, notes
 
@@ -96,7 +97,11 @@ def memory_lines(cfg, hf_config) -> list[str]:
         f"#   weights {_gib(est.weights)} GiB ({quant}{setup.weights_dtype}), gradients {_gib(est.gradients)}, "
         f"optimizer {_gib(est.optimizer)}, activations {_gib(est.activations)}, autocast weight copies "
         f"{_gib(est.weight_copies)}, loss-chunk logits {_gib(est.logits)}"
-        + (f", CUDA overhead {_gib(est.overhead)}" if est.overhead else ""),
+        + (
+            f", {'CUDA' if setup.device == 'cuda' else 'allocator'} overhead {_gib(est.overhead)}"
+            if est.overhead
+            else ""
+        ),
         f"#   peak {_gib(est.peak)} GiB (at {est.peak_phase.replace('_', ' ')}); {where}: "
         + ("fits" if fits else "DOES NOT FIT"),
     ]

@@ -1,12 +1,12 @@
 """Peak memory of one training step per device, for full fine-tuning, LoRA and QLoRA.
 
-The step is the plain one of our recipe: forward under bf16 autocast, a chunked cross-entropy
-(each chunk of `loss_chunk` tokens is recomputed in backward, so only one chunk's logits live at a
-time), backward, gradient clipping, AdamW step, `zero_grad(set_to_none=True)`. The peak is the
+The step is the plain one of our recipe: forward under bf16 autocast, a fused chunked cross-entropy
+(each chunk of `loss_chunk` tokens has its gradient computed in forward, so only one chunk's logits
+live at a time and none in backward), backward, gradient clipping, AdamW step, `zero_grad(set_to_none=True)`. The peak is the
 largest of four moments of a steady-state step (optimizer state already allocated):
 
-    forward end     static + weight copies + saved activations + loss-chunk forward (logits)
-    backward start  static + weight copies + saved activations + loss-chunk backward (+ lm_head grad)
+    forward end     static + weight copies + saved activations + loss-chunk forward (+ lm_head grad)
+    backward start  static + weight copies + saved activations (+ lm_head grad)
     backward end    static + gradients (+ the dense embedding gradient added into a tied lm_head's)
     optimizer step  static + gradients + AdamW temporaries
 
@@ -31,6 +31,12 @@ ADAM8BIT_BYTES = 2 + 2 * 4 / 256  # two 8-bit states + fp32 absmax per 256-block
 CUDA_CONTEXT = 0.6 * GiB  # CUDA context + cuBLAS workspace with torch 2.x lazy module loading
 NCCL_BUFFERS = 0.5 * GiB  # communicator buffers when more than one process
 FRAGMENTATION = 1.05  # caching allocator: reserved / allocated at peak
+# CPU (glibc malloc): (peak RSS - what was resident before) / the step's planned tensor peak, by
+# train.release_memory, measured on the quickstart's worst micro-batch (SmolLM2-135M LoRA, fp32, 4 x 377
+# tokens, AMD EPYC, planned 3.28 GB): the heap keeps freed activations' holes within a step ("step":
+# 6.09 GB after one step; "off" the same, then it grows: 9.0 GB after two), while "eager" maps the large
+# blocks on their own and unmaps them when freed (4.1 GB after one step).
+CPU_SLACK = {"eager": 1.2, "step": 1.8, "off": 2.7}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 METHODS = ("full", "lora", "qlora")
@@ -58,6 +64,7 @@ class Setup:
     modules_to_save: tuple[str, ...] = ()
     objective: str = "sft"  # sft | dpo | kto | orpo (method.objective)
     precompute_reference: bool = False
+    release_memory: str = "step"  # train.release_memory: the CPU allocator's slack (CPU_SLACK)
 
     @property
     def tokens(self) -> int:
@@ -230,14 +237,15 @@ def estimate(arch: Arch, setup: Setup, *, strategy: str = "ddp", gpus: int = 1) 
     # In-layer backward working set: gradients of the MLP intermediate and of the residual stream.
     work = tok * (4 * prec.compute * arch.intermediate + 3 * 4 * h)
 
-    # ---- chunked loss: fp32 logits + log-softmax in forward; saved log-softmax, its gradient and the
-    # softmax-backward output (all fp32) in the recomputed backward; bf16 cast of a frozen fp32 lm_head.
+    # ---- fused chunked loss (losses.LinearCrossEntropy): in forward one chunk's fp32 logits, turned into
+    # their gradient in place, plus its cast under autocast; nothing vocabulary-sized in backward. The
+    # head's cast under autocast (frozen fp32 lm_head) lives through the forward loop.
     chunk = min(setup.loss_chunk, tok)
     head_cast = 2 * V * h if (fp32_weights_cast and not full) else 0
-    loss_fwd = 8 * chunk * V + head_cast
-    loss_bwd = 12 * chunk * V + head_cast
-    # The lm_head's fp32 gradient exists from the first chunk's backward on: it meets the next chunks.
-    lm_grad = 4 * V * h / shard if (full and tok > chunk) else 0
+    loss_fwd = (4 + (prec.compute if prec.autocast else 0)) * chunk * V + head_cast
+    loss_bwd = 0.0
+    # A trained lm_head's fp32 gradient is accumulated in forward and handed to autograd in backward.
+    lm_grad = 4 * V * h / shard if full else 0
 
     # ---- optimizer temporaries
     impl = _adam_impl(setup)
@@ -257,7 +265,7 @@ def estimate(arch: Arch, setup: Setup, *, strategy: str = "ddp", gpus: int = 1) 
     static = weights + optim + ddp_buckets
     emb_grad = 4 * V * h / shard if (full and arch.tie_embeddings) else 0.0
     phases = {
-        "forward_end": static + copies_fwd + saved + loss_fwd,
+        "forward_end": static + copies_fwd + saved + loss_fwd + lm_grad,
         # With checkpointing nothing holds the autocast cache's copies once forward has ended.
         "backward_start": static
         + (0 if setup.checkpointing else copies_fwd)
@@ -284,6 +292,8 @@ def estimate(arch: Arch, setup: Setup, *, strategy: str = "ddp", gpus: int = 1) 
     overhead = 0.0
     if setup.device == "cuda":
         overhead = tensor_peak * (FRAGMENTATION - 1) + CUDA_CONTEXT + (NCCL_BUFFERS if gpus > 1 else 0)
+    else:
+        overhead = tensor_peak * (CPU_SLACK[setup.release_memory] - 1)
     return Estimate(
         weights=weights,
         trainable_params=int(groups["trainable"]),

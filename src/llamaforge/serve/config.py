@@ -102,7 +102,9 @@ class ServeConfig(Section):
         description="llama.cpp engine: the GGUF type the base model is converted to (cached); the K-quants "
         "q4_k_m, q5_k_m, q6_k are made by llama.cpp's llama-quantize",
     )
-    engine_threads: int | None = Field(None, ge=1, description="llama.cpp engine: CPU threads (default: all cores)")
+    engine_threads: int | None = Field(
+        None, ge=1, description="llama.cpp engine: CPU threads (default: all cores)"
+    )
     engine_start_timeout_s: float = Field(
         600.0, gt=0, description="an engine process not healthy after this long fails to start"
     )

@@ -161,7 +161,13 @@ def gateway_argv(cfg: ServeConfig, base: str, served_name: str, adapters: dict[s
         if cfg.max_model_len:
             args += ["--max-model-len", str(cfg.max_model_len)]
         if adapters or (cfg.allow_adapter_loading and cfg.max_adapters):
-            args += ["--enable-lora", "--max-loras", str(max(1, cfg.max_adapters)), "--max-lora-rank", str(max_rank)]
+            args += [
+                "--enable-lora",
+                "--max-loras",
+                str(max(1, cfg.max_adapters)),
+                "--max-lora-rank",
+                str(max_rank),
+            ]
         if adapters:
             args += ["--lora-modules", *(f"{name}={path}" for name, path in adapters.items())]
         return args

@@ -7,6 +7,7 @@ tokens of the whole optimizer step), chunked loss and exact resume stay in our h
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from llamaforge.config import JobConfig, to_yaml
 from llamaforge.device import default_device, resolve_precision
 from llamaforge.dtypes import torch_dtype
 from llamaforge.errors import ConfigError, LlamaforgeError
+from llamaforge.hardware import release_free_memory
 from llamaforge.losses import held_out_loss
 from llamaforge.runs import Run, weights_kind
 from llamaforge.train.adapters import attach_method, count_parameters
@@ -34,6 +36,8 @@ from llamaforge.train.state import TrainState
 from llamaforge.train.step import accumulate_tokens
 from llamaforge.train.tracking import MetricsLog, check_trackers, open_trackers, plot_losses, step_bar
 from llamaforge.train.validator import Validator
+
+log = logging.getLogger(__name__)
 
 
 class TrainingInterrupted(LlamaforgeError):
@@ -58,7 +62,7 @@ class FineTuneRecipe:
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
-        from llamaforge.hardware import configure_threads
+        from llamaforge.hardware import configure_allocator, configure_threads
         from llamaforge.models import load_model, warn_if_chat_tokens_untrained
         from llamaforge.templates import get_template
         from llamaforge.train.data import prepare_data, write_run_data
@@ -67,6 +71,7 @@ class FineTuneRecipe:
         cfg = self.cfg
         device = default_device()
         threads = configure_threads() if device.type == "cpu" else None
+        allocator = configure_allocator(cfg.train.release_memory)
         check_optimizer(cfg.train.optimizer, device)
         check_trackers(cfg.train.trackers)
         self._was_deterministic = seed_everything(cfg.train.seed, cfg.train.deterministic)
@@ -102,6 +107,7 @@ class FineTuneRecipe:
             f"({100 * trainable / total:.2f}%), precision {self.precision}"
             + (f", {threads} CPU threads" if threads else "")
         )
+        log.info(allocator)
         self.summary.update(
             trainable_params=trainable,
             total_params=total,
@@ -206,6 +212,7 @@ class FineTuneRecipe:
             chunk_size=self.cfg.train.loss_chunk_size,
             autocast=self.accelerator.autocast,
         )
+        release_free_memory()
         self.model.train()
         return {
             "eval_loss": held.loss,
@@ -361,6 +368,7 @@ class FineTuneRecipe:
             self.state.step += 1
             self.state.group = index + 1
             self.checkpoints.mark(self.state)
+        release_free_memory()  # train.release_memory: the step's freed activations go back
         summed = acc.reduce(torch.tensor(loss_total, device=acc.device), reduction="sum").item()
         return {
             "loss": summed / max(global_targets, 1),

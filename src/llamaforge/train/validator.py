@@ -16,6 +16,7 @@ from pathlib import Path
 
 from llamaforge.config import JobConfig
 from llamaforge.data.types import Conversation, Message
+from llamaforge.hardware import release_free_memory
 from llamaforge.train.monitor import (
     TrainingMonitor,
     generation_scores,
@@ -111,6 +112,7 @@ class Validator:
                 max_new_tokens=self.eval_cfg.max_new_tokens,
                 precision=self.precision,
             )
+        release_free_memory()
         model.train()
         return dict(zip(prompts, answers))
 
