@@ -32,7 +32,7 @@ from llamaforge.train.resume import Checkpointer
 from llamaforge.train.rundir import prepare_run_dir_once, run_name
 from llamaforge.train.sharded import gather_model_state, gathered, is_fsdp, prepare_training
 from llamaforge.train.signals import StopSignals
-from llamaforge.train.state import TrainState
+from llamaforge.train.state import TrainState, TrainSummary
 from llamaforge.train.step import accumulate_tokens
 from llamaforge.train.tracking import MetricsLog, check_trackers, open_trackers, plot_losses, step_bar
 from llamaforge.train.validator import Validator
@@ -56,7 +56,7 @@ class FineTuneRecipe:
         # A copy: auto batch sizing writes the resolved micro-batch into it, never into the caller's.
         self.cfg, self.resume = cfg.model_copy(deep=True), resume
         self.run_dir = run_dir or Path(cfg.output.dir) / run_name(cfg)
-        self.summary: dict = {}  # summary.json: facts gathered from setup to the end
+        self.summary = TrainSummary()  # summary.json: facts gathered from setup to the end
         self.signals = StopSignals()
         self.state = TrainState()
 
@@ -108,14 +108,16 @@ class FineTuneRecipe:
             + (f", {threads} CPU threads" if threads else "")
         )
         log.info(allocator)
-        self.summary.update(
-            trainable_params=trainable,
-            total_params=total,
-            precision=self.precision,
-            threads=threads,
-            micro_batch=cfg.train.batch_size,
-            grad_accum=cfg.train.grad_accum,
-            gradient_checkpointing=cfg.train.gradient_checkpointing,
+        self.summary.record(
+            dict(
+                trainable_params=trainable,
+                total_params=total,
+                precision=self.precision,
+                threads=threads,
+                micro_batch=cfg.train.batch_size,
+                grad_accum=cfg.train.grad_accum,
+                gradient_checkpointing=cfg.train.gradient_checkpointing,
+            )
         )
         self._schedule()
         self.checkpoints = Checkpointer(
@@ -153,7 +155,7 @@ class FineTuneRecipe:
             say=self._log,
         )
         if choice:
-            self.summary["batch_choice"] = choice
+            self.summary.batch_choice = choice
             if acc.is_main_process:
                 (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
         capacity = pack_capacity(self.cfg)
@@ -311,7 +313,7 @@ class FineTuneRecipe:
 
     def _eval_before(self) -> None:
         before = self.evaluate()
-        self.summary["before"] = {**(before or {}), "answers": self.validator.sample_answers()}
+        self.summary.before = {**(before or {}), "answers": self.validator.sample_answers()}
         self._say_eval("before", before)
 
     def _finish(self, metrics, elapsed: float) -> dict:
@@ -320,17 +322,19 @@ class FineTuneRecipe:
         if final and self.accelerator.is_main_process:  # every process evaluates; one writes
             metrics.write({"step": self.state.step, **final})
         final, facts = self.validator.finish(final, self.state.step)
-        self.summary.update(facts)
+        self.summary.record(facts)
         metrics.close()
-        self.summary.update(
-            steps=self.state.step,
-            train_seconds=round(elapsed, 1),
-            tokens_per_s=round(self.state.tokens / max(elapsed, 1e-9), 1),
-            target_tokens_per_s=round(self.state.target_tokens / max(elapsed, 1e-9), 1),
-            after={**(final or {}), "answers": self.validator.sample_answers()},
+        self.summary.record(
+            dict(
+                steps=self.state.step,
+                train_seconds=round(elapsed, 1),
+                tokens_per_s=round(self.state.tokens / max(elapsed, 1e-9), 1),
+                target_tokens_per_s=round(self.state.target_tokens / max(elapsed, 1e-9), 1),
+                after={**(final or {}), "answers": self.validator.sample_answers()},
+            )
         )
         self._say_eval("after", final)
-        return self.summary
+        return self.summary.to_dict()
 
     def _say_eval(self, when: str, result: dict | None) -> None:
         if result:
@@ -347,8 +351,8 @@ class FineTuneRecipe:
         if self.accelerator.is_main_process:
             metrics.write({"step": step, "diverged": what, "lr": record["lr"]})
             warnings = list(self.state.watch.warnings)
-            self.summary.update(status="diverged", error=message, steps=step, warnings=warnings)
-            (self.run_dir / "summary.json").write_text(json.dumps(self.summary, indent=2))
+            self.summary.record(dict(status="diverged", error=message, steps=step, warnings=warnings))
+            (self.run_dir / "summary.json").write_text(json.dumps(self.summary.to_dict(), indent=2))
             plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
             self._write_run_json("diverged")
         metrics.close("diverged")
@@ -420,7 +424,7 @@ class FineTuneRecipe:
             finally:
                 remove_path(tmp)
             plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
-            (self.run_dir / "summary.json").write_text(json.dumps(self.summary, indent=2))
+            (self.run_dir / "summary.json").write_text(json.dumps(self.summary.to_dict(), indent=2))
             self._write_run_json("completed")
         return weights
 

@@ -80,3 +80,45 @@ def _known(cls, data: dict, source: str) -> dict:
         if f.type in ("int", "float") and value is not None and not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: {f.name} must be a number, got {value!r}")
     return data
+
+
+@dataclass
+class TrainSummary:
+    """summary.json: what the run was (set up) and did (trained), gathered from setup to the end.
+
+    Readers (the CLI's report, sweeps, the studio, the general suite) use its JSON, `to_dict()`;
+    the facts a run may not have (no eval before, no planned batch, no divergence) are left out."""
+
+    trainable_params: int = 0
+    total_params: int = 0
+    precision: str = ""
+    threads: int | None = None
+    micro_batch: int | str = 0
+    grad_accum: int = 1
+    gradient_checkpointing: bool | str = False
+    batch_choice: dict | None = None  # the planner's facts for `batch_size: auto`
+    before: dict | None = None  # eval and sample answers before training
+    after: dict | None = None  # ... and of the weights that are saved
+    steps: int = 0
+    train_seconds: float = 0.0
+    tokens_per_s: float = 0.0
+    target_tokens_per_s: float = 0.0
+    warnings: list[dict] = field(default_factory=list)
+    best_step: int | None = None
+    best_eval_loss: float | None = None
+    stopped_early_at: int | None = None
+    weights_step: int | None = None  # the step the saved weights are from (with an eval watch)
+    status: str | None = None  # "diverged": the run stopped at a non-finite step
+    error: str | None = None
+
+    OPTIONAL = ("batch_choice", "before", "after", "weights_step", "status", "error")
+
+    def record(self, facts: dict) -> None:
+        """Take the validator's facts about the saved weights (names are this class's fields)."""
+        for key, value in facts.items():
+            if not hasattr(self, key):
+                raise ValueError(f"summary.json has no field {key!r}")
+            setattr(self, key, value)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if not (k in self.OPTIONAL and v is None)}
