@@ -110,7 +110,8 @@ def run(args) -> int:
 
         print(command_line(cfg))
         return 0
-    from llamaforge.export.gguf import export_gguf, export_lora_gguf
+    from llamaforge.export.gguf import export_gguf
+    from llamaforge.export.gguf_lora import export_lora_gguf
 
     exporters = (export_gguf, lambda adapter, base, out: export_lora_gguf(adapter, base, out, dtype="f32"))
     serve = ENGINES.get(cfg.engine, field="serve.engine").serve
