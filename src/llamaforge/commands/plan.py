@@ -67,9 +67,9 @@ def run(args) -> int:
         gpu_hardware,
         job_overrides,
         make_plan,
-        render,
         weights_dtypes,
     )
+    from llamaforge.planning.render import render
 
     if args.gpus < 1:
         raise ConfigError("--gpus must be at least 1")

@@ -18,9 +18,9 @@ from collections.abc import Callable
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
-from llamaforge.serve.engine import GenRequest, QueueFull
 from llamaforge.serve.moderation import OutputWindow
 from llamaforge.serve.protocol import APIError, SamplingBody, error_body
+from llamaforge.serve.requests import GenRequest, QueueFull
 
 
 async def complete(

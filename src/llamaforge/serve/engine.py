@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -47,48 +45,10 @@ from llamaforge.serve.adapters import (
 from llamaforge.serve.batch import Batch, choose_token, prefill
 from llamaforge.serve.config import ServeConfig
 from llamaforge.serve.prefix_cache import PrefixCache
+from llamaforge.serve.requests import GenRequest, QueueFull, display_name
 
 log = logging.getLogger(__name__)
-_ids = itertools.count()
 _ANY = object()  # `_pop`: any adapter (the oldest waiting request's)
-
-
-def display_name(source: str) -> str:
-    """The name a model source is served as: a local folder's own name, never the server's path to it."""
-    path = Path(source).expanduser()
-    return path.resolve().name if path.is_absolute() or path.exists() else source
-
-
-class QueueFull(Exception):
-    """The waiting queue is at `max_queue`: the caller answers 429."""
-
-
-@dataclass
-class GenRequest:
-    prompt_ids: list[int]
-    adapter: str | None  # None: the base model
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_ids: frozenset[int] = frozenset()
-    model_name: str = ""
-    tenant: str = ""  # the API key's name: prefix-cache entries are never shared across tenants
-    id: int = field(default_factory=lambda: next(_ids))
-    arrival: float = field(default_factory=time.monotonic)
-    cancelled: bool = False
-    # set by the engine
-    loop: asyncio.AbstractEventLoop | None = None
-    events: asyncio.Queue | None = None
-    started: float | None = None
-    first_token: float | None = None
-    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
-    generator: torch.Generator | None = None
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    sent: int = 0  # characters of `text` already streamed
-    finish_reason: str | None = None
 
 
 class Engine:

@@ -26,8 +26,8 @@ import httpx
 from llamaforge.errors import ConfigError
 from llamaforge.serve.adapters import Adapter, check_adapter_path, check_lora_config, lora_config
 from llamaforge.serve.config import ServeConfig
-from llamaforge.serve.engine import GenRequest, QueueFull, display_name
 from llamaforge.serve.engine_process import EngineProcess
+from llamaforge.serve.requests import GenRequest, QueueFull, display_name
 
 log = logging.getLogger(__name__)
 
