@@ -86,7 +86,8 @@ LONG = "Write a detailed story about a lighthouse keeper who finds a message in 
 
 
 def exporters():
-    from llamaforge.export.gguf import export_gguf, export_lora_gguf
+    from llamaforge.export.gguf import export_gguf
+    from llamaforge.export.gguf_lora import export_lora_gguf
 
     return export_gguf, lambda adapter, base, out: export_lora_gguf(adapter, base, out, dtype="f32")
 

@@ -252,7 +252,9 @@ class RemoteEngine:
                     self.fail(req, EngineUnavailable(process.error))
                     return False
                 with self._lock:
-                    if process is not None and process.up.is_set() and not self._draining:
+                    # `alive()` too: a process that just died is still "up" until the watcher notices
+                    up = process is not None and process.up.is_set() and process.alive()
+                    if up and not self._draining:
                         self._running += 1  # under the lock that `drained` counts with
                         return True
                 if time.monotonic() > deadline:
