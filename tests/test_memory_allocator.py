@@ -92,4 +92,19 @@ def test_the_schema_knob_reaches_the_dry_run_setup():
 
     cfg = load_config(None, ["train.release_memory=eager"])
     assert job_setup(cfg, "cpu", "fp32")[0].release_memory == "eager"
-    assert load_config(None, []).train.release_memory == "step"
+    assert load_config(None, []).train.release_memory == "off"
+
+
+def test_a_bare_yaml_off_is_the_off_mode(tmp_path):
+    """YAML 1.1 reads `release_memory: off` as false; the knob takes it as the "off" the user wrote,
+    from a job file and from a command-line override alike, and still refuses other values."""
+    from llamaforge.config import load_config
+    from llamaforge.errors import ConfigError
+
+    job = tmp_path / "job.yaml"
+    job.write_text("train:\n  release_memory: off\n")
+    assert load_config(job).train.release_memory == "off"
+    assert load_config(None, ["train.release_memory=off"]).train.release_memory == "off"
+    assert load_config(None, ["train.release_memory=eager"]).train.release_memory == "eager"
+    with pytest.raises(ConfigError, match="release_memory"):
+        load_config(None, ["train.release_memory=true"])

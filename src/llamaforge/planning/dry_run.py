@@ -41,7 +41,7 @@ def job_setup(cfg, device: str, precision: str) -> tuple[Setup, list[str]]:
         precision=precision,
         optimizer="adamw8bit" if "8bit" in optimizer else "adamw",
         adam_impl="fused" if optimizer == "adamw" else "auto",
-        release_memory=getattr(t, "release_memory", "step"),
+        release_memory=getattr(t, "release_memory", "off"),
     )
     return setup, notes
 

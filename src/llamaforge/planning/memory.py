@@ -64,7 +64,7 @@ class Setup:
     modules_to_save: tuple[str, ...] = ()
     objective: str = "sft"  # sft | dpo | kto | orpo (method.objective)
     precompute_reference: bool = False
-    release_memory: str = "step"  # train.release_memory: the CPU allocator's slack (CPU_SLACK)
+    release_memory: str = "off"  # train.release_memory: the CPU allocator's slack (CPU_SLACK)
 
     @property
     def tokens(self) -> int:
