@@ -45,7 +45,14 @@ from llamaforge.serve.adapters import (
 from llamaforge.serve.batch import Batch, choose_token, prefill
 from llamaforge.serve.config import ServeConfig
 from llamaforge.serve.prefix_cache import PrefixCache
-from llamaforge.serve.requests import GenRequest, QueueFull, display_name
+from llamaforge.serve.requests import (
+    GenRequest,
+    QueueFull,
+    cut_at_stop_string,
+    display_name,
+    observe_token,
+    take_streamable,
+)
 
 log = logging.getLogger(__name__)
 _ANY = object()  # `_pop`: any adapter (the oldest waiting request's)
@@ -436,27 +443,17 @@ class Engine:
 
     def _accept(self, r: GenRequest, token: int) -> bool:
         """Record one token, stream what text is final; False when the request is done."""
-        now = time.monotonic()
-        if r.first_token is None:
-            r.first_token = now
-            if self.metrics:
-                self.metrics.ttft.labels(r.model_name).observe(now - r.arrival)
-        elif self.metrics:
-            self.metrics.itl.labels(r.model_name).observe(now - r._last)  # type: ignore[attr-defined]
-        r._last = now  # type: ignore[attr-defined]
+        observe_token(r, self.metrics)
         if token in r.stop_ids:
             self._flush(r, final=True)
             self._finish(r, "stop")
             return False
         r.token_ids.append(token)
         r.text = self.tokenizer.decode(r.token_ids, skip_special_tokens=True)
-        for s in r.stop:
-            cut = r.text.find(s, max(0, r.sent - len(s)))
-            if cut != -1:
-                r.text = r.text[:cut]
-                self._flush(r, final=True)
-                self._finish(r, "stop")
-                return False
+        if cut_at_stop_string(r):
+            self._flush(r, final=True)
+            self._finish(r, "stop")
+            return False
         if len(r.token_ids) >= r.max_tokens:
             self._flush(r, final=True)
             self._finish(r, "length")
@@ -465,12 +462,6 @@ class Engine:
         return True
 
     def _flush(self, r: GenRequest, *, final: bool) -> None:
-        text = r.text
-        if not final:
-            if text.endswith("\ufffd"):  # half a UTF-8 character: wait for the rest
-                text = text.rstrip("\ufffd")
-            hold = max((len(s) - 1 for s in r.stop), default=0)  # a stop string may be forming
-            text = text[: max(r.sent, len(text) - hold)]
-        if len(text) > r.sent:
-            self._emit(r, ("text", text[r.sent :]))
-            r.sent = len(text)
+        delta = take_streamable(r, final=final)
+        if delta:
+            self._emit(r, ("text", delta))

@@ -27,7 +27,14 @@ from llamaforge.errors import ConfigError
 from llamaforge.serve.adapters import Adapter, check_adapter_path, check_lora_config, lora_config
 from llamaforge.serve.config import ServeConfig
 from llamaforge.serve.engine_process import EngineProcess
-from llamaforge.serve.requests import GenRequest, QueueFull, display_name
+from llamaforge.serve.requests import (
+    GenRequest,
+    QueueFull,
+    cut_at_stop_string,
+    display_name,
+    observe_token,
+    take_streamable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -321,20 +328,10 @@ class RemoteEngine:
             req.finish_reason = reason
             self.emit(req, ("done", reason))
 
-    def _timing(self, req: GenRequest) -> None:
-        now = time.monotonic()
-        if req.first_token is None:
-            req.first_token = now
-            if self.metrics:
-                self.metrics.ttft.labels(req.model_name).observe(now - req.arrival)
-        elif self.metrics:
-            self.metrics.itl.labels(req.model_name).observe(now - req._last)  # type: ignore[attr-defined]
-        req._last = now  # type: ignore[attr-defined]
-
     def accept_tokens(self, req: GenRequest, tokens: list[int]) -> bool:
         """Record the engine's tokens with the gateway's stop tokens and strings; True when done."""
         for token in tokens:
-            self._timing(req)
+            observe_token(req, self.metrics)
             if token in req.stop_ids:
                 self.finish(req, "stop")
                 return True
@@ -347,18 +344,15 @@ class RemoteEngine:
     def accept_text(self, req: GenRequest, delta: str, token_ids: list[int]) -> bool:
         """For engines that answer text (vLLM): it applied the stop tokens; the stop strings are checked here."""
         if delta or token_ids:
-            self._timing(req)
+            observe_token(req, self.metrics)
         req.token_ids.extend(token_ids)
         req.text += delta
         return self._check_text(req)
 
     def _check_text(self, req: GenRequest) -> bool:
-        for s in req.stop:
-            cut = req.text.find(s, max(0, req.sent - len(s)))
-            if cut != -1:
-                req.text = req.text[:cut]
-                self.finish(req, "stop")
-                return True
+        if cut_at_stop_string(req):
+            self.finish(req, "stop")
+            return True
         if len(req.token_ids) >= req.max_tokens:
             self.finish(req, "length")
             return True
@@ -366,14 +360,9 @@ class RemoteEngine:
         return False
 
     def flush(self, req: GenRequest, *, final: bool) -> None:
-        text = req.text
-        if not final:
-            text = text.rstrip("\ufffd")  # half a UTF-8 character: wait for the rest
-            hold = max((len(s) - 1 for s in req.stop), default=0)
-            text = text[: max(req.sent, len(text) - hold)]
-        if len(text) > req.sent:
-            self.emit(req, ("text", text[req.sent :]))
-            req.sent = len(text)
+        delta = take_streamable(req, final=final)
+        if delta:
+            self.emit(req, ("text", delta))
 
     # ------------------------------------------------------------------ engine metrics
     def _scrape(self) -> None:
