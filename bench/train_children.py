@@ -120,7 +120,7 @@ def child_llamaforge(a, work: Path, tag: str, packing: bool) -> dict:
     adapter = recipe.save()
     recipe.cleanup()
     rows = [json.loads(x) for x in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
-    micro, accum = recipe.summary["micro_batch"], recipe.summary["grad_accum"]
+    micro, accum = recipe.summary.micro_batch, recipe.summary.grad_accum
     shape = f"{a.batch_size} packed rows of {a.pack_length}" if packing else "length-grouped padding"
     return {
         **counter.result(),
@@ -128,7 +128,7 @@ def child_llamaforge(a, work: Path, tag: str, packing: bool) -> dict:
         "adapter": str(adapter),
         "losses": [r["loss"] for r in rows if "loss" in r],
         "trainable_params": summary["trainable_params"],
-        "gradient_checkpointing": bool(recipe.summary["gradient_checkpointing"]),
+        "gradient_checkpointing": bool(recipe.summary.gradient_checkpointing),
         "config": f"{shape}, micro-batch {micro} x {accum} accumulated",
     }
 
