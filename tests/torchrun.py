@@ -27,7 +27,9 @@ def torchrun_train(
         environment["ACCELERATE_USE_CPU"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += ["-m", "llamaforge.cli", "train", str(job), *args]
-    done = subprocess.run(cmd, env=environment, capture_output=True, text=True, timeout=timeout, cwd=job.parent)
+    done = subprocess.run(
+        cmd, env=environment, capture_output=True, text=True, timeout=timeout, cwd=job.parent
+    )
     if expect_success:
         assert done.returncode == 0, done.stderr[-4000:]
     return done

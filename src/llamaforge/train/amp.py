@@ -14,7 +14,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
-from llamaforge.device import autocast_context
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class MixedPrecision:
@@ -28,16 +28,17 @@ class MixedPrecision:
     def __init__(self, precision: str, device: torch.device, accelerator, *, delegated: bool = False):
         if precision not in ("bf16", "fp16", "fp32"):
             raise ValueError(f"precision must be resolved to bf16, fp16 or fp32, not {precision!r}")
-        self.precision, self.device, self.accelerator, self.delegated = precision, device, accelerator, delegated
+        self.precision, self.device, self.delegated = precision, device, delegated
+        self.accelerator = accelerator
         owned = precision == "fp16" and not delegated
         self.scaler: torch.amp.GradScaler | None = torch.amp.GradScaler(device.type) if owned else None
         self.skipped_steps = 0  # fp16 updates skipped for an inf/nan gradient
 
     def autocast(self) -> AbstractContextManager:
         """The forward's autocast for this precision (none for fp32 or under DeepSpeed)."""
-        if self.delegated:
+        if self.delegated or self.precision == "fp32":
             return nullcontext()
-        return autocast_context(self.device, self.precision)
+        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward through the launch's wrapper; fp16 scales the loss first so small gradients survive."""
