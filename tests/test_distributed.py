@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import chat_rows, write_jsonl
+from torchrun import torchrun_train
 
 STEPS = 10  # 20 records / batch 2 = 10 micro-batches an epoch: 5 steps of 2 micro-batches, 2 epochs
 
@@ -49,29 +48,6 @@ def adapter(run_dir) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
 
-def torchrun(job, name: str, *, accelerate_use_cpu: bool) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    env.pop("ACCELERATE_USE_CPU", None)
-    if accelerate_use_cpu:
-        env["ACCELERATE_USE_CPU"] = "1"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "llamaforge.cli",
-        "train",
-        str(job),
-        f"output.name={name}",
-    ]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=job.parent)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, tiny_llama_dir):
     """The reference: one process, two accumulated micro-batches a step."""
@@ -97,7 +73,7 @@ def assert_same_training(run_dir, reference) -> None:
 @pytest.mark.slow
 def test_two_processes_train_like_one_with_the_same_global_batch(one_process):
     job, reference = one_process
-    torchrun(job, "two", accelerate_use_cpu=True)
+    torchrun_train(job, "output.name=two")
     assert_same_training(job.parent / "runs" / "two", reference)
 
 
@@ -106,7 +82,7 @@ def test_plain_torchrun_is_joined_too(one_process):
     """Without ACCELERATE_USE_CPU, accelerate 1.15 still forms the gloo group, because the recipe asks
     for the CPU explicitly (Accelerator(cpu=True)): the same training, not two unsynchronised ones."""
     job, reference = one_process
-    torchrun(job, "plain", accelerate_use_cpu=False)
+    torchrun_train(job, "output.name=plain", accelerate_use_cpu=False)
     assert_same_training(job.parent / "runs" / "plain", reference)
 
 

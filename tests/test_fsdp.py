@@ -11,16 +11,14 @@ launch two processes with torchrun.
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import chat_rows, step_losses, write_jsonl
+from torchrun import torchrun_train
 
 TOL = 1e-5  # float32 rounding: the sharded gradient is reduce-scattered, the single one summed in place
 
@@ -42,17 +40,7 @@ def write_job(folder, model_dir, *, method: str = "lora", dropout: float = 0.0, 
 
 def launch_fsdp(job, *args: str) -> None:
     """Two processes on this machine, FSDP asked for the way `accelerate launch --use_fsdp` asks."""
-    env = {
-        **os.environ,
-        "ACCELERATE_USE_CPU": "1",
-        "ACCELERATE_USE_FSDP": "true",
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-    }
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += ["-m", "llamaforge.cli", "train", str(job), *args]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=job.parent)
-    assert done.returncode == 0, done.stderr[-4000:]
+    done = torchrun_train(job, *args, env={"ACCELERATE_USE_FSDP": "true"})
     assert "FSDP on CPU: sharding" in done.stderr + done.stdout
 
 
@@ -216,17 +204,8 @@ def test_a_deepspeed_launch_on_cpu_is_refused_not_run_as_ddp(tmp_path, tiny_llam
     """accelerate 1.15 gives a CPU launch with ACCELERATE_USE_DEEPSPEED=true a plain DDP setup;
     the recipe stops at setup on every process instead of training something else than asked."""
     job = write_job(tmp_path, tiny_llama_dir)
-    env = {
-        **os.environ,
-        "ACCELERATE_USE_CPU": "1",
-        "ACCELERATE_USE_DEEPSPEED": "true",
-        "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-    }
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += ["-m", "llamaforge.cli", "train", str(job), "output.name=ds"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    deepspeed = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}
+    done = torchrun_train(job, "output.name=ds", env=deepspeed, expect_success=False, timeout=600)
     assert done.returncode != 0
     assert (done.stdout + done.stderr).count("asks for DeepSpeed but accelerate set up MULTI_CPU") == 2
     assert not (tmp_path / "runs" / "ds" / "metrics.jsonl").exists()

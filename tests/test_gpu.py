@@ -57,7 +57,9 @@ def test_the_precision_is_resolved_on_the_real_device(tmp_path, tiny_llama_dir):
     recipe = FineTuneRecipe(job(tmp_path, tiny_llama_dir, **{"train.max_steps": 1}))
     recipe.setup()
     assert recipe.precision == choice.precision
-    assert recipe.accelerator.mixed_precision == choice.precision
+    assert recipe.amp.precision == choice.precision  # the recipe casts; accelerate's state stays "no"
+    assert recipe.accelerator.mixed_precision == "no"
+    assert (recipe.amp.scaler is not None) is (choice.precision == "fp16")
     assert next(recipe.model.parameters()).device.type == "cuda"
     recipe.train()
     recipe.cleanup()

@@ -7,8 +7,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,6 +17,7 @@ from llamaforge.config import load_config
 from llamaforge.train import checkpoint as ck
 from llamaforge.train.recipe import FineTuneRecipe, TrainingInterrupted, run_training
 from llamaforge.train.state import TrainState
+from torchrun import torchrun_train
 
 STEPS = 6
 
@@ -231,28 +230,9 @@ def test_two_processes_resume_exactly(tmp_path, tiny_llama_dir):
         "eval: {before_after: false, prompts: []}\n"
         f"output: {{dir: {tmp_path / 'runs'}}}\n"
     )
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-    def torchrun(*args: str) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "llamaforge.cli",
-            "train",
-            str(job_file),
-            *args,
-        ]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
-        assert done.returncode == 0, done.stderr[-3000:]
-
-    torchrun("output.name=straight", "train.max_steps=4")
-    torchrun("output.name=cut", "train.max_steps=2")
+    torchrun_train(job_file, "output.name=straight", "train.max_steps=4")
+    torchrun_train(job_file, "output.name=cut", "train.max_steps=2")
     assert (tmp_path / "runs" / "cut" / "checkpoints" / "rng-rank1-step-00000002.pt").is_file()
-    torchrun("output.name=cut", "train.max_steps=4", "--resume", str(tmp_path / "runs" / "cut"))
+    torchrun_train(job_file, "output.name=cut", "train.max_steps=4", "--resume", str(tmp_path / "runs" / "cut"))
     got, want = step_losses(tmp_path / "runs" / "cut"), step_losses(tmp_path / "runs" / "straight")
     assert len(got) == 4 and got == pytest.approx(want, rel=1e-6, abs=1e-7)

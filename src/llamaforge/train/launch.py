@@ -1,10 +1,27 @@
-"""The launch: accelerate's process-wide state for this run's precision, and the processes it joined."""
+"""The launch: one `Accelerator` with the same process-level settings for every run, and the processes it joined.
+
+accelerate keeps one process-wide state and refuses a second `Accelerator` whose `mixed_precision`
+differs ("AcceleratorState has already been initialized and cannot be changed"). The recipe therefore
+owns its precision (train/amp.py) and the `Accelerator` always gets mixed_precision "no", unless a
+DeepSpeed launch lets the DeepSpeed config's "auto" fp16/bf16 entries take the run's precision (one run
+per process there). An FSDP launch on GPUs gets the run's precision as its sharding policy (the
+weights gathered and the gradients reduced in it), as accelerate would have set it.
+"""
 
 from __future__ import annotations
 
 import os
 
 from llamaforge.errors import ConfigError
+from llamaforge.train.amp import MixedPrecision
+from llamaforge.train.sharded import fsdp_requested
+
+ACCELERATE_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
+
+
+def deepspeed_requested() -> bool:
+    """The launch asked for DeepSpeed (`accelerate launch --use_deepspeed`, a DeepSpeed config file)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
 def check_launch(accelerator) -> None:
@@ -19,16 +36,21 @@ def check_launch(accelerator) -> None:
 
 
 def start_accelerator(precision: str, device):
-    """A fresh `Accelerator` for `precision` ("bf16", "fp16", "fp32") on `device`, checked against the launch."""
+    """The `Accelerator` for a run on `device` and its `MixedPrecision` for `precision` ("bf16", "fp16",
+    "fp32", resolved), checked against the launch."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
 
-    # accelerate keeps one process-wide state; a second recipe in the same process (tests, sweeps)
-    # with another precision must start from a clean one. The distributed state is kept.
-    AcceleratorState._reset_state()
+    kwargs = {}
+    if fsdp_requested() and device.type != "cpu" and precision != "fp32":
+        from accelerate import FullyShardedDataParallelPlugin
+
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(mixed_precision_policy=precision)
     accelerator = Accelerator(
-        mixed_precision={"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[precision],
+        mixed_precision=ACCELERATE_PRECISION[precision] if deepspeed_requested() else "no",
         cpu=device.type == "cpu",
+        **kwargs,
     )
     check_launch(accelerator)
-    return accelerator
+    delegated = accelerator.distributed_type == DistributedType.DEEPSPEED  # its engine casts and scales
+    return accelerator, MixedPrecision(precision, device, accelerator, delegated=delegated)

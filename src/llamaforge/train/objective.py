@@ -20,6 +20,7 @@ from llamaforge.data.types import Conversation
 from llamaforge.errors import ConfigError
 from llamaforge.templates import IGNORE_INDEX
 from llamaforge.train import preference as pref
+from llamaforge.train.amp import MixedPrecision
 from llamaforge.train.preference_data import answer_conversation, prepare_preferences
 from llamaforge.train.state import TrainState
 
@@ -124,16 +125,16 @@ class PreferenceObjective:
         )
 
     def accumulate(
-        self, model, accelerator, dataset, group: list[list[int]], state: TrainState
+        self, model, amp: MixedPrecision, dataset, group: list[list[int]], state: TrainState
     ) -> tuple[float, int]:
         """Forward/backward over the micro-batches of one step; (summed example loss, example count)."""
         micro = [[dataset[i] for i in idx] for idx in group]
         total = sum(len(rows) for rows in micro)
         loss_total, chosen, rejected = 0.0, [], []
         for rows in micro:
-            with accelerator.autocast():
+            with amp.autocast():
                 result = self._loss(model, rows)
-                accelerator.backward(result.loss * len(rows) / total)
+                amp.backward(result.loss * len(rows) / total)
             loss_total += float(result.loss.detach()) * len(rows)
             chosen.append(result.chosen_rewards)
             rejected.append(result.rejected_rewards)

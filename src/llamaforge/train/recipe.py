@@ -76,7 +76,7 @@ class FineTuneRecipe:
         check_trackers(cfg.train.trackers)
         self._was_deterministic = seed_everything(cfg.train.seed, cfg.train.deterministic)
         self.precision = resolve_precision(cfg.train.precision, device)
-        self.accelerator = start_accelerator(self.precision, device)
+        self.accelerator, self.amp = start_accelerator(self.precision, device)
         self.run_dir = prepare_run_dir_once(self.run_dir, cfg, self.accelerator, resume=self.resume)
         model, self.tokenizer = load_model(
             cfg.model.source,
@@ -186,7 +186,12 @@ class FineTuneRecipe:
         # DDP syncs (FSDP/ZeRO-3 gather) only inside the forward of what it wraps, and our chunked loss
         # bypasses the model's forward: the wrapped module is the loss; self.model stays the plain model.
         self.train_loss, self.optimizer = prepare_training(  # FSDP on CPU too: train/sharded.py
-            self.accelerator, TokenLoss(self.model, t.loss_chunk_size), self.optimizer, t, resume=self.resume
+            self.accelerator,
+            TokenLoss(self.model, t.loss_chunk_size),
+            self.optimizer,
+            t,
+            precision=self.precision,
+            resume=self.resume,
         )
 
     def _restore(self) -> None:
@@ -204,7 +209,7 @@ class FineTuneRecipe:
             return None
         if self.objective:
             batch = self.cfg.train.batch_size * 2
-            return self.objective.evaluate(self.model, self.data.val, batch, self.accelerator.autocast)
+            return self.objective.evaluate(self.model, self.data.val, batch, self.amp.autocast)
         self.model.eval()
         held = held_out_loss(
             self.model,
@@ -212,7 +217,7 @@ class FineTuneRecipe:
             self.tokenizer.pad_token_id,
             batch_size=self.cfg.train.batch_size * 2,
             chunk_size=self.cfg.train.loss_chunk_size,
-            autocast=self.accelerator.autocast,
+            autocast=self.amp.autocast,
         )
         release_free_memory()
         self.model.train()
@@ -362,11 +367,10 @@ class FineTuneRecipe:
         loss_total, global_targets = self.accumulate(group)
         cfg, acc = self.cfg, self.accelerator
         grad_norm = None
-        if cfg.train.max_grad_norm > 0:
-            norm = acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
-            grad_norm = None if norm is None else float(norm)  # DeepSpeed clips in its step: no norm yet
+        if cfg.train.max_grad_norm > 0:  # DeepSpeed clips in its step: no norm yet
+            grad_norm = self.amp.unscale_and_clip(self.optimizer, self.model.parameters(), cfg.train.max_grad_norm)
         with self.signals.update():  # a signal now waits for the weights to be whole
-            self.optimizer.step()
+            self.amp.step(self.optimizer)  # fp16: skipped on an inf/nan gradient, the schedule goes on
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.state.step += 1
@@ -387,9 +391,9 @@ class FineTuneRecipe:
         A micro-batch is a list of example indices (padded rows) or of bins of them (packed rows)."""
         # a preference step: (summed example loss, example count), rewards kept for the log
         if self.objective:
-            return self.objective.accumulate(self.model, self.accelerator, self.data.train, group, self.state)
+            return self.objective.accumulate(self.model, self.amp, self.data.train, group, self.state)
         micro = [self._collate(idx) for idx in group]
-        return accumulate_tokens(self.train_loss, self.accelerator, micro, self.state)
+        return accumulate_tokens(self.train_loss, self.accelerator, self.amp, micro, self.state)
 
     def _collate(self, idx: list) -> tuple[dict[str, torch.Tensor], int]:
         flat = self.cfg.model.attn_implementation == "flash_attention_2"  # varlen needs one flat row

@@ -151,10 +151,17 @@ def reconcile_deepspeed(ds_config: dict, train, world: int, *, resume: bool = Fa
 
 
 def prepare_training(
-    accelerator, loss_module: nn.Module, optimizer: torch.optim.Optimizer, train, *, resume: bool = False
+    accelerator,
+    loss_module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train,
+    *,
+    precision: str,
+    resume: bool = False,
 ):
     """What `accelerator.prepare(loss_module, optimizer)` does, plus FSDP on CPU (see the module doc)
-    and the DeepSpeed config checked against the job (`train`: the job's train section)."""
+    and the DeepSpeed config checked against the job (`train`: the job's train section; `precision`:
+    the run's resolved one, which the recipe applies itself, train/amp.py)."""
     from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
@@ -181,9 +188,10 @@ def prepare_training(
             "(ACCELERATE_USE_FSDP=true) or plain torchrun"
         )
     if fsdp_requested() and kind == DistributedType.MULTI_CPU:
-        if accelerator.mixed_precision != "no":
+        if precision != "fp32":
             raise ConfigError(
-                "FSDP on CPU: use train.precision=fp32 (no CPU mixed precision with FSDP2 here)"
+                f"FSDP on CPU: train.precision resolved to {precision}; use train.precision=fp32 "
+                "(no CPU mixed precision with FSDP2 here)"
             )
         log.info("FSDP on CPU: sharding with torch fully_shard over %d processes", accelerator.num_processes)
         return shard_on_cpu(accelerator.num_processes, loss_module, optimizer), optimizer
