@@ -159,7 +159,10 @@ def test_the_whole_lifecycle_without_a_terminal(page, studio_url, studio_workspa
         [opened["gateway"], opened["model"]],
     )
     assert "choices" in whole, whole
-    assert panes.nth(1).locator(".answer").inner_text() == whole["choices"][0]["message"]["content"].strip()
+    assert (
+        panes.nth(1).locator(".answer").inner_text().strip()
+        == whole["choices"][0]["message"]["content"].strip()
+    )
     assert panes.nth(1).locator(".rate").is_visible() and panes.nth(0).locator(".rate-off").is_visible()
 
     # stop the server, then export the run
@@ -211,7 +214,10 @@ def test_chat_streams_base_and_adapter_answers(page, studio_url, studio_workspac
         " messages: [{role: 'user', content: 'Who are you?'}]})}).then(r => r.json())",
         [gateway, "runs--done"],
     )
-    assert panes.nth(1).locator(".answer").inner_text() == whole["choices"][0]["message"]["content"].strip()
+    assert (
+        panes.nth(1).locator(".answer").inner_text().strip()
+        == whole["choices"][0]["message"]["content"].strip()
+    )
     page.screenshot(path=str(shots / "chat.png"))
 
 
@@ -254,7 +260,7 @@ def test_a_thumbs_down_with_a_correction_on_a_served_answer_is_saved(
     assert log == studio_workspace / ".studio" / "feedback" / "runs--done" / "feedback.jsonl"
     record = [json.loads(line) for line in log.read_text().splitlines()][-1]
     assert (record["id"], record["rating"], record["correction"]) == (answer_id, "down", correction)
-    assert record["response"].strip() == served.locator(".answer").inner_text()
+    assert record["response"].strip() == served.locator(".answer").inner_text().strip()
     assert record["model"] == "done" and record["chat"] is True
     page.screenshot(path=str(shots / "chat-served.png"))
 

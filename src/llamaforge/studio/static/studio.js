@@ -271,8 +271,8 @@ const Studio = (() => {
         pane.className = "pane"; pane.dataset.model = o.model; pane.dataset.gateway = o.gateway; pane.dataset.side = "ab"[i];
         pane.innerHTML = "<h3></h3><div class='answer'></div><div class='meta finish'></div>" + (o.feedback
           ? "<div class='rate' hidden><textarea class='correction' rows='2' placeholder='a better answer (optional)'></textarea>" +
-            "<button type='button' class='thumb' data-rating='up' title='good answer'>&#128077;</button>" +
-            "<button type='button' class='thumb' data-rating='down' title='bad answer'>&#128078;</button>" +
+            "<button type='button' class='thumb' data-rating='up' title='thumbs up: a good answer'>&#9650; up</button>" +
+            "<button type='button' class='thumb' data-rating='down' title='thumbs down: a bad answer'>&#9660; down</button>" +
             "<span class='meta rate-result'></span><div class='meta'>saved to <code></code></div></div>"
           : "<div class='meta rate-off'>rating: off here (this pane runs in the studio itself); serve the run " +
             "from its run page to rate answers: a served run keeps an audit log with text, which ratings join</div>");
