@@ -32,7 +32,7 @@ test-slow: setup
 # the studio in headless Chromium (Debian's package; Playwright drives it, no browser download)
 test-browser: setup
 	test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
-	$(BIN)/pytest -m browser tests/test_studio_browser.py
+	$(BIN)/pytest -m browser tests/test_studio_browser.py tests/test_studio_browser_flows.py
 
 # The training race (llamaforge vs HF Trainer vs TRL, ~1 h on 2 cores): on an idle machine only.
 bench-train: setup

@@ -1,99 +1,23 @@
-# ruff: noqa: F811 - the studio_workspace fixture is imported, then named as a test argument
-"""The studio in a real browser: headless Chromium (Debian's package) driven by Playwright.
+# ruff: noqa: F811 - fixtures are imported, then named as test arguments
+"""The studio's pages in a real browser: the runs table and run page, the eval page, blind A/B grading,
+data review, the job form's errors, the plans table, and stopping a job from its page.
 
-Runs with `make test-browser` (installs chromium with apt when missing). Screenshots go to
-$STUDIO_SCREENSHOTS when set (docs/studio in the repository), else to the test's temp folder.
+Runs with `make test-browser` (installs chromium with apt when missing); the jobs, serving and chat
+flows are in test_studio_browser_flows.py, the shared fixtures in studio_browser_fixtures.py.
+Screenshots go to $STUDIO_SCREENSHOTS when set (docs/studio in the repository), else to a temp folder.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import threading
-import time
-from pathlib import Path
 
 import pytest
 import yaml
 
+from studio_browser_fixtures import SLOW_MS, browser, page, shots, studio_url  # noqa: F401 - fixtures
 from studio_fixtures import run_files, studio_workspace, tiny_job  # noqa: F401 - fixture
 
-CHROMIUM = "/usr/bin/chromium"
-# a subprocess that imports torch and loads a model, on a 2-core machine that may be busy (the
-# lifecycle's steps take 15-140 s each when it is not)
-SLOW_MS = 600_000
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
-if shutil.which(CHROMIUM) is None:
-    pytest.skip(
-        f"{CHROMIUM} not found: `apt-get install -y chromium` (or `make test-browser`)",
-        allow_module_level=True,
-    )
-sync_api = pytest.importorskip(
-    "playwright.sync_api", reason="playwright not installed: pip install playwright"
-)
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def studio_url(studio_workspace):
-    import uvicorn
-
-    from llamaforge.studio.app import create_app
-
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(studio_workspace), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline, "the studio did not start"
-        time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=90)  # lifespan shutdown stops running jobs (checkpointed) and the gateways
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        yield browser
-        browser.close()
-
-
-@pytest.fixture()
-def page(browser):
-    context = browser.new_context(viewport={"width": 1360, "height": 900})
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    yield page
-    context.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
-
-
-@pytest.fixture(scope="module")
-def shots(tmp_path_factory) -> Path:
-    out = Path(os.environ.get("STUDIO_SCREENSHOTS") or tmp_path_factory.mktemp("shots"))
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def test_runs_table_and_run_page_show_the_runs_numbers(page, studio_url, studio_workspace, shots):
@@ -270,202 +194,6 @@ def test_a_wrong_field_shows_the_schemas_error(page, studio_url, shots):
     box = page.locator("#job-errors")
     box.wait_for(state="visible")
     assert "train.epoch: unknown key. did you mean 'train.epochs'?" in box.inner_text()
-
-
-def test_the_whole_lifecycle_without_a_terminal(page, studio_url, studio_workspace, shots):
-    """The issue's done-when path: launch a job from the form, watch it train, evaluate it against its
-    base from the run page, serve it, compare base and tuned answers side by side in the chat (the
-    tuned one from the served process), stop the server, and export the run."""
-    timings: dict[str, float] = {}
-
-    def took(what: str, since: float) -> None:
-        timings[what] = time.perf_counter() - since
-        print(f"\n{what}: {timings[what]:.1f} s", flush=True)
-
-    page.goto(studio_url + "/new")
-    page.wait_for_selector("#job-ok:not([hidden])")
-    values = {
-        "model.source": "tiny",
-        "data.sources": "- path: data/train.jsonl",
-        "data.val_size": "0.25",
-        "data.max_length": "64",
-        "method.rank": "4",
-        "method.alpha": "8",
-        "train.max_steps": "3",
-        "train.batch_size": "4",
-        "train.eval_every": "1",
-        "train.lr": "0.01",
-        "eval.prompts": "[Hi]",
-        "eval.max_new_tokens": "4",
-        "output.name": "from-form",
-    }
-    for key, value in values.items():
-        page.fill(f'[data-key="{key}"]', value)
-    page.select_option('[data-key="train.precision"]', "fp32")
-    page.wait_for_selector("body:not([data-pending]) #job-ok:not([hidden])")
-    page.screenshot(path=str(shots / "new-job.png"))
-    with page.expect_download() as download:
-        page.click("#download-yaml")
-    downloaded = Path(download.value.path()).read_text()
-
-    # train: the live curve reaches the last step
-    started = time.perf_counter()
-    page.click("#launch-job")
-    page.wait_for_url("**/runs/runs/from-form", timeout=30_000)
-    page.wait_for_function(
-        "document.querySelector('#run-status').textContent === 'completed'", timeout=SLOW_MS
-    )
-    took("train (launch to completed)", started)
-    run_dir = studio_workspace / "runs" / "from-form"
-    info, summary, metrics = run_files(run_dir)
-    assert info["status"] == "completed" and summary["steps"] == 3
-    live = int(page.locator("#live-count").inner_text())
-    assert live == len(metrics), "every metrics.jsonl record reached the open page over SSE"
-    dots = page.locator('#loss-chart circle[data-series="train"]')
-    assert [int(d.get_attribute("data-step")) for d in dots.all()] == [1, 2, 3]
-    assert [float(d.get_attribute("data-value")) for d in dots.all()] == pytest.approx(
-        [r["loss"] for r in metrics if "loss" in r]
-    )
-    assert page.locator("#last-step").inner_text() == "3"
-    page.wait_for_function("document.querySelector('#job-log').textContent.includes('[exited 0]')")
-    assert "eval loss after training" in page.locator("#job-log").inner_text()
-    job_file = studio_workspace / "jobs" / "from-form.yaml"
-    assert job_file.read_text() == downloaded, "the downloaded YAML is the job that ran"
-    page.locator("#run-finished a").click()
-    page.wait_for_selector("#answers-table")
-    page.screenshot(path=str(shots / "run-launched.png"), full_page=True)
-
-    # evaluate from the run page: `llamaforge eval` on the run's held-out records, then its table and gate
-    started = time.perf_counter()
-    page.select_option("#eval-task", "runs/from-form/val.jsonl")
-    page.fill("#eval-limit", "4")
-    page.fill("#eval-fail-if", "tuned.loss > base.loss + 5")
-    page.click("#eval-run")
-    page.wait_for_selector('#job-log[data-kind="eval"]')
-    page.wait_for_function(
-        "document.querySelector('#job-log').textContent.includes('[exited ')", timeout=SLOW_MS
-    )
-    took("eval (click to results)", started)
-    assert "[exited 0]" in page.locator("#job-log").inner_text(), page.locator("#job-log").inner_text()
-    results = json.loads((studio_workspace / "evals" / "from-form" / "results.json").read_text())
-    assert results["run"]["task"]["examples"] == 4 and results["run"]["gate_failed"] is False
-    page.click("#job-result a")
-    page.wait_for_url("**/evals/evals/from-form")
-    for cand in ("base", "tuned"):
-        cell = page.locator(f'#eval-results tr[data-metric="loss"] td[data-candidate="{cand}"]')
-        assert float(cell.locator(".value").inner_text()) == pytest.approx(
-            results["metrics"]["loss"][cand]["value"], rel=1e-3
-        )
-        low, high = results["metrics"]["loss"][cand]["ci"]
-        assert f"[{low:.4g}, {high:.4g}]" in cell.inner_text()
-    assert page.locator("#gate").inner_text().startswith("ok: tuned.loss > base.loss + 5")
-    assert page.locator("#examples tr[data-index]").count() == 4
-    page.screenshot(path=str(shots / "eval-launched.png"), full_page=True)
-
-    # serve it from the run page: `llamaforge serve` on loopback, its URL and state
-    started = time.perf_counter()
-    page.goto(studio_url + "/runs/runs/from-form")
-    assert page.locator("#run-evals a").inner_text() == "evals/from-form"
-    page.click("#serve-run")
-    row = page.locator("#served tr[data-served]")
-    row.wait_for()
-    page.wait_for_function(
-        "document.querySelector('#served .serve-state').textContent.trim() === 'ready'", timeout=SLOW_MS
-    )
-    took("serve (click to ready)", started)
-    url = row.locator(".serve-url").inner_text()
-    assert url.startswith("http://127.0.0.1:") and url.endswith("/v1")
-    assert row.locator(".serve-models").inner_text() == "tiny, from-form"
-    page.screenshot(path=str(shots / "run-serve.png"), full_page=True)
-
-    # chat: base and tuned side by side, the tuned one answered by the served process
-    started = time.perf_counter()
-    row.locator(".serve-chat").click()
-    page.wait_for_url("**/chat?served=**")
-    page.wait_for_selector("#chat-send:not([disabled])", timeout=SLOW_MS)
-    panes = page.locator(".pane")
-    assert [panes.nth(i).get_attribute("data-model") for i in range(2)] == ["tiny", "from-form"]
-    assert panes.nth(1).get_attribute("data-gateway").startswith("/served/")
-    page.fill("#chat-max-tokens", "8")
-    page.click("#chat-send")
-    page.wait_for_function(
-        "[...document.querySelectorAll('.pane')].every(p => p.dataset.done === '1')", timeout=SLOW_MS
-    )
-    took("chat (load and both answers)", started)
-    for i in range(2):
-        assert panes.nth(i).locator(".finish").inner_text().startswith("finish: ")
-        assert panes.nth(i).locator(".answer").inner_text().strip()
-    # the served process and the studio's own gateway give the tuned run the same greedy answer
-    opened = page.evaluate(
-        "fetch('/api/chat/open', {method: 'POST', headers: {'Content-Type': 'application/json'},"
-        " body: JSON.stringify({target: 'run:runs/from-form'})}).then(r => r.json())"
-    )
-    page.evaluate(  # until the adapter has loaded into the gateway (its /health lists it)
-        "async ([g, m]) => { for (;;) { const h = await (await fetch(g + '/health')).json();"
-        " if ((h.models || []).includes(m)) return; await new Promise(r => setTimeout(r, 500)); } }",
-        [opened["gateway"], opened["model"]],
-    )
-    whole = page.evaluate(
-        "([g, m]) => fetch(g + '/v1/chat/completions', {method: 'POST', headers: {'Content-Type': 'application/json'},"
-        " body: JSON.stringify({model: m, max_tokens: 8, temperature: 0,"
-        " messages: [{role: 'user', content: 'Who are you?'}]})}).then(r => r.json())",
-        [opened["gateway"], opened["model"]],
-    )
-    assert "choices" in whole, whole
-    assert panes.nth(1).locator(".answer").inner_text() == whole["choices"][0]["message"]["content"].strip()
-    page.screenshot(path=str(shots / "chat-served.png"))
-
-    # stop the server, then export the run
-    page.goto(studio_url + "/runs/runs/from-form")
-    row = page.locator("#served tr[data-served]")
-    row.locator(".serve-stop").click()
-    page.wait_for_function(
-        "document.querySelector('#served .serve-state').textContent.trim() === 'stopped'", timeout=60_000
-    )
-    assert page.evaluate("fetch('/api/serve').then(r => r.json())")[0]["returncode"] is not None
-    started = time.perf_counter()
-    page.select_option("#export-format", "safetensors")
-    page.click("#export-run")
-    page.wait_for_selector('#job-log[data-kind="export"]')
-    page.wait_for_function(
-        "document.querySelector('#job-log').textContent.includes('[exited ')", timeout=SLOW_MS
-    )
-    took("export (click to exited)", started)
-    assert "[exited 0]" in page.locator("#job-log").inner_text()
-    out = studio_workspace / "exports" / "from-form-safetensors"
-    assert (out / "manifest.json").is_file() and list(out.glob("*.safetensors"))
-    assert page.locator("#job-result").inner_text() == "Written to exports/from-form-safetensors"
-
-
-def test_chat_streams_base_and_adapter_answers(page, studio_url, studio_workspace, shots):
-    page.goto(studio_url + "/chat?run=runs/done")
-    page.wait_for_selector("#chat-send:not([disabled])", timeout=SLOW_MS)
-    panes = page.locator(".pane")
-    assert panes.count() == 2
-    assert panes.nth(0).get_attribute("data-model") == "tiny"
-    assert panes.nth(1).get_attribute("data-model") == "runs--done"
-    page.fill("#chat-max-tokens", "12")
-    page.click("#chat-send")
-    page.wait_for_function(
-        "[...document.querySelectorAll('.pane')].every(p => p.dataset.done === '1')", timeout=SLOW_MS
-    )
-    for i in range(2):
-        finish = panes.nth(i).locator(".finish").inner_text()
-        assert finish.startswith("finish: ") and int(finish.split(", ")[1].split()[0]) >= 2, finish
-        assert panes.nth(i).locator(".answer").inner_text().strip()
-    # the streamed text is the same answer as the gateway's non-streamed one (greedy decoding)
-    gateway = page.evaluate(
-        "fetch('/api/chat/open', {method: 'POST', headers: {'Content-Type': 'application/json'},"
-        " body: JSON.stringify({target: 'run:runs/done'})}).then(r => r.json())"
-    )["gateway"]
-    whole = page.evaluate(
-        "([g, m]) => fetch(g + '/v1/chat/completions', {method: 'POST', headers: {'Content-Type': 'application/json'},"
-        " body: JSON.stringify({model: m, max_tokens: 12, temperature: 0,"
-        " messages: [{role: 'user', content: 'Who are you?'}]})}).then(r => r.json())",
-        [gateway, "runs--done"],
-    )
-    assert panes.nth(1).locator(".answer").inner_text() == whole["choices"][0]["message"]["content"].strip()
-    page.screenshot(path=str(shots / "chat.png"))
 
 
 def test_stop_a_running_job_from_its_page(page, studio_url, studio_workspace):

@@ -194,10 +194,12 @@ def register(app: FastAPI, studio, page) -> None:
             if not served.running:
                 raise ConfigError(f"the server of {served.run_dir.name} has exited")
             model = served.run_dir.name  # `llamaforge serve RUN` names the run's weights after its folder
+            log = served.audit_path.with_name("feedback.jsonl").relative_to(studio.workspace).as_posix()
             return {
                 "gateway": f"/served/{served.id}",
                 "model": model,
                 "label": f"{model} (served, {served.url})",
+                "feedback": log,  # where the thumbs land (the served process audits with text)
             }
         if kind == "run":
             gateway, model = studio.gateways.for_run(studio.run_dir(value))

@@ -4,8 +4,13 @@ The server is the command a user would type (same process, same code, same port 
 default, any other address only with the API keys the studio itself uses (the serve command refuses
 otherwise, and so does this module, before anything starts). The studio reaches it through
 /served/<id>/..., a streaming proxy to 127.0.0.1:<port>, so the chat page can talk to it from
-wherever the studio is open (the guard in front checks the studio's keys; the proxied Authorization
-header lets the server check them too).
+wherever the studio is open. The proxy passes only the OpenAI routes the chat uses (not the admin
+routes, /metrics or anything else), refuses ids and paths with dot segments or escapes, and signs
+every request with the studio's own key, kept here: the page never sees a key.
+
+Each server writes its audit log with text to <workspace>/.studio/feedback/<run>/audit.jsonl, one
+folder per run that outlives the server, so the chat's thumbs (POST /v1/feedback) are joined to the
+answers and land in feedback.jsonl beside it, ready for `format: feedback`.
 """
 
 from __future__ import annotations
@@ -26,7 +31,15 @@ from llamaforge.studio.jobs import _child_env
 from llamaforge.studio.security import studio_auth
 
 HOP_HEADERS = {b"connection", b"keep-alive", b"transfer-encoding", b"host", b"content-length"}
-FORWARDED = {b"content-type", b"authorization", b"accept"}
+FORWARDED = {b"content-type", b"accept"}  # Authorization is the studio's own key, set here
+# (method, path after /served/<id>/): what the chat page uses; the admin API and /metrics stay closed
+PROXIED = {
+    ("GET", "health"),
+    ("GET", "v1/models"),
+    ("POST", "v1/chat/completions"),
+    ("POST", "v1/completions"),
+    ("POST", "v1/feedback"),
+}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -44,6 +57,7 @@ class Served:
     log_path: Path
     argv: list[str]
     process: subprocess.Popen
+    audit_path: Path
     started: float = field(default_factory=time.time)
     stop_requested: bool = False
     models: list[str] = field(default_factory=list)  # from /health once it answers
@@ -73,6 +87,7 @@ class Served:
             "url": self.url,
             "proxy": f"/served/{self.id}",
             "models": self.models,
+            "feedback": self.audit_path.with_name("feedback.jsonl").relative_to(workspace).as_posix(),
             "returncode": self.process.poll(),
             "argv": self.argv,
             "started": self.started,
@@ -96,7 +111,10 @@ class ServeManager:
             )
         port = free_port()
         rel = run_dir.relative_to(self.workspace).as_posix()
-        args = ["serve", rel, "--host", host, "--port", str(port)]
+        audit = self.workspace / ".studio" / "feedback" / rel.replace("/", "--") / "audit.jsonl"
+        audit.parent.mkdir(parents=True, exist_ok=True)
+        args = ["serve", rel, f"serve.audit.path={audit}", "serve.audit.log_text=true"]
+        args += ["--host", host, "--port", str(port)]
         if self.api_keys_file:
             args += ["--api-keys-file", self.api_keys_file]
         sid = f"{datetime.now():%Y%m%d-%H%M%S}-{run_dir.name}"
@@ -115,7 +133,7 @@ class ServeManager:
                 env=_child_env(),
                 start_new_session=True,
             )
-        served = Served(sid, run_dir, host, port, log_dir / "log.txt", argv, process)
+        served = Served(sid, run_dir, host, port, log_dir / "log.txt", argv, process, audit)
         with self._lock:
             self.served[sid] = served
         return served
@@ -171,25 +189,46 @@ class ServeManager:
             self.stop(served)
 
 
+def _refusal(raw_path: str, method: str, rest: str) -> str | None:
+    """Why a proxied request is refused, or None: only the listed routes, spelled plainly."""
+    if "%" in raw_path or "\\" in raw_path or any(seg in (".", "..") for seg in raw_path.split("/")):
+        return "escaped characters and dot segments are not allowed in a proxied path"
+    if (method, rest) not in PROXIED:
+        allowed = ", ".join(f"{m} /{p}" for m, p in sorted(PROXIED, key=lambda r: r[1]))
+        return f"{method} /{rest} is not proxied to a served run (only {allowed})"
+    return None
+
+
+async def _error(scope, receive, send, status: int, message: str, kind: str) -> None:
+    from starlette.responses import JSONResponse
+
+    await JSONResponse({"error": {"message": message, "type": kind}}, status)(scope, receive, send)
+
+
 class ServedRouter:
-    """ASGI: /served/<id>/<rest> -> http://127.0.0.1:<port>/<rest> of that server, streamed both ways."""
+    """ASGI: /served/<id>/<rest> -> http://127.0.0.1:<port>/<rest> of a server this studio started,
+    for the routes in PROXIED only, with the studio's key, streamed both ways."""
 
     def __init__(self, manager: ServeManager):
         self.manager = manager
 
     async def __call__(self, scope, receive, send) -> None:
         import httpx
-        from starlette.responses import JSONResponse
 
-        parts = scope["path"].split("/", 3)  # "", "served", id, rest
-        served = self.manager.get(parts[2]) if len(parts) >= 3 else None
+        raw = scope.get("raw_path") or scope["path"].encode()
+        raw_path = raw.decode("latin-1").split("?", 1)[0]
+        parts = raw_path.split("/", 3)  # "", "served", id, rest (undecoded: %2F stays an escape)
+        sid, rest = (parts[2] if len(parts) > 2 else ""), (parts[3] if len(parts) > 3 else "")
+        served = self.manager.get(sid)
         if served is None or not served.running:
             message = (
                 "no such server: start it from the run page" if served is None else "the server has exited"
             )
-            await JSONResponse({"error": {"message": message, "type": "not_found_error"}}, 404)(
-                scope, receive, send
-            )
+            await _error(scope, receive, send, 404, message, "not_found_error")
+            return
+        problem = _refusal(raw_path, scope["method"], rest)
+        if problem:
+            await _error(scope, receive, send, 403, problem, "permission_error")
             return
         body = bytearray()
         while True:
@@ -197,19 +236,15 @@ class ServedRouter:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
-        query = scope.get("query_string", b"").decode("latin-1")
-        url = f"http://127.0.0.1:{served.port}/{parts[3] if len(parts) > 3 else ''}" + (
-            f"?{query}" if query else ""
-        )
+        url = f"http://127.0.0.1:{served.port}/{rest}"
         headers = [(k, v) for k, v in scope["headers"] if k.lower() in FORWARDED]
+        headers += [(k.encode(), v.encode()) for k, v in self.manager._auth_header().items()]
         async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5)) as client:
             request = client.build_request(scope["method"], url, content=bytes(body), headers=headers)
             try:
                 response = await client.send(request, stream=True)
             except httpx.ConnectError:
-                await JSONResponse(
-                    {"error": {"message": "the server is still starting", "type": "unavailable"}}, 503
-                )(scope, receive, send)
+                await _error(scope, receive, send, 503, "the server is still starting", "unavailable")
                 return
             try:
                 await send(

@@ -269,16 +269,40 @@ const Studio = (() => {
       $("#chat-panes").replaceChildren(...opened.map((o, i) => {
         const pane = document.createElement("div");
         pane.className = "pane"; pane.dataset.model = o.model; pane.dataset.gateway = o.gateway; pane.dataset.side = "ab"[i];
-        pane.innerHTML = "<h3></h3><div class='answer'></div><div class='meta finish'></div>";
+        pane.innerHTML = "<h3></h3><div class='answer'></div><div class='meta finish'></div>" + (o.feedback
+          ? "<div class='rate' hidden><textarea class='correction' rows='2' placeholder='a better answer (optional)'></textarea>" +
+            "<button type='button' class='thumb' data-rating='up' title='thumbs up: a good answer'>&#9650; up</button>" +
+            "<button type='button' class='thumb' data-rating='down' title='thumbs down: a bad answer'>&#9660; down</button>" +
+            "<span class='meta rate-result'></span><div class='meta'>saved to <code></code></div></div>"
+          : "<div class='meta rate-off'>rating: off here (this pane runs in the studio itself); serve the run " +
+            "from its run page to rate answers: a served run keeps an audit log with text, which ratings join</div>");
         pane.querySelector("h3").textContent = `${"AB"[i]}: ${o.label}`;
+        if (o.feedback) {
+          pane.querySelector(".rate code").textContent = o.feedback;
+          pane.querySelectorAll(".thumb").forEach((b) => b.addEventListener("click", () => rate(pane, b.dataset.rating)));
+        }
         return pane;
       }));
       state.textContent = "ready: " + opened.map((o) => o.label).join(" | ");
       $("#chat-send").disabled = false;
     }
+    /* thumbs (and an edited answer) for a served run: POST /v1/feedback through the proxy */
+    async function rate(pane, rating) {
+      const result = pane.querySelector(".rate-result"), correction = pane.querySelector(".correction").value.trim();
+      const body = {id: pane.dataset.answer, rating};
+      if (correction) body.correction = correction;
+      result.textContent = "saving...";
+      const r = await post(pane.dataset.gateway + "/v1/feedback", body);
+      const reply = await r.json().catch(() => ({}));
+      result.textContent = r.ok ? `saved (${rating}${correction ? ", with a correction" : ""})`
+        : `not saved: ${reply.error?.message || r.statusText}`;
+      result.dataset.ok = r.ok ? "1" : "0";
+    }
     async function ask(pane) {
       const out = pane.querySelector(".answer"), finish = pane.querySelector(".finish");
-      out.textContent = ""; finish.textContent = "streaming...";
+      const box = pane.querySelector(".rate");
+      if (box) { box.hidden = true; pane.querySelector(".rate-result").textContent = ""; }
+      out.textContent = ""; finish.textContent = "streaming..."; delete pane.dataset.answer;
       const r = await post(pane.dataset.gateway + "/v1/chat/completions", {model: pane.dataset.model, stream: true,
         messages: [{role: "user", content: $("#chat-prompt").value}],
         max_tokens: Number($("#chat-max-tokens").value), temperature: Number($("#chat-temperature").value)});
@@ -296,11 +320,13 @@ const Studio = (() => {
           if (data === "[DONE]") continue;
           const msg = JSON.parse(data);
           if (msg.error) { finish.textContent = msg.error.message; continue; }
+          pane.dataset.answer = msg.id;
           const choice = msg.choices[0];
           if (choice.delta.content) { out.textContent += choice.delta.content; chunks += 1; }
           if (choice.finish_reason) finish.textContent = `finish: ${choice.finish_reason}, ${chunks} chunks`;
         }
       }
+      if (box && pane.dataset.answer) box.hidden = false;
       pane.dataset.done = "1";
     }
     for (const side of ["a", "b"]) {  // the model-name box only where "a base model" is chosen
