@@ -118,11 +118,19 @@ def _debris(folder: Path) -> list[str]:
     return [p.name for p in folder.iterdir() if p.name.startswith(".")]
 
 
-def test_safetensors_sharded_matches_base_plus_adapter(run, reference, tmp_path):
+@pytest.fixture(scope="module")
+def sharded(run, tmp_path_factory):
+    """The run exported as f32 safetensors in 10 MB shards: checked below, and reused as the earlier
+    llamaforge export that an `overwrite` replaces (exports are read-only in the tests that read them)."""
+    out = tmp_path_factory.mktemp("sharded") / "st"
+    return export_run(run, out, export_format="safetensors", shard_size="10MB")
+
+
+def test_safetensors_sharded_matches_base_plus_adapter(run, reference, sharded):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ids, expected, _, template = reference
-    out = export_run(run, tmp_path / "st", export_format="safetensors", shard_size="10MB")
+    out = sharded
     shards = sorted(p.name for p in out.glob("model-*.safetensors"))
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(shards) >= 3 and set(index["weight_map"].values()) == set(
@@ -255,7 +263,7 @@ def test_bad_runs_are_refused_before_writing(run, tmp_path):
     assert not (tmp_path / "out").exists() and not _debris(tmp_path)
 
 
-def test_existing_target_disk_space_and_cli_errors(run, tmp_path, monkeypatch, capsys):
+def test_existing_target_disk_space_and_cli_errors(run, sharded, tmp_path, monkeypatch, capsys):
     target = tmp_path / "exists"
     target.mkdir()
     (target / "keep.txt").write_text("keep me")
@@ -289,7 +297,7 @@ def test_existing_target_disk_space_and_cli_errors(run, tmp_path, monkeypatch, c
     )
     assert "is not a size" in capsys.readouterr().err
     target = tmp_path / "ours"
-    export_run(run, target, export_format="safetensors", dtype="bf16")
+    shutil.copytree(sharded, target)  # an earlier llamaforge export: its marker says so
     (target / "keep.txt").write_text("left by an earlier export")
     export_run(run, target, export_format="safetensors", dtype="bf16", overwrite=True)  # ours: replaced
     assert not (target / "keep.txt").exists() and _check_manifest(target, run, "safetensors", "bf16")

@@ -185,23 +185,42 @@ def test_bad_configs_fail_before_loading(tmp_path):
             FineTuneRecipe(cfg).setup()
 
 
-def _interrupted_then_resumed(tmp_path, tiny_llama_dir, data_file, send, *, patience_s=30.0):
+SIGNALLED = {
+    "train.max_steps": 5,
+    "eval.before_after": "false",
+    "train.batch_size": 2,
+    "train.grad_accum": 2,
+    "method.dropout": 0.1,
+    "output.name": "interrupted",
+}
+
+
+@pytest.fixture(scope="module")
+def signal_data(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("signal-data") / "data.jsonl", chat_rows(24))
+
+
+@pytest.fixture(scope="module")
+def straight_losses(tmp_path_factory, tiny_llama_dir, signal_data):
+    """The step losses of the uninterrupted run each signal test's resumed run must reproduce: the
+    same for all three, so trained once."""
+    tmp = tmp_path_factory.mktemp("straight")
+    run_dir, _ = run_training(
+        job(tmp, tiny_llama_dir, signal_data, **{**SIGNALLED, "output.name": "straight"})
+    )
+    return step_losses(run_dir)
+
+
+def _interrupted_then_resumed(tmp_path, tiny_llama_dir, data_file, straight, send, *, patience_s=30.0):
     """Train 5 steps with `send(signal)` called inside step 3, after its first micro-batch has drawn
-    dropout masks; resume to the end. Returns (run dir, name of the checkpoint the interrupt saved)."""
+    dropout masks; resume to the end and compare with `straight` (the uninterrupted run's losses).
+    Returns (run dir, name of the checkpoint the interrupt saved)."""
     import os
     import signal
 
     from llamaforge.train.recipe import TrainingInterrupted
 
-    extra = {
-        "train.max_steps": 5,
-        "eval.before_after": "false",
-        "train.batch_size": 2,
-        "train.grad_accum": 2,
-        "method.dropout": 0.1,
-        "output.name": "interrupted",
-    }
-    cfg = job(tmp_path, tiny_llama_dir, data_file, **extra)
+    cfg = job(tmp_path, tiny_llama_dir, data_file, **SIGNALLED)
     recipe = FineTuneRecipe(cfg)
     recipe.setup()
     recipe.signals.patience_s = patience_s
@@ -224,32 +243,35 @@ def _interrupted_then_resumed(tmp_path, tiny_llama_dir, data_file, send, *, pati
     run_dir, summary = run_training(cfg, run_dir=recipe.run_dir, resume=True)
     assert summary["steps"] == 5
     assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
-    straight, _ = run_training(
-        job(tmp_path, tiny_llama_dir, data_file, **{**extra, "output.name": "straight"})
-    )
     # exact: the resumed run replays the interrupted step with the RNG of its boundary
-    assert step_losses(run_dir)[-2:] == step_losses(straight)[-2:]
+    assert len(straight) == 5 and step_losses(run_dir)[-2:] == straight[-2:]
     return run_dir, saved
 
 
-def test_a_first_signal_stops_at_the_next_step_boundary(tmp_path, tiny_llama_dir, data_file):
-    _, saved = _interrupted_then_resumed(tmp_path, tiny_llama_dir, data_file, lambda kill: kill())
+def test_a_first_signal_stops_at_the_next_step_boundary(
+    tmp_path, tiny_llama_dir, signal_data, straight_losses
+):
+    _, saved = _interrupted_then_resumed(
+        tmp_path, tiny_llama_dir, signal_data, straight_losses, lambda kill: kill()
+    )
     assert saved == ["step-00000003"]  # step 3 was finished, then the run stopped
 
 
-def test_a_second_signal_stops_now_keeping_the_last_boundary(tmp_path, tiny_llama_dir, data_file):
+def test_a_second_signal_stops_now_keeping_the_last_boundary(
+    tmp_path, tiny_llama_dir, signal_data, straight_losses
+):
     def twice(kill):
         kill()
         kill()
 
-    _, saved = _interrupted_then_resumed(tmp_path, tiny_llama_dir, data_file, twice)
+    _, saved = _interrupted_then_resumed(tmp_path, tiny_llama_dir, signal_data, straight_losses, twice)
     assert saved == ["step-00000002"]  # step 3 abandoned mid-way: the checkpoint is the boundary before it
 
 
-def test_a_signal_during_a_long_step_stops_now(tmp_path, tiny_llama_dir, data_file):
+def test_a_signal_during_a_long_step_stops_now(tmp_path, tiny_llama_dir, signal_data, straight_losses):
     # a step expected to take longer than the patience (30 s by default) is not waited for
     _, saved = _interrupted_then_resumed(
-        tmp_path, tiny_llama_dir, data_file, lambda kill: kill(), patience_s=0.0
+        tmp_path, tiny_llama_dir, signal_data, straight_losses, lambda kill: kill(), patience_s=0.0
     )
     assert saved == ["step-00000002"]
 
