@@ -87,8 +87,11 @@ class DataSource(Section):
 class DataConfig(Section):
     sources: list[DataSource] = Field(
         default_factory=lambda: [
-            DataSource(
-                path="identity", repeat=2, variables={"name": "Forge", "author": "the llamaforge team"}
+            DataSource(  # identity's first 16 records are its English ones (the other 75 are Chinese)
+                path="identity",
+                max_samples=16,
+                repeat=8,
+                variables={"name": "Forge", "author": "the llamaforge team"},
             ),
             DataSource(path="alpaca-demo", max_samples=200),
         ]
