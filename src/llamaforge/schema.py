@@ -225,6 +225,14 @@ class TrainConfig(Section):
         "step peaked at 6.12 GB and 96.7 tokens/s against off's 6.23 GB and 104.3. Left alone when "
         "MALLOC_* variables or a preloaded jemalloc/tcmalloc are set",
     )
+    allocator: Literal["auto", "jemalloc", "system"] = Field(
+        "auto",
+        description="CPU memory allocator of `llamaforge train`: auto = jemalloc when the library is "
+        "installed (the command re-runs itself once with it preloaded, and says so), else the C "
+        "library's malloc; jemalloc = required; system = never preload. A preloaded jemalloc/tcmalloc "
+        "is kept as it is. On the quickstart's first 12 steps (AMD EPYC AVX2) jemalloc peaked at 2.99 GB "
+        "against glibc's 4.23 GB, at 103.5 vs 104.7 tokens/s",
+    )
     eval_every: int = Field(0, ge=0, description="optimizer steps between evals; 0 = at each epoch end only")
     log_every: int = Field(1, ge=1)
     save_every: int = Field(0, ge=0, description="steps between resumable checkpoints; 0 = none")
