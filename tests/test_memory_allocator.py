@@ -72,6 +72,8 @@ def test_user_allocator_settings_are_left_alone(monkeypatch):
     monkeypatch.delenv("MALLOC_ARENA_MAX")
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
     assert "left as set" in hardware.configure_allocator("step")
+    assert "left as set" in hardware.configure_allocator("off")  # off tunes nothing: not glibc here
+    monkeypatch.delenv("LD_PRELOAD")
     assert hardware.configure_allocator("off") == "allocator: glibc defaults (train.release_memory off)"
 
 
@@ -108,3 +110,106 @@ def test_a_bare_yaml_off_is_the_off_mode(tmp_path):
     assert load_config(None, ["train.release_memory=eager"]).train.release_memory == "eager"
     with pytest.raises(ConfigError, match="release_memory"):
         load_config(None, ["train.release_memory=true"])
+
+
+# ---------------------------------------------------------------- train.allocator (jemalloc preload)
+
+PRELOAD = """
+import sys
+from llamaforge import hardware
+print(hardware.preload_allocator(sys.argv[1]))
+print("mapped:", "jemalloc" in open("/proc/self/maps").read())
+"""
+
+
+def _preload(choice: str, **env_extra: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "LLAMAFORGE_ALLOCATOR_PRELOADED")}
+    return subprocess.run(
+        [sys.executable, "-c", PRELOAD, choice],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, **env_extra},
+    )
+
+
+@pytest.mark.skipif(hardware.find_jemalloc() is None, reason="needs libjemalloc (apt install libjemalloc2)")
+def test_auto_re_executes_once_with_jemalloc_preloaded():
+    out = _preload("auto")
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("allocator: re-running with") and "jemalloc" in lines[0]
+    assert "(re-executed with it)" in lines[1]  # the second process says why, and does not loop
+    assert lines[2] == "mapped: True" and len(lines) == 3
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="/proc/self/maps")
+def test_system_never_preloads():
+    out = _preload("system")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines() == [
+        "allocator: the C library's malloc (train.allocator system)",
+        "mapped: False",
+    ]
+
+
+def test_a_preloaded_allocator_is_kept(monkeypatch):
+    monkeypatch.setenv("LD_PRELOAD", "/opt/lib/libtcmalloc.so.4")
+    monkeypatch.delenv("LLAMAFORGE_ALLOCATOR_PRELOADED", raising=False)
+    assert hardware.preload_allocator("jemalloc") == "allocator: libtcmalloc.so.4 (LD_PRELOAD)"
+
+
+def test_missing_jemalloc_falls_back_on_auto_and_is_an_error_when_asked_for(monkeypatch):
+    from llamaforge.errors import ConfigError
+
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("LLAMAFORGE_ALLOCATOR_PRELOADED", raising=False)
+    monkeypatch.setattr(hardware, "find_jemalloc", lambda: None)  # a machine without the library
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert "no libjemalloc found" in hardware.preload_allocator("auto")
+    with pytest.raises(ConfigError, match="train.allocator=jemalloc"):
+        hardware.preload_allocator("jemalloc")
+
+
+def test_the_allocator_knob_is_checked():
+    from llamaforge.config import load_config
+    from llamaforge.errors import ConfigError
+
+    assert load_config(None, []).train.allocator == "auto"
+    with pytest.raises(ConfigError, match="allocator"):
+        load_config(None, ["train.allocator=tcmalloc"])
+
+
+def test_planner_counts_jemallocs_slack_whatever_release_memory():
+    """release_memory tunes glibc only; under jemalloc the planner uses jemalloc's measured slack."""
+    arch = load_arch("smollm2-135m")
+    cpu = Setup(
+        method="lora", batch=4, seq=377, precision="fp32", device="cpu", rank=16, allocator="jemalloc"
+    )
+    tensors = max(estimate(arch, cpu).phases.values())
+    for mode in ("off", "step", "eager"):
+        assert estimate(arch, cpu.with_(release_memory=mode)).peak == pytest.approx(
+            tensors * CPU_SLACK["jemalloc"]
+        )
+    assert CPU_SLACK["jemalloc"] < CPU_SLACK["off"]
+
+
+def test_the_dry_run_plans_with_the_allocator_training_would_use(monkeypatch):
+    from llamaforge.config import load_config
+    from llamaforge.planning.dry_run import job_setup
+
+    def planned(choice: str) -> str:
+        return job_setup(load_config(None, [f"train.allocator={choice}"]), "cpu", "fp32")[0].allocator
+
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("LLAMAFORGE_ALLOCATOR_PRELOADED", raising=False)
+    assert planned("system") == "glibc"
+    monkeypatch.setattr(hardware, "find_jemalloc", lambda: None)  # a machine without the library
+    assert planned("auto") == "glibc"
+    monkeypatch.setattr(hardware, "find_jemalloc", lambda: "/usr/lib/libjemalloc.so.2")
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert planned("auto") == "jemalloc" and planned("system") == "glibc"
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")  # preloaded by the user: kept
+    assert planned("system") == "jemalloc"
+    cfg = load_config(None, [])
+    assert job_setup(cfg, "cuda", "bf16")[0].allocator == "glibc"

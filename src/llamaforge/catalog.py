@@ -68,7 +68,7 @@ CATALOG: dict[str, CatalogEntry] = {
             "data/identity.json",
             "fd029da7dd3df283ed034c82375d16d125a7b07cf1cb0316d03fb8743057d5f2",
             True,
-            "91 'who are you' examples with {{name}} / {{author}} placeholders",
+            "91 'who are you' examples with {{name}} / {{author}} placeholders: 16 English, then 75 Chinese",
         ),
         CatalogEntry(
             "llama3-tokenizer",

@@ -287,12 +287,14 @@ def configure_allocator(mode: str = "step") -> str:
     or the C library is not glibc. The eager threshold is process-wide and stays for the process's life
     (glibc has no way back to its dynamic threshold)."""
     _allocator["mode"] = "off"
+    preload = os.environ.get("LD_PRELOAD", "")
+    if "jemalloc" in preload or "tcmalloc" in preload:
+        return "allocator: left as set (LD_PRELOAD; train.release_memory tunes glibc's malloc only)"
     if mode == "off":
         return "allocator: glibc defaults (train.release_memory off)"
-    preload = os.environ.get("LD_PRELOAD", "")
     user = [name for name in _ALLOCATOR_ENV if name in os.environ]
-    if user or "jemalloc" in preload or "tcmalloc" in preload:
-        return f"allocator: left as set ({', '.join(user) or 'LD_PRELOAD'})"
+    if user:
+        return f"allocator: left as set ({', '.join(user)})"
     libc = _glibc()
     if libc is None:
         return "allocator: not glibc, left as is"
@@ -301,6 +303,88 @@ def configure_allocator(mode: str = "step") -> str:
     _allocator["mode"] = mode
     eager = f", blocks over {EAGER_MMAP_THRESHOLD >> 10} KiB mapped on their own" if mode == "eager" else ""
     return f"allocator: free pages returned after each step{eager}"
+
+
+# jemalloc serves each size class from its own runs and returns freed pages after a decay, so the freed
+# activations of one micro-batch are reused by the next instead of leaving holes in one heap.
+JEMALLOC_PATHS = (
+    "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib64/libjemalloc.so.2",
+    "/usr/lib/libjemalloc.so.2",
+    "/usr/local/lib/libjemalloc.so.2",
+    "/opt/homebrew/lib/libjemalloc.2.dylib",
+)
+_PRELOADED_MARK = "LLAMAFORGE_ALLOCATOR_PRELOADED"
+
+
+def find_jemalloc() -> str | None:
+    """The shared jemalloc library on this machine (Debian/Ubuntu: `apt install libjemalloc2`), else None."""
+    import ctypes.util
+
+    for path in JEMALLOC_PATHS:
+        if Path(path).is_file():
+            return path
+    return ctypes.util.find_library("jemalloc")  # a bare soname the dynamic loader resolves
+
+
+def running_allocator() -> str:
+    """The allocator this process runs on, for the planner's slack: "jemalloc" or "glibc"."""
+    return "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "glibc"
+
+
+def allocator_in_use(choice: str) -> str:
+    """The allocator `llamaforge train` would run on with `train.allocator` = choice: the one preloaded
+    already, else jemalloc when `preload_allocator(choice)` would preload it, else "glibc"."""
+    import sys
+
+    preload = os.environ.get("LD_PRELOAD", "")
+    if preload or choice == "system" or sys.platform != "linux" or os.environ.get(_PRELOADED_MARK):
+        return running_allocator()
+    return "jemalloc" if find_jemalloc() else "glibc"
+
+
+def preload_allocator(choice: str) -> str:
+    """Apply `train.allocator` (auto | jemalloc | system) before any work: when jemalloc is wanted and
+    not yet loaded, re-execute this very command once with it in LD_PRELOAD (this call then does not
+    return). Returns the line to print about the allocator in use. Raises ConfigError when `jemalloc`
+    was asked for explicitly and is missing (auto falls back to the C library's malloc)."""
+    import sys
+
+    from llamaforge.errors import ConfigError
+
+    preload = os.environ.get("LD_PRELOAD", "")
+    if "jemalloc" in preload or "tcmalloc" in preload:
+        why = "re-executed with it" if os.environ.get(_PRELOADED_MARK) else "LD_PRELOAD"
+        return f"allocator: {os.path.basename(preload.split(':')[0])} ({why})"
+    if choice == "system":
+        return "allocator: the C library's malloc (train.allocator system)"
+    if sys.platform != "linux":
+        if choice == "jemalloc":
+            raise ConfigError("train.allocator=jemalloc: preloading it is supported on Linux only")
+        return "allocator: the C library's malloc (jemalloc is preloaded on Linux only)"
+    if os.environ.get(_PRELOADED_MARK):  # preloaded, yet not loaded: never loop
+        return "allocator: the C library's malloc (the jemalloc preload did not take)"
+    lib = find_jemalloc()
+    if lib is None:
+        if choice == "jemalloc":
+            raise ConfigError(
+                "train.allocator=jemalloc but no libjemalloc was found (Debian/Ubuntu: apt install "
+                "libjemalloc2); use train.allocator=auto to fall back to the C library's malloc"
+            )
+        return (
+            "allocator: the C library's malloc (no libjemalloc found; apt install libjemalloc2 lowers "
+            "the peak memory of training)"
+        )
+    env = dict(os.environ, LD_PRELOAD=":".join(p for p in (lib, preload) if p), **{_PRELOADED_MARK: "1"})
+    print(
+        f"allocator: re-running with {lib} preloaded (train.allocator {choice}: it keeps less freed "
+        "memory resident than glibc's heap)",
+        flush=True,
+    )
+    argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
+    os.execve(sys.executable, [sys.executable, *argv[1:]], env)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def release_free_memory() -> bool:

@@ -46,6 +46,9 @@ def run(args) -> int:
         print(to_yaml(cfg))
         print(dry_run_report(cfg))
         return 0
+    from llamaforge.hardware import preload_allocator
+
+    print(preload_allocator(cfg.train.allocator), flush=True)
     from llamaforge.train.recipe import run_training
 
     run_dir = None

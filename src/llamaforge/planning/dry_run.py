@@ -8,6 +8,7 @@ checkpointing and optimizer) on the device it would train on, against that devic
 from __future__ import annotations
 
 from llamaforge.errors import ConfigError
+from llamaforge.hardware import allocator_in_use
 from llamaforge.planning.arch import Arch
 from llamaforge.planning.memory import GiB, Setup, estimate, largest_fitting
 from llamaforge.planning.plan import available_ram_gib, base_setup
@@ -42,6 +43,7 @@ def job_setup(cfg, device: str, precision: str) -> tuple[Setup, list[str]]:
         optimizer="adamw8bit" if "8bit" in optimizer else "adamw",
         adam_impl="fused" if optimizer == "adamw" else "auto",
         release_memory=getattr(t, "release_memory", "off"),
+        allocator=allocator_in_use(getattr(t, "allocator", "system")) if device == "cpu" else "glibc",
     )
     return setup, notes
 
@@ -130,7 +132,7 @@ def batch_planning_inputs(
     the memory already resident beyond the planner's tensors, and the mean row length."""
     import torch
 
-    from llamaforge.hardware import available_memory_bytes, process_rss_bytes
+    from llamaforge.hardware import available_memory_bytes, process_rss_bytes, running_allocator
 
     lengths = list(lengths)
     arch = Arch.from_config(model.config.to_dict(), name=getattr(model.config, "name_or_path", "") or "model")
@@ -142,7 +144,7 @@ def batch_planning_inputs(
     else:
         seq = max(lengths, default=cfg.data.max_length)
         mean_tokens = sum(lengths) / max(1, len(lengths))
-    setup = setup.with_(seq=seq)
+    setup = setup.with_(seq=seq, allocator=running_allocator() if device.type == "cpu" else "glibc")
     fraction = t.memory_fraction
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info()

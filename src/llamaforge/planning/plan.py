@@ -406,7 +406,7 @@ def assumptions(hw: Hardware, base: Setup) -> list[str]:
         )
     else:
         out.append(
-            "CPU: the peak is resident memory added by training, with glibc malloc's slack "
-            "(x1.8 with train.release_memory step, x1.2 eager, x2.7 off)"
+            "CPU: the peak is resident memory added by training, with the allocator's slack "
+            "(jemalloc x1.1; glibc malloc x1.8 with train.release_memory step, x1.2 eager, x2.7 off)"
         )
     return out
