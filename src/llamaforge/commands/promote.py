@@ -86,6 +86,7 @@ def run(args) -> int:
     key = os.environ.get(args.api_key_env) or None
     if args.full and args.rollback:
         raise ConfigError("--full and --rollback exclude each other")
+    rule = watch_rule(args)
     if args.full or args.rollback:
         out = finish(args.server, args.name, rollback=args.rollback, api_key=key, run_dir=args.run)
         after = out["after"]
@@ -100,7 +101,6 @@ def run(args) -> int:
         raise ConfigError('promote needs at least one --gate rule, e.g. "candidate.rougeL < served.rougeL"')
     if args.canary is not None and not 0 < args.canary <= 1:
         raise ConfigError(f"--canary must be in (0, 1], got {args.canary}")
-    rule = watch_rule(args)
     out = promote(
         args.run,
         server=args.server,

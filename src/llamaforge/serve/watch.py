@@ -59,10 +59,14 @@ class Counts:
 
 def counters(client: ServerClient) -> dict[str, Counts]:
     """Per model: finished requests, failed ones, and up/down ratings, from /metrics."""
+    import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
-    r = client.http.get("/metrics")
-    r.raise_for_status()
+    try:
+        r = client.http.get("/metrics")
+        r.raise_for_status()
+    except httpx.HTTPError as exc:
+        raise PromotionError(f"GET {client.url}/metrics: {type(exc).__name__}: {exc}") from None
     out: dict[str, Counts] = {}
     for family in text_string_to_metric_families(r.text):
         for s in family.samples:
