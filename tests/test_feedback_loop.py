@@ -19,7 +19,7 @@ def test_the_feedback_loop_runs_end_to_end(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("feedback_loop", EXAMPLE)
     loop = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(loop)
-    result = loop.run(tmp_path, sft_steps=6, kto_steps=12)
+    result = loop.run(tmp_path, sft_steps=6, kto_steps=30)
     with capsys.disabled():
         print("\nfeedback loop:", json.dumps(result))
     ratings = [json.loads(x) for x in (tmp_path / "logs" / "feedback.jsonl").read_text().splitlines()]

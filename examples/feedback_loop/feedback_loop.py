@@ -216,7 +216,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="feedback-loop", help="everything is written here")
     parser.add_argument("--sft-steps", type=int, default=6)
-    parser.add_argument("--kto-steps", type=int, default=12)
+    parser.add_argument("--kto-steps", type=int, default=30)
     parser.add_argument(
         "--from", dest="start", choices=STAGES, default="sft",
         help="start at this stage, reusing what the earlier ones left in --workdir",
