@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 
 import httpx
 import pytest
@@ -220,3 +221,56 @@ def test_rollback_refuses_an_adapter_that_is_no_longer_loaded():
     assert routes.rollback("support").stable == "support"
     with pytest.raises(APIError, match="nothing to roll back"):
         routes.rollback("support")
+
+
+def wait_healthy(url: str) -> None:
+    deadline = time.time() + 120
+    while httpx.get(url + "/health").status_code != 200:
+        assert time.time() < deadline, httpx.get(url + "/health").text
+        time.sleep(0.1)
+
+
+def test_the_routing_table_survives_a_restart(engine, adapters, runs, tmp_path, caplog):
+    """Each start is a fresh engine that loads in the background, as `llamaforge serve` does."""
+    cfg = with_(engine.cfg, {"state_dir": str(tmp_path / "state")})
+    shutil.copytree(adapters / "a2", runs / "v2")
+
+    def start():
+        app = create_app(cfg)
+        return app, ServerThread(app)
+
+    app, thread = start()
+    with thread as url:
+        wait_healthy(url)
+        load = {"lora_name": "a1-v2", "lora_path": str(runs / "v2")}
+        assert httpx.post(url + "/v1/load_lora_adapter", json=load).status_code == 200
+        assert httpx.post(url + "/v1/routes", json={"name": "a1", "candidate": "a1-v2", "share": 0.5}).is_success
+        table = httpx.get(url + "/v1/routes").json()["data"]
+    app.state.server.engine.shutdown()
+    saved = json.loads((tmp_path / "state" / "routes.json").read_text())
+    assert saved["adapters"] == {"a1": str((adapters / "a1").resolve()), "a1-v2": str((runs / "v2").resolve())}
+
+    app, thread = start()  # the canary is back, its candidate hot-loaded again, callers split as before
+    with thread as url:
+        wait_healthy(url)
+        assert httpx.get(url + "/v1/routes").json()["data"] == table
+        answered = {
+            httpx.post(url + "/v1/chat/completions", json=chat_body("a1", user=f"u{i}", max_tokens=1)).json()["model"]
+            for i in range(16)
+        }
+        assert answered == {"a1", "a1-v2"}
+        assert httpx.post(url + "/v1/routes/promote", json={"name": "a1"}).is_success
+    app.state.server.engine.shutdown()
+
+    shutil.rmtree(runs / "v2")  # the promoted adapter is gone: a warning, and a1 serves as itself
+    app, thread = start()
+    with caplog.at_level("WARNING", logger="llamaforge.serve"), thread as url:
+        wait_healthy(url)
+        assert httpx.get(url + "/v1/routes").json()["data"] == []
+        r = httpx.post(url + "/v1/chat/completions", json=chat_body("a1", max_tokens=1))
+        assert r.status_code == 200 and r.json()["model"] == "a1"
+    app.state.server.engine.shutdown()
+    assert "a1-v2" in caplog.text and "falls back to a1 itself" in caplog.text
+    assert json.loads((tmp_path / "state" / "routes.json").read_text()) == {
+        **saved, "routes": {"a1": {**saved["routes"]["a1"], "stable": "a1-v2", "candidate": None, "share": 0.0, "previous": ["a1"]}}
+    }  # what the user's server wrote stays as it was until the table changes again

@@ -97,58 +97,83 @@ def serve(work: Path, adapter: Path):
     return server, url
 
 
-def run(work: Path, sft_steps: int, kto_steps: int) -> dict:
-    from llamaforge.cli import main
+STAGES = ("sft", "rate", "prepare", "tune", "promote")
 
-    t0 = time.time()
-    work.mkdir(parents=True, exist_ok=True)
+
+def configs(work: Path) -> tuple[str, Path]:
+    """The held-out task (questions nobody rates, reference: the fact the users' rule asks for) and the
+    settings every run shares; the gate's metric `contains` is the users' rule ("says Forge")."""
     task = "".join(
-        json.dumps(
-            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": CORRECTION}]}
-        )
+        json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "Forge"}]})
         + "\n"
         for q in HELD_OUT
     )
-    write(work / "heldout.jsonl", task)
+    heldout = write(work / "heldout.jsonl", task)
     common = (
         "model: {source: smollm2-135m-instruct}\n"
         "train: {precision: fp32, lr: 1.0e-3, batch_size: 4, effective_batch_size: 4, warmup_ratio: 0}\n"
         "eval: {prompts: [], before_after: false}\n"
-        f"evaluation:\n  task: {{path: {work / 'heldout.jsonl'}}}\n"
-        "  generation: {max_new_tokens: 32}\n  scoring: {metrics: [rouge], bootstrap_samples: 200}\n"
+        f"evaluation:\n  task: {{path: {heldout}}}\n"
+        "  generation: {max_new_tokens: 32}\n  scoring: {metrics: [contains], bootstrap_samples: 200}\n"
         f"output: {{dir: {work / 'runs'}, overwrite: true}}\n"
     )
-    sft = write(
-        work / "sft.yaml",
-        common
-        + "data:\n  sources:\n    - {path: identity, variables: {name: Forge, author: the llamaforge team}}\n"
-        "  val_size: 0.1\n  max_length: 256\nmethod: {name: lora, rank: 8, alpha: 16}\n",
-    )
-    assert main(["train", str(sft), f"train.max_steps={sft_steps}", "output.name=served"]) == 0
-    server, url = serve(work, work / "runs" / "served" / "adapter")
-    try:
-        before = says_forge(url, "assistant", HELD_OUT, KEYS["alice"])
-        ratings = []
-        for i, q in enumerate(ASKED):  # alice and bob take turns; each rates only its own answers
-            key = KEYS["alice" if i % 2 == 0 else "bob"]
-            headers = {"Authorization": f"Bearer {key}"}
-            body = {"model": "assistant", "messages": [{"role": "user", "content": q}], "max_tokens": 32}
-            answer = httpx.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=900).json()
-            verdict = rate(answer["choices"][0]["message"]["content"])
-            r = httpx.post(
-                url + "/v1/feedback", json={"id": answer["id"], **verdict}, headers=headers, timeout=60
-            )
-            r.raise_for_status()
-            ratings.append(verdict["rating"])
+    return common, heldout
+
+
+def ask_and_rate(url: str) -> list[str]:
+    """Alice and bob take turns; each rates only its own answers, by the stated rule."""
+    ratings = []
+    for i, q in enumerate(ASKED):
+        key = KEYS["alice" if i % 2 == 0 else "bob"]
+        headers = {"Authorization": f"Bearer {key}"}
+        body = {"model": "assistant", "messages": [{"role": "user", "content": q}], "max_tokens": 32}
+        answer = httpx.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=900).json()
+        verdict = rate(answer["choices"][0]["message"]["content"])
+        r = httpx.post(url + "/v1/feedback", json={"id": answer["id"], **verdict}, headers=headers, timeout=60)
+        r.raise_for_status()
+        ratings.append(verdict["rating"])
+    return ratings
+
+
+def run(work: Path, sft_steps: int, kto_steps: int, start: str = "sft") -> dict:
+    """The loop; `start` skips the stages before it and reuses what they left in `work`."""
+    from llamaforge.cli import main
+
+    t0 = time.time()
+    work.mkdir(parents=True, exist_ok=True)
+    todo = STAGES[STAGES.index(start) :]
+    common, heldout = configs(work)
+    served = work / "runs" / "served" / "adapter"
+    if "sft" in todo:
+        sft = write(
+            work / "sft.yaml",
+            common
+            + "data:\n  sources:\n    - {path: identity, variables: {name: Forge, author: the llamaforge team}}\n"
+            "  val_size: 0.1\n  max_length: 256\nmethod: {name: lora, rank: 8, alpha: 16}\n",
+        )
+        assert main(["train", str(sft), f"train.max_steps={sft_steps}", "output.name=served"]) == 0
+    if "rate" in todo:
+        server, url = serve(work, served)
+        try:
+            before = says_forge(url, "assistant", HELD_OUT, KEYS["alice"])
+            ratings = ask_and_rate(url)
+        finally:
+            server.should_exit = True
+        write(work / "rated.json", json.dumps({"before": before, "ratings": ratings}))
+    rated = json.loads((work / "rated.json").read_text())
+    if "prepare" in todo:
+        # dedup compares exact duplicates only: the corrections share one answer under different
+        # questions, which word shingles would call near duplicates of each other.
         prep = write(
             work / "prepare.yaml",
             f"data:\n  sources:\n    - {{path: {work / 'logs' / 'feedback.jsonl'}, format: feedback, "
             "feedback: {kind: binary}}\n"
             f"prepare:\n  output_dir: {work / 'feedback-data'}\n  arrow: false\n  overwrite: true\n"
-            "  split: {enabled: false}\n  contradictions: {enabled: false}\n"
-            f"  decontaminate: {{enabled: true, eval_sources: [{{path: {work / 'heldout.jsonl'}}}]}}\n",
+            "  split: {enabled: false}\n  contradictions: {enabled: false}\n  dedup: {near: false}\n"
+            f"  decontaminate: {{enabled: true, eval_sources: [{{path: {heldout}}}]}}\n",
         )
         assert main(["prepare", str(prep)]) == 0
+    if "tune" in todo:
         kto = write(
             work / "kto.yaml",
             common + f"data:\n  sources: [{{path: {work / 'feedback-data' / 'train.jsonl'}}}]\n"
@@ -156,23 +181,30 @@ def run(work: Path, sft_steps: int, kto_steps: int) -> dict:
             "method: {name: lora, rank: 8, alpha: 16, objective: kto, beta: 0.1}\n",
         )
         assert main(["train", str(kto), f"train.max_steps={kto_steps}", "output.name=kto"]) == 0
+    server, url = serve(work, served)
+    try:
         os.environ["LLAMAFORGE_LOOP_ADMIN"] = KEYS["ops"]
         promote = ["promote", str(work / "runs" / "kto"), "--server", url, "--as", "assistant"]
         admin = ["--api-key-env", "LLAMAFORGE_LOOP_ADMIN"]
-        gate = ["--gate", "candidate.rougeL < served.rougeL"]
+        gate = ["--gate", "candidate.contains <= served.contains"]  # holds only on an improvement
         gate_code = main([*promote, *gate, *admin, "--canary", "0.5"])
         if gate_code == 0:
             assert main([*promote, "--full", *admin]) == 0
         after = says_forge(url, "assistant", HELD_OUT, KEYS["bob"])
+        ops = {"Authorization": f"Bearer {KEYS['ops']}"}
+        route = httpx.get(url + "/v1/routes", headers=ops, timeout=60).json()["data"]
     finally:
         server.should_exit = True
     steps = [json.loads(x) for x in (work / "runs" / "kto" / "promote.jsonl").read_text().splitlines()]
+    labels = [json.loads(x)["meta"]["feedback"]["label"] for x in (work / "feedback-data" / "train.jsonl").open()]
     result = {
-        "held_out_says_forge_before": before,
+        "held_out_says_forge_before": rated["before"],
         "held_out_says_forge_after": after,
-        "ratings": {r: ratings.count(r) for r in set(ratings)},
+        "ratings": {r: rated["ratings"].count(r) for r in set(rated["ratings"])},
+        "kto_examples": {"desirable": labels.count(True), "undesirable": labels.count(False)},
         "gate_passed": gate_code == 0,
         "promote_steps": [s["step"] for s in steps],
+        "route": route[0] if route else None,  # stable: the adapter all of `assistant`'s callers get
         "evaluation": next(s["metrics"] for s in steps if s["step"] == "evaluate"),
         "seconds": round(time.time() - t0, 1),
     }
@@ -184,6 +216,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="feedback-loop", help="everything is written here")
     parser.add_argument("--sft-steps", type=int, default=6)
-    parser.add_argument("--kto-steps", type=int, default=12)
+    parser.add_argument("--kto-steps", type=int, default=30)
+    parser.add_argument(
+        "--from", dest="start", choices=STAGES, default="sft",
+        help="start at this stage, reusing what the earlier ones left in --workdir",
+    )  # fmt: skip
     args = parser.parse_args()
-    run(Path(args.workdir), args.sft_steps, args.kto_steps)
+    run(Path(args.workdir), args.sft_steps, args.kto_steps, args.start)

@@ -12,10 +12,18 @@ EPILOG = """examples:
       --gate "candidate.rougeL < served.rougeL" --canary 0.1
   llamaforge promote --full --server http://127.0.0.1:8000 --as support runs/kto
   llamaforge promote --rollback --server http://127.0.0.1:8000 --as support
+  llamaforge promote runs/kto --server http://127.0.0.1:8000 --as support \
+      --gate "candidate.rougeL < served.rougeL" --canary 0.2 --watch 600 --min-ratings 20
 
 The gate is a --fail-if rule over the candidates `served` and `candidate`: when it holds, the new
 adapter is unloaded and nothing users see changes. The admin key is read from the environment
 variable named by --api-key-env. Every step is appended to RUN/promote.jsonl.
+
+--watch SECONDS keeps the canary under watch: the server's counters for the candidate and the served
+adapter (failed generations, up/down ratings on /v1/feedback) are read every --poll seconds; a
+candidate over --max-error-rate is rolled back at once, and at the end of the window it is promoted
+with at least --min-ratings ratings, an up share of at least --min-up-share and not below the served
+adapter's, else rolled back. Each reading and the decision go to promote.jsonl.
 """
 
 
@@ -46,7 +54,29 @@ def register(sub) -> None:
     p.add_argument(
         "--api-key-env", default="LLAMAFORGE_API_KEY", help="environment variable with the admin key"
     )
+    p.add_argument("--watch", type=float, metavar="SECONDS", help="watch the canary this long, then decide")
+    p.add_argument("--max-error-rate", type=float, default=0.05, help="roll back above this (0-1)")
+    p.add_argument("--min-up-share", type=float, default=0.5, help="share of up ratings to promote (0-1)")
+    p.add_argument("--min-ratings", type=int, default=5, help="candidate ratings needed to promote")
+    p.add_argument("--poll", type=float, default=5.0, help="seconds between readings of the counters")
     p.set_defaults(func=run)
+
+
+def watch_rule(args):
+    """The --watch options, checked before anything is loaded."""
+    from llamaforge.errors import ConfigError
+    from llamaforge.serve.watch import WatchRule
+
+    if args.watch is None:
+        return None
+    if args.canary is None or args.full or args.rollback:
+        raise ConfigError("--watch watches a canary: use it with --canary SHARE")
+    for flag, value in (("--max-error-rate", args.max_error_rate), ("--min-up-share", args.min_up_share)):
+        if not 0 <= value <= 1:
+            raise ConfigError(f"{flag} must be in [0, 1], got {value}")
+    if args.watch <= 0 or args.poll <= 0 or args.min_ratings < 0:
+        raise ConfigError("--watch and --poll must be positive and --min-ratings not negative")
+    return WatchRule(args.watch, args.max_error_rate, args.min_up_share, args.min_ratings, args.poll)
 
 
 def run(args) -> int:
@@ -56,6 +86,7 @@ def run(args) -> int:
     key = os.environ.get(args.api_key_env) or None
     if args.full and args.rollback:
         raise ConfigError("--full and --rollback exclude each other")
+    rule = watch_rule(args)
     if args.full or args.rollback:
         out = finish(args.server, args.name, rollback=args.rollback, api_key=key, run_dir=args.run)
         after = out["after"]
@@ -86,6 +117,14 @@ def run(args) -> int:
             file=sys.stderr,
         )
         return 1
+    if out["status"] == "canary" and rule is not None:
+        from llamaforge.serve.promotion import ServerClient
+        from llamaforge.serve.watch import watch
+
+        print(f"canary: {out['share']:.0%} of '{args.name}' callers get {out['candidate']}; watching {rule.seconds:g} s")
+        watched = watch(ServerClient(args.server, key), out["run_dir"], args.name, rule)
+        print(f"{watched['status'].replace('_', ' ')}: {watched['reason']}")
+        return 0 if watched["status"] == "promoted" else 1
     if out["status"] == "canary":
         print(
             f"canary: {out['share']:.0%} of '{args.name}' callers now get {out['candidate']} "

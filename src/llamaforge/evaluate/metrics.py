@@ -84,6 +84,13 @@ def exact_match(output: str, reference: str, norm: AnswerNormalization | None = 
     return 100.0 * (normalize_answer(output, norm) == normalize_answer(reference, norm))
 
 
+def contains(output: str, reference: str, norm: AnswerNormalization | None = None) -> float:
+    """100 when the normalised reference occurs in the normalised output as whole words: for a rule such
+    as "the answer names X", where the wording around X is free and ROUGE against one phrasing is not."""
+    ref, out = normalize_answer(reference, norm), normalize_answer(output, norm)
+    return 100.0 * bool(ref) * (f" {ref} " in f" {out} ")
+
+
 def answer_accuracy(output: str, reference: str, norm: AnswerNormalization | None = None) -> float:
     norm = norm or AnswerNormalization()
     answer = extract_answer(output, norm)
@@ -254,6 +261,15 @@ def _exact_match(outputs, references, config: EvalMetricsConfig) -> dict[str, Me
     }
 
 
+def _contains(outputs, references, config: EvalMetricsConfig) -> dict[str, MetricScores]:
+    norm = config.normalization
+    return {
+        "contains": MetricScores(
+            "contains", [contains(o, r, norm) for o, r in zip(outputs, references, strict=True)]
+        )
+    }
+
+
 def _accuracy(outputs, references, config: EvalMetricsConfig) -> dict[str, MetricScores]:
     norm = config.normalization
     return {
@@ -303,6 +319,13 @@ for _metric in (
         _exact_match,
         curve=("exact_match",),
         description="normalised output equals the reference",
+    ),
+    Metric(
+        "contains",
+        ("contains",),
+        _contains,
+        curve=("contains",),
+        description="the normalised reference occurs in the normalised output (whole words)",
     ),
     Metric("accuracy", ("accuracy",), _accuracy, description="the extracted answer equals the reference"),
     Metric(

@@ -70,7 +70,7 @@ class Server:
         self._background.submit(_logged, fn, *args)
 
     def check_ready(self) -> None:
-        if not self.engine.ready:
+        if not self.engine.ready or not self.routes.restored.is_set():
             raise APIError(
                 503,
                 "The model is still loading"
@@ -153,7 +153,9 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None, *, load: bool = T
 
     async def lifespan(app: FastAPI):
         if load and not server.engine.ready:
-            threading.Thread(target=_load_quietly, args=(server.engine,), daemon=True).start()
+            threading.Thread(target=_load_quietly, args=(server,), daemon=True).start()
+        elif server.engine.ready:
+            canary.restore(server)
         yield
 
     app = FastAPI(title="llamaforge", lifespan=lifespan, default_response_class=SafeJSONResponse)
@@ -193,7 +195,7 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None, *, load: bool = T
 
     @app.get("/health")
     async def health():
-        if not server.engine.ready:
+        if not server.engine.ready or not server.routes.restored.is_set():
             error = server.engine.load_error
             status = "loading" if not error else "failed"
             return SafeJSONResponse({"status": status, "error": error and scrub_paths(error)}, 503)
@@ -307,8 +309,10 @@ def _logged(fn, *args) -> None:
         log.exception("audit record failed")
 
 
-def _load_quietly(engine: Engine) -> None:
+def _load_quietly(server: Server) -> None:
     try:
-        engine.load()
+        server.engine.load()
     except Exception:  # noqa: BLE001 - reported by /health
         log.exception("model loading failed")
+        return
+    canary.restore(server)  # the routes of the last run, once their adapters can load again

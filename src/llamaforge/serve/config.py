@@ -135,4 +135,9 @@ class ServeConfig(Section):
         "vllm:", description="vLLM's metric names, so its Grafana dashboards work as is"
     )
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    state_dir: str | None = Field(
+        None,
+        description="where the canary routing table is kept across restarts (routes.json; default: the "
+        "audit log's folder; neither set: not kept)",
+    )
     moderation: ModerationConfig = Field(default_factory=ModerationConfig)

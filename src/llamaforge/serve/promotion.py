@@ -176,7 +176,14 @@ def promote(
     failed = [r for r in results if r.failed]
     values = {m: {c: table.value(c, m) for c in table.candidates} for m in table.metrics}
     log_step(run.dir, "evaluate", task=task, examples=n, metrics=values, gate=[r.describe() for r in results])
-    outcome = {"name": name, "served": served, "candidate": adapter, "table": table, "rules": results}
+    outcome = {
+        "name": name,
+        "served": served,
+        "candidate": adapter,
+        "table": table,
+        "rules": results,
+        "run_dir": run.dir,
+    }
     if failed:
         client.call("POST", "/v1/unload_lora_adapter", {"lora_name": adapter})
         log_step(run.dir, "gate_failed", failed=[r.describe() for r in failed], unloaded=adapter)
