@@ -213,3 +213,28 @@ def test_the_dry_run_plans_with_the_allocator_training_would_use(monkeypatch):
     assert planned("system") == "jemalloc"
     cfg = load_config(None, [])
     assert job_setup(cfg, "cuda", "bf16")[0].allocator == "glibc"
+
+
+def test_called_from_python_the_cli_never_replaces_the_callers_process(monkeypatch):
+    """`cli.main([...])` inside another program (a notebook, a test run) must not exec over it."""
+    from llamaforge import cli
+    from llamaforge.errors import ConfigError
+
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("LLAMAFORGE_ALLOCATOR_PRELOADED", raising=False)
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(hardware, "find_jemalloc", lambda: "/usr/lib/libjemalloc.so.2")
+    monkeypatch.setattr(hardware.os, "execve", lambda *a: pytest.fail("the caller's process was replaced"))
+    assert "called from Python" in hardware.preload_allocator("auto", may_reexec=False)
+    with pytest.raises(ConfigError, match="own process"):
+        hardware.preload_allocator("jemalloc", may_reexec=False)
+
+    seen = []
+
+    def record(choice, *, may_reexec=True):
+        seen.append(may_reexec)
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(hardware, "preload_allocator", record)
+    assert cli.main(["train", "train.max_steps=1"]) == 2  # the ConfigError, reported
+    assert seen == [False]

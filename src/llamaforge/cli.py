@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    # only a process started as the command itself may be replaced (train's allocator re-exec)
+    args.from_command_line = argv is None
     try:
         if args.command in COMPUTE_COMMANDS:  # torch's threads = the cores this process may use
             from llamaforge.hardware import configure_threads

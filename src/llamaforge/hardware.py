@@ -344,11 +344,14 @@ def allocator_in_use(choice: str) -> str:
     return "jemalloc" if find_jemalloc() else "glibc"
 
 
-def preload_allocator(choice: str) -> str:
+def preload_allocator(choice: str, *, may_reexec: bool = True) -> str:
     """Apply `train.allocator` (auto | jemalloc | system) before any work: when jemalloc is wanted and
     not yet loaded, re-execute this very command once with it in LD_PRELOAD (this call then does not
     return). Returns the line to print about the allocator in use. Raises ConfigError when `jemalloc`
-    was asked for explicitly and is missing (auto falls back to the C library's malloc)."""
+    was asked for explicitly and is missing (auto falls back to the C library's malloc).
+
+    `may_reexec` is False when the command runs inside a caller's process (the CLI's `main(argv)`
+    called from Python): replacing that process would end the caller, so it keeps its allocator."""
     import sys
 
     from llamaforge.errors import ConfigError
@@ -366,6 +369,13 @@ def preload_allocator(choice: str) -> str:
     if os.environ.get(_PRELOADED_MARK):  # preloaded, yet not loaded: never loop
         return "allocator: the C library's malloc (the jemalloc preload did not take)"
     lib = find_jemalloc()
+    if lib is not None and not may_reexec:
+        if choice == "jemalloc":
+            raise ConfigError(
+                "train.allocator=jemalloc needs `llamaforge train` as its own process (it re-executes "
+                "itself with the library preloaded); called from Python, preload it yourself (LD_PRELOAD)"
+            )
+        return "allocator: the C library's malloc (called from Python: jemalloc is preloaded by the CLI only)"
     if lib is None:
         if choice == "jemalloc":
             raise ConfigError(

@@ -48,7 +48,10 @@ def run(args) -> int:
         return 0
     from llamaforge.hardware import preload_allocator
 
-    print(preload_allocator(cfg.train.allocator), flush=True)
+    print(
+        preload_allocator(cfg.train.allocator, may_reexec=getattr(args, "from_command_line", False)),
+        flush=True,
+    )
     from llamaforge.train.recipe import run_training
 
     run_dir = None
