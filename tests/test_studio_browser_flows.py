@@ -19,6 +19,14 @@ from studio_fixtures import run_files, studio_workspace  # noqa: F401 - fixture
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 
+def wait_for_job_exit(page, kind: str) -> None:
+    """Until the run page's job log (an action of `kind`) shows the subprocess's exit line."""
+    page.wait_for_selector(f'#job-log[data-kind="{kind}"]')
+    page.wait_for_function(
+        "document.querySelector('#job-log').textContent.includes('[exited ')", timeout=SLOW_MS
+    )
+
+
 def test_the_whole_lifecycle_without_a_terminal(page, studio_url, studio_workspace, shots):
     """The issue's done-when path: launch a job from the form, watch it train, evaluate it against its
     base from the run page, serve it, compare base and tuned answers side by side in the chat (the
@@ -88,10 +96,7 @@ def test_the_whole_lifecycle_without_a_terminal(page, studio_url, studio_workspa
     page.fill("#eval-limit", "4")
     page.fill("#eval-fail-if", "tuned.loss > base.loss + 5")
     page.click("#eval-run")
-    page.wait_for_selector('#job-log[data-kind="eval"]')
-    page.wait_for_function(
-        "document.querySelector('#job-log').textContent.includes('[exited ')", timeout=SLOW_MS
-    )
+    wait_for_job_exit(page, "eval")
     took("eval (click to results)", started)
     assert "[exited 0]" in page.locator("#job-log").inner_text(), page.locator("#job-log").inner_text()
     results = json.loads((studio_workspace / "evals" / "from-form" / "results.json").read_text())
@@ -176,10 +181,7 @@ def test_the_whole_lifecycle_without_a_terminal(page, studio_url, studio_workspa
     started = time.perf_counter()
     page.select_option("#export-format", "safetensors")
     page.click("#export-run")
-    page.wait_for_selector('#job-log[data-kind="export"]')
-    page.wait_for_function(
-        "document.querySelector('#job-log').textContent.includes('[exited ')", timeout=SLOW_MS
-    )
+    wait_for_job_exit(page, "export")
     took("export (click to exited)", started)
     assert "[exited 0]" in page.locator("#job-log").inner_text()
     out = studio_workspace / "exports" / "from-form-safetensors"
