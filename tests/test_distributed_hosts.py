@@ -19,7 +19,8 @@ from contextlib import ExitStack, contextmanager
 import pytest
 
 from conftest import step_losses
-from test_distributed import torchrun, write_job
+from test_distributed import write_job
+from torchrun import torchrun_train
 
 SUBNET = "10.231.{}.{}"
 
@@ -69,7 +70,7 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_two_hosts_over_a_veth_pair_train_like_one_host(tmp_path, tiny_llama_dir):
     job = write_job(tmp_path, tiny_llama_dir)
-    torchrun(job, "one-host", accelerate_use_cpu=True)
+    torchrun_train(job, "output.name=one-host", accelerate_use_cpu=True)
     with two_hosts() as hosts:
         master = hosts[0][2]
         port = str(free_port())
