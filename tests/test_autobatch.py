@@ -157,3 +157,26 @@ def test_auto_batch_stays_within_its_budget_measured(tmp_path, tiny_llama_dir, a
     peak_gib = choice["peak_rss"] / GiB
     assert choice["micro_batch"] < 16, choice  # the budget binds: the whole batch at once would not fit
     assert peak_gib <= choice["budget_gib"] * 1.05, (peak_gib, choice)
+
+
+def test_a_fixed_micro_batch_accumulates_to_the_effective_batch():
+    """`train.batch_size=2` on a job asking 8 examples a step accumulates 4, never silently trains on 2."""
+    from llamaforge.config import load_config
+    from llamaforge.errors import ConfigError
+    from llamaforge.train.batching import derive_grad_accum
+
+    t = load_config(None, ["train.effective_batch_size=8", "train.batch_size=2"]).train
+    derive_grad_accum(t, world=1)
+    assert (t.batch_size, t.grad_accum) == (2, 4)
+    t = load_config(None, ["train.effective_batch_size=8", "train.batch_size=2"]).train
+    derive_grad_accum(t, world=2)
+    assert t.grad_accum == 2
+    t = load_config(None, ["train.effective_batch_size=8", "train.batch_size=2", "train.grad_accum=2"]).train
+    with pytest.raises(ConfigError, match="train.grad_accum=2 disagrees"):
+        derive_grad_accum(t, world=1)
+    t = load_config(None, ["train.effective_batch_size=8", "train.batch_size=4"]).train
+    with pytest.raises(ConfigError, match="not a multiple"):
+        derive_grad_accum(t, world=3)
+    t = load_config(None, ["train.batch_size=4", "train.grad_accum=2"]).train  # no effective batch: as given
+    derive_grad_accum(t, world=1)
+    assert t.grad_accum == 2

@@ -88,6 +88,28 @@ class EpochBatches:
         )
 
 
+def derive_grad_accum(t, world: int) -> None:
+    """A fixed micro-batch with `effective_batch_size` set: accumulation makes up the effective batch
+    (a job saying 8 examples a step, run with `train.batch_size=2`, accumulates 4), rather than the
+    effective batch silently becoming batch_size x grad_accum."""
+    if t.effective_batch_size is None:
+        return
+    per_step = t.batch_size * world
+    if t.effective_batch_size % per_step:
+        raise ConfigError(
+            f"train.effective_batch_size={t.effective_batch_size} is not a multiple of train.batch_size="
+            f"{t.batch_size} x {world} process(es)"
+        )
+    accum = t.effective_batch_size // per_step
+    if "grad_accum" in t.model_fields_set and t.grad_accum != accum:
+        raise ConfigError(
+            f"train.grad_accum={t.grad_accum} disagrees with train.effective_batch_size="
+            f"{t.effective_batch_size} (= train.batch_size {t.batch_size} x {accum} x {world} process(es)): "
+            "set one of them"
+        )
+    t.grad_accum = accum
+
+
 def resolve_auto_batch(
     cfg: JobConfig, model, device, precision: str, lengths, *, world: int, saved: Path | None, say
 ) -> dict | None:
@@ -105,6 +127,7 @@ def resolve_auto_batch(
     if t.batch_size != "auto":
         if t.gradient_checkpointing == "auto":
             t.gradient_checkpointing = False
+        derive_grad_accum(t, world)
         return None
     from llamaforge.planning.autobatch import choose_batch
     from llamaforge.planning.dry_run import batch_planning_inputs
