@@ -101,7 +101,8 @@ def _check(record: Any) -> dict:
     return out
 
 
-def _label(rating, opts) -> bool | None:
+def rating_label(rating, opts) -> bool | None:
+    """Good (True), bad (False) or neutral (None): up/down, or a 1-5 rating against good_from/bad_to."""
     if rating in ("up", "down"):
         return rating == "up"
     return True if rating >= opts.good_from else False if rating <= opts.bad_to else None
@@ -148,7 +149,7 @@ def _examples(rated: list[tuple[int, dict]], source: str, opts) -> Iterator[Conv
         if kind == "sft" and fixed:
             yield _example(r["prompt"], r["correction"], line, source, base)
         elif kind == "binary":
-            label = _label(r["rating"], opts)
+            label = rating_label(r["rating"], opts)
             if label is not None:
                 yield _example(r["prompt"], r["response"], line, source, {**base, "label": label})
             if fixed:

@@ -16,10 +16,18 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from llamaforge.data.feedback import rating_label
+from llamaforge.schema import FeedbackOptions
 from llamaforge.serve.promotion import PromotionError, ServerClient, log_step
 
-GOOD = {"up", "4", "5"}  # a 1-5 rating counts as up from 4, as feedback.good_from's default
-BAD = {"down", "1", "2"}
+RATING_RULE = FeedbackOptions()  # up/down, and 1-5 ratings by the data's default good_from / bad_to
+
+
+def rating_kind(rating: str | None) -> bool | None:
+    """A /metrics `rating` label as good (True), bad (False) or neutral (None)."""
+    if rating in ("up", "down"):
+        return rating_label(rating, RATING_RULE)
+    return rating_label(int(rating), RATING_RULE) if rating and rating.isdigit() else None
 
 
 @dataclass
@@ -78,9 +86,9 @@ def counters(client: ServerClient) -> dict[str, Counts]:
                 c.requests += s.value
                 c.errors += s.value if s.labels.get("finished_reason") == "error" else 0.0
             elif family.name.endswith("feedback_ratings"):
-                rating = s.labels.get("rating")
-                c.up += s.value if rating in GOOD else 0.0
-                c.down += s.value if rating in BAD else 0.0
+                kind = rating_kind(s.labels.get("rating"))
+                c.up += s.value if kind is True else 0.0
+                c.down += s.value if kind is False else 0.0
     return out
 
 

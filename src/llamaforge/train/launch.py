@@ -14,14 +14,9 @@ import os
 
 from llamaforge.errors import ConfigError
 from llamaforge.train.amp import MixedPrecision
-from llamaforge.train.sharded import fsdp_requested
+from llamaforge.train.sharded import deepspeed_requested, fsdp_requested
 
 ACCELERATE_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
-
-
-def deepspeed_requested() -> bool:
-    """The launch asked for DeepSpeed (`accelerate launch --use_deepspeed`, a DeepSpeed config file)."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
 def check_launch(accelerator) -> None:

@@ -393,7 +393,7 @@ class FineTuneRecipe:
         if self.objective:
             return self.objective.accumulate(self.model, self.amp, self.data.train, group, self.state)
         micro = [self._collate(idx) for idx in group]
-        return accumulate_tokens(self.train_loss, self.accelerator, self.amp, micro, self.state)
+        return accumulate_tokens(self.train_loss, self.amp, micro, self.state)
 
     def _collate(self, idx: list) -> tuple[dict[str, torch.Tensor], int]:
         flat = self.cfg.model.attn_implementation == "flash_attention_2"  # varlen needs one flat row

@@ -36,6 +36,11 @@ def fsdp_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
+def deepspeed_requested() -> bool:
+    """The launch asked for DeepSpeed (`accelerate launch --use_deepspeed`, a DeepSpeed config file)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
 def is_fsdp(module: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
@@ -178,10 +183,7 @@ def prepare_training(
             "(examples/accelerate/fsdp.yaml), so evaluation, checkpoints and the final save can gather "
             "the sharded weights through torch.distributed.checkpoint"
         )
-    if (
-        os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-        and kind != DistributedType.DEEPSPEED
-    ):
+    if deepspeed_requested() and kind != DistributedType.DEEPSPEED:
         raise ConfigError(
             f"the launch asks for DeepSpeed but accelerate set up {kind.value}: accelerate 1.15 runs DeepSpeed "
             "only on GPUs (a CPU launch would silently train with DDP). On CPU use FSDP "

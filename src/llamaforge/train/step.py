@@ -18,7 +18,6 @@ from llamaforge.train.state import TrainState
 
 def accumulate_tokens(
     train_loss,
-    accelerator,
     amp: MixedPrecision,
     micro: list[tuple[dict[str, torch.Tensor], int]],
     state: TrainState,
@@ -26,7 +25,7 @@ def accumulate_tokens(
     """Forward/backward over collated micro-batches (batch, real token count) through `train_loss`
     (the DDP/FSDP-wrapped loss, train/distributed.py) in the run's precision (`amp`); returns
     (summed loss, global target count) and counts the tokens into `state`."""
-    acc = accelerator
+    acc = amp.accelerator
     local_targets = sum(num_targets(b) for b, _ in micro)
     global_targets = int(acc.reduce(torch.tensor(local_targets, device=acc.device), reduction="sum").item())
     loss_total = 0.0
