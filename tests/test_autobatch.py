@@ -140,6 +140,7 @@ def test_auto_batch_stays_within_its_budget_measured(tmp_path, tiny_llama_dir, a
         "train.max_steps=2",
         "train.precision=fp32",
         "train.effective_batch_size=16",
+        "train.micro_batch_tokens=null",  # the budget alone binds here (the split: test_micro_tokens.py)
         f"train.memory_fraction={fraction:.6f}",
         "train.loss_chunk_size=4096",
         "eval.before_after=false",

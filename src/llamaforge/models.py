@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,10 +163,12 @@ def _quantization_config(quantization: str, dtype: torch.dtype = torch.bfloat16)
 def keep_4bit_gradients_exact(model) -> None:
     """bitsandbytes repacks 4-bit weights for an AVX512-BF16 CPU kernel on the first no-grad forward;
     later backward passes then go through a kernel with no autograd and gradients are silently wrong
-    (DESIGN.md). Opting out of that kernel on every Linear4bit keeps them exact."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
+    (DESIGN.md). Opting out of that kernel on every Linear4bit keeps them exact.
+
+    A model holding a Linear4bit was built by an imported bitsandbytes: without it in sys.modules there
+    is nothing to do, and importing it here would cost every non-quantized load ~3 s."""
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
         return
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):

@@ -182,6 +182,14 @@ class TrainConfig(Section):
         description="examples (packed rows) per optimizer step over all devices; "
         "default batch_size x grad_accum x devices, or 8 when batch_size is auto",
     )
+    micro_batch_tokens: PositiveInt | Literal["auto"] | None = Field(
+        "auto",
+        description="most padded tokens (rows x longest row) in one micro-batch: a longer micro-batch is "
+        "split into smaller ones within the same optimizer step (the same gradient, a fraction of the "
+        "activation memory; a single longer row stays whole); auto = 512 on CPU, where more tokens buy no "
+        "speed (the quickstart, AMD EPYC AVX2: peak RSS 4.3 GB -> see docs/benchmarks.md), none on GPUs; "
+        "null = never split. Padded rows only: not with packing, preference objectives, FSDP or DeepSpeed",
+    )
     memory_fraction: float = Field(
         0.6,
         gt=0,

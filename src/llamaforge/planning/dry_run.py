@@ -74,7 +74,7 @@ def memory_lines(cfg, hf_config) -> list[str]:
     capacity, where = device_memory(device)
     t = cfg.train
     if t.batch_size == "auto":
-        from llamaforge.planning.autobatch import choose_batch
+        from llamaforge.planning.autobatch import choose_batch, micro_tokens_for
 
         batch = choose_batch(
             arch,
@@ -83,6 +83,7 @@ def memory_lines(cfg, hf_config) -> list[str]:
             budget_bytes=t.memory_fraction * capacity,
             mean_tokens=setup.seq / 2,
             checkpointing=None if t.gradient_checkpointing == "auto" else t.gradient_checkpointing,
+            micro_tokens=micro_tokens_for(cfg, device.type),
         )
         setup = setup.with_(batch=batch.micro_batch, checkpointing=batch.checkpointing)
         notes.append(

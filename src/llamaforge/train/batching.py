@@ -37,6 +37,40 @@ def length_grouped_batches(
     return batches
 
 
+def split_by_tokens(idx: list[int], lengths, max_tokens: int | None) -> list[list[int]]:
+    """A padded micro-batch as parts of at most `max_tokens` padded tokens (rows x longest row), longest
+    rows first; a row longer than the cap is a part of its own. The parts train in the same optimizer
+    step, whose loss is normalised over all of them (train/step.py), so the gradient is unchanged; only
+    the activations alive at once shrink. Deterministic in its inputs: a resumed run splits alike."""
+    if max_tokens is None or len(idx) < 2 or len(idx) * max(lengths[i] for i in idx) <= max_tokens:
+        return [idx]
+    parts: list[list[int]] = []
+    for i in sorted(idx, key=lambda i: lengths[i], reverse=True):
+        part = parts[-1] if parts else None
+        if part is not None and (len(part) + 1) * lengths[part[0]] <= max_tokens:
+            part.append(i)  # rows come longest first: the part's first row is its longest
+        else:
+            parts.append([i])
+    return parts
+
+
+def resolve_micro_tokens(cfg: JobConfig, device_type: str, *, sharded: bool) -> int | None:
+    """`train.micro_batch_tokens` as this run applies it (planning/autobatch.py), written back into
+    `cfg.train` so the run's config.yaml says it; a number set where no split applies is refused loudly
+    by a warning and dropped."""
+    from llamaforge.planning.autobatch import micro_tokens_for, split_applies
+
+    t = cfg.train
+    if t.micro_batch_tokens not in ("auto", None) and not split_applies(cfg, sharded=sharded):
+        log.warning(
+            "train.micro_batch_tokens=%s is ignored: it splits padded rows of the token loss, without "
+            "packing, preference objectives, FSDP or DeepSpeed",
+            t.micro_batch_tokens,
+        )
+    t.micro_batch_tokens = micro_tokens_for(cfg, device_type, sharded=sharded)
+    return t.micro_batch_tokens
+
+
 def collate_micro(
     dataset, idx: list, pad_id: int, *, flatten: bool = False
 ) -> tuple[dict[str, torch.Tensor], int]:
@@ -111,12 +145,22 @@ def derive_grad_accum(t, world: int) -> None:
 
 
 def resolve_auto_batch(
-    cfg: JobConfig, model, device, precision: str, lengths, *, world: int, saved: Path | None, say
+    cfg: JobConfig,
+    model,
+    device,
+    precision: str,
+    lengths,
+    *,
+    world: int,
+    saved: Path | None,
+    say,
+    micro_tokens: int | None = None,
 ) -> dict | None:
     """`batch_size: auto` / `gradient_checkpointing: auto`: the planner's choice for this data on this
     machine (planning/autobatch.py), written into `cfg.train`. `saved`: the config.yaml of the run a
     resume continues, whose resolved choice is replayed. Returns the choice's facts for summary.json
-    (None when the batch size was given)."""
+    (None when the batch size was given). `micro_tokens`: the run's split cap (resolve_micro_tokens),
+    which the planner counts in the peak."""
     t = cfg.train
     if saved is not None and saved.is_file() and "auto" in (t.batch_size, t.gradient_checkpointing):
         from llamaforge.config import load_config
@@ -144,6 +188,7 @@ def resolve_auto_batch(
         mean_tokens=mean_tokens,
         already_resident=resident,
         checkpointing=None if t.gradient_checkpointing == "auto" else t.gradient_checkpointing,
+        micro_tokens=micro_tokens,
     )
     t.batch_size, t.grad_accum = choice.micro_batch, choice.grad_accum
     t.gradient_checkpointing = choice.checkpointing
@@ -155,6 +200,7 @@ def resolve_auto_batch(
         "micro_batch": choice.micro_batch,
         "grad_accum": choice.grad_accum,
         "gradient_checkpointing": choice.checkpointing,
+        "micro_batch_tokens": choice.micro_tokens,
         "planned_peak_gib": round(choice.peak_bytes / 2**30, 2),
         "budget_gib": round(choice.budget_bytes / 2**30, 2),
         "reason": choice.reason,

@@ -23,14 +23,28 @@ from llamaforge.hardware import release_free_memory
 from llamaforge.losses import held_out_loss
 from llamaforge.runs import Run, weights_kind
 from llamaforge.train.adapters import attach_method, count_parameters
-from llamaforge.train.batching import EpochBatches, collate_micro, pack_capacity, resolve_auto_batch
+from llamaforge.train.batching import (
+    EpochBatches,
+    collate_micro,
+    pack_capacity,
+    resolve_auto_batch,
+    resolve_micro_tokens,
+    split_by_tokens,
+)
 from llamaforge.train.knobs import build_optimizer, check_optimizer, seed_everything
 from llamaforge.train.launch import check_launch, start_accelerator  # noqa: F401 - re-exported
 from llamaforge.train.monitor import TrainingDiverged
 from llamaforge.train.packing import verify_packing
 from llamaforge.train.resume import Checkpointer
 from llamaforge.train.rundir import prepare_run_dir_once, run_name
-from llamaforge.train.sharded import gather_model_state, gathered, is_fsdp, prepare_training
+from llamaforge.train.sharded import (
+    deepspeed_requested,
+    fsdp_requested,
+    gather_model_state,
+    gathered,
+    is_fsdp,
+    prepare_training,
+)
 from llamaforge.train.signals import StopSignals
 from llamaforge.train.state import TrainState, TrainSummary
 from llamaforge.train.step import accumulate_tokens
@@ -117,6 +131,7 @@ class FineTuneRecipe:
                 micro_batch=cfg.train.batch_size,
                 grad_accum=cfg.train.grad_accum,
                 gradient_checkpointing=cfg.train.gradient_checkpointing,
+                micro_batch_tokens=cfg.train.micro_batch_tokens,
             )
         )
         self._schedule()
@@ -144,6 +159,10 @@ class FineTuneRecipe:
         """The micro-batch (`auto`: the planner's, written into the run's config.yaml so a resume replays
         it) and the epochs' batches it makes."""
         acc, t = self.accelerator, self.cfg.train
+        split_auto = t.micro_batch_tokens == "auto"
+        micro_tokens = resolve_micro_tokens(
+            self.cfg, device.type, sharded=fsdp_requested() or deepspeed_requested()
+        )
         choice = resolve_auto_batch(
             self.cfg,
             model,
@@ -153,11 +172,14 @@ class FineTuneRecipe:
             world=acc.num_processes,
             saved=self.run_dir / "config.yaml" if self.resume else None,
             say=self._log,
+            micro_tokens=micro_tokens,
         )
         if choice:
             self.summary.batch_choice = choice
-            if acc.is_main_process:
-                (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+        elif micro_tokens:
+            self._log(f"batch: micro-batches past {micro_tokens} padded tokens split within their step")
+        if (choice or split_auto) and acc.is_main_process:  # the resolved values, for a resume
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
         capacity = pack_capacity(self.cfg)
         self.batches = EpochBatches(
             self.data.train["length"], t.batch_size, seed=t.seed, pack_capacity=capacity
@@ -368,7 +390,9 @@ class FineTuneRecipe:
         cfg, acc = self.cfg, self.accelerator
         grad_norm = None
         if cfg.train.max_grad_norm > 0:  # DeepSpeed clips in its step: no norm yet
-            grad_norm = self.amp.unscale_and_clip(self.optimizer, self.model.parameters(), cfg.train.max_grad_norm)
+            grad_norm = self.amp.unscale_and_clip(
+                self.optimizer, self.model.parameters(), cfg.train.max_grad_norm
+            )
         with self.signals.update():  # a signal now waits for the weights to be whole
             self.amp.step(self.optimizer)  # fp16: skipped on an inf/nan gradient, the schedule goes on
             self.scheduler.step()
@@ -392,7 +416,8 @@ class FineTuneRecipe:
         # a preference step: (summed example loss, example count), rewards kept for the log
         if self.objective:
             return self.objective.accumulate(self.model, self.amp, self.data.train, group, self.state)
-        micro = [self._collate(idx) for idx in group]
+        lengths, cap = self.batches.lengths, self.cfg.train.micro_batch_tokens
+        micro = [self._collate(part) for idx in group for part in split_by_tokens(idx, lengths, cap)]
         return accumulate_tokens(self.train_loss, self.amp, micro, self.state)
 
     def _collate(self, idx: list) -> tuple[dict[str, torch.Tensor], int]:

@@ -96,6 +96,7 @@ class TrainSummary:
     micro_batch: int | str = 0
     grad_accum: int = 1
     gradient_checkpointing: bool | str = False
+    micro_batch_tokens: int | None = None  # the cap past which a micro-batch is split (None: never)
     batch_choice: dict | None = None  # the planner's facts for `batch_size: auto`
     before: dict | None = None  # eval and sample answers before training
     after: dict | None = None  # ... and of the weights that are saved
