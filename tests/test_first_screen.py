@@ -61,3 +61,28 @@ def test_the_first_screen_of_a_command_has_no_third_party_noise():
     noisy = [line for line in screen.splitlines() if any(n.lower() in line.lower() for n in NOISE)]
     assert not noisy, noisy
     assert "precision: " in screen  # what it did say: the precision it chose, with the reason
+
+
+def test_deepspeeds_no_gpu_warning_is_dropped_and_nothing_else():
+    """DeepSpeed (the `distributed` extra), imported by accelerate, warns on every CPU machine that it
+    found no GPU; its other messages still get through."""
+    import logging
+
+    from llamaforge.quiet import silence_known_noise
+
+    silence_known_noise()
+    silence_known_noise()  # idempotent: one filter, not one per call
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("DeepSpeed")
+    logger.addHandler(handler)
+    try:
+        logger.warning(
+            "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it."
+        )
+        logger.warning("ZeRO stage 3 is not supported here")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["ZeRO stage 3 is not supported here"]
+    assert sum(type(f).__name__ == "_DropMessage" for f in logger.filters) == 1
