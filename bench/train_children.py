@@ -65,9 +65,9 @@ def _lora_params(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def llamaforge_config(a, work: Path, tag: str, packing: bool):
-    """The llamaforge variant's job: its defaults plus the shared settings (bench/step_ceiling.py reads
-    the same job to find the micro-batches it trains on)."""
+def llamaforge_config(a, work: Path, tag: str, packing: bool, extra: tuple[str, ...] = ()):
+    """The llamaforge variant's job: its defaults plus the shared settings, then `extra` overrides
+    (bench/step_ceiling.py and bench/profile_step.py read the same job)."""
     from llamaforge.config import load_config
 
     if a.llamaforge_batch_size == "auto":  # its default: the planner picks the micro-batch
@@ -104,6 +104,7 @@ def llamaforge_config(a, work: Path, tag: str, packing: bool):
             f"output.name={tag}",
             "output.overwrite=true",
             f"train.seed={a.seed}",
+            *extra,
         ],
     )
 
