@@ -128,6 +128,28 @@ def step_parts(m: int, attention: list[tuple[int, int]], targets: int, arch: dic
     return seconds, flops
 
 
+def arch_of(c, rank: int, chunk: int) -> dict:
+    """The shapes step_parts needs from a Llama config: the seven adapted projections (fan in, fan out)
+    of a layer, attention heads, lm_head, the LoRA rank and the loss chunk."""
+    head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    d, dq, dkv, ff = (
+        c.hidden_size,
+        c.num_attention_heads * head,
+        c.num_key_value_heads * head,
+        c.intermediate_size,
+    )
+    return {
+        "hidden": d,
+        "layers": c.num_hidden_layers,
+        "heads": c.num_attention_heads,
+        "head_dim": head,
+        "vocab": c.vocab_size,
+        "rank": rank,
+        "chunk": chunk,
+        "projections": [(d, dq), (d, dkv), (d, dkv), (dq, d), (d, ff), (d, ff), (ff, d)],
+    }
+
+
 def llamaforge_micro_batches(a, work: Path) -> tuple[list[dict], dict, int]:
     """The micro-batches of the bench's llamaforge row for a.steps optimizer steps (its job, its planner),
     as (rows, padded length, example lengths, targets); the model's shapes; its trainable parameters."""
@@ -157,23 +179,8 @@ def llamaforge_micro_batches(a, work: Path) -> tuple[list[dict], dict, int]:
             if steps == a.steps:
                 break
         epoch += 1
-    c = recipe.model.config
-    head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    d, dq, dkv, ff = (
-        c.hidden_size,
-        c.num_attention_heads * head,
-        c.num_key_value_heads * head,
-        c.intermediate_size,
-    )
     arch = {
-        "hidden": d,
-        "layers": c.num_hidden_layers,
-        "heads": c.num_attention_heads,
-        "head_dim": head,
-        "vocab": c.vocab_size,
-        "rank": recipe.cfg.method.rank,
-        "chunk": t.loss_chunk_size,
-        "projections": [(d, dq), (d, dkv), (d, dkv), (dq, d), (d, ff), (d, ff), (ff, d)],
+        **arch_of(recipe.model.config, recipe.cfg.method.rank, t.loss_chunk_size),
         "micro_batch": t.batch_size,
         "grad_accum": t.grad_accum,
     }
@@ -211,8 +218,13 @@ def main() -> None:
     p.add_argument("--out", default=str(HERE / "results" / "step_ceiling.json"))
     a = p.parse_args()
     a.precision = "fp32"
+    from llamaforge.hardware import preload_allocator
     from machine import describe
+    from train_children import llamaforge_config
 
+    # the allocator the bench's llamaforge child runs on (the CLI's choice), so the planner sees the same
+    job = llamaforge_config(a, Path(tempfile.gettempdir()), "step-ceiling", packing=False)
+    print(preload_allocator(job.train.allocator), flush=True)
     with tempfile.TemporaryDirectory(prefix="llamaforge-ceiling-") as tmp:
         work = Path(tmp)
         prepare(a, work)
