@@ -65,16 +65,17 @@ def _lora_params(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def child_llamaforge(a, work: Path, tag: str, packing: bool) -> dict:
+def llamaforge_config(a, work: Path, tag: str, packing: bool, extra: tuple[str, ...] = ()):
+    """The llamaforge variant's job: its defaults plus the shared settings, then `extra` overrides
+    (bench/step_ceiling.py and bench/profile_step.py read the same job)."""
     from llamaforge.config import load_config
-    from llamaforge.train.recipe import FineTuneRecipe
 
     if a.llamaforge_batch_size == "auto":  # its default: the planner picks the micro-batch
         batching = ["train.batch_size=auto", f"train.effective_batch_size={a.batch_size}"]
     else:
         micro = int(a.llamaforge_batch_size)
         batching = [f"train.batch_size={micro}", f"train.grad_accum={a.batch_size // micro}"]
-    cfg = load_config(
+    return load_config(
         None,
         batching
         + [
@@ -103,9 +104,15 @@ def child_llamaforge(a, work: Path, tag: str, packing: bool) -> dict:
             f"output.name={tag}",
             "output.overwrite=true",
             f"train.seed={a.seed}",
+            *extra,
         ],
     )
-    recipe = FineTuneRecipe(cfg)
+
+
+def child_llamaforge(a, work: Path, tag: str, packing: bool) -> dict:
+    from llamaforge.train.recipe import FineTuneRecipe
+
+    recipe = FineTuneRecipe(llamaforge_config(a, work, tag, packing))
     recipe.setup()
     counter = Counter(recipe.tokenizer.pad_token_id)
     collate = recipe._collate
@@ -268,13 +275,29 @@ CHILDREN = {
 }
 
 
+def preload_like_the_cli(a, work: Path) -> None:
+    """A llamaforge variant runs on the allocator `llamaforge train` would choose for its job
+    (train.allocator, default auto: jemalloc where installed): the CLI's own preload_allocator, which
+    re-executes this child once with the library preloaded. The peers keep the system allocator, their
+    documented configuration."""
+    if a.child.startswith("llamaforge"):
+        from llamaforge.hardware import preload_allocator
+
+        cfg = llamaforge_config(a, work, a.tag, packing=a.child == "llamaforge_packed")
+        print(preload_allocator(cfg.train.allocator), flush=True)
+
+
 def child_main(a) -> None:
-    started = time.perf_counter()
+    from llamaforge.hardware import running_allocator
+
     work = Path(a.work)
+    preload_like_the_cli(a, work)
+    started = time.perf_counter()
     result = CHILDREN[a.child](a, work, a.tag)
     result.update(
         wall_seconds=time.perf_counter() - started,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        allocator=running_allocator(),
     )
     (work / f"{a.tag}.json").write_text(json.dumps(result))
 

@@ -43,7 +43,9 @@ activation gradients still flow):
 N_linear = decoder matmul params, V * d the lm_head (needed at target positions only), the last term
 causal attention (QK^T and AV, forward 2 * d_attn * (p + 1) FLOPs each at position p, backward twice
 that) summed over each example of length n. Padding and cross-example attention are not useful work.
-Each variant runs in its own subprocess (clean peak RSS): bench/train_children.py. Never a timed assert: it prints the tables and
+Each variant runs in its own subprocess (clean peak RSS): bench/train_children.py. The llamaforge variants
+run on the allocator `llamaforge train` chooses (train.allocator auto: jemalloc where installed), the peers
+on the system's; each row records its allocator. Never a timed assert: it prints the tables and
 writes bench/results/train_throughput.json.
 """
 
@@ -328,6 +330,7 @@ def report(a, tables: dict, skipped: dict, data_info: dict) -> None:
                 continue
             s = r["train_seconds"]
             config = r["config"] + (", gradient checkpointing ON" if r.get("gradient_checkpointing") else "")
+            config += f", {r['allocator']} malloc" if r.get("allocator") else ""
             lines.append(
                 f"| {LABELS[name]} | {config} | {r['target_tokens'] / s:.0f} | {r['all_tokens'] / s:.0f} "
                 f"| {r['examples'] / a.steps:.1f} | {r['peak_rss_mb']:.0f} | {r['final_train_loss']:.4f} "
