@@ -18,10 +18,13 @@ LEVELS = 1 << 15  # 15 bits per element: torch's int64 random_() leaves the top 
 
 
 class _ScaleKept(torch.autograd.Function):
-    """x * keep * scale, saving the bool mask (not a float copy of it) for backward."""
+    """x * keep * scale, saving the 1-byte mask (not a float copy of it) for backward. The bool mask is
+    multiplied as its uint8 view (the same 0/1 bytes, the same result): torch converts bool to float one
+    element at a time and uint8 vectorised, 0.68 vs 0.23 ms for 800 x 576 (AMD EPYC AVX2, 2 cores)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+        keep = keep.view(torch.uint8)
         ctx.save_for_backward(keep)
         ctx.scale = scale
         return x.mul(keep).mul_(scale)
