@@ -187,7 +187,8 @@ class TrainConfig(Section):
         description="most padded tokens (rows x longest row) in one micro-batch: a longer micro-batch is "
         "split into smaller ones within the same optimizer step (the same gradient, a fraction of the "
         "activation memory; a single longer row stays whole); auto = 512 on CPU, where more tokens buy no "
-        "speed (the quickstart, AMD EPYC AVX2: peak RSS 4.3 GB -> see docs/benchmarks.md), none on GPUs; "
+        "speed (the quickstart, AMD EPYC AVX2, jemalloc: peak RSS 2.2 GB against 4.3 at the same tokens/s), none "
+        "on GPUs; "
         "null = never split. Padded rows only: not with packing, preference objectives, FSDP or DeepSpeed",
     )
     memory_fraction: float = Field(
