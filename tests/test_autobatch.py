@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 
 from conftest import chat_rows, write_jsonl
+from fresh_process import train_in_fresh_process
 from llamaforge.config import load_config
 from llamaforge.errors import ConfigError
 from llamaforge.planning.arch import load_arch
@@ -98,30 +95,15 @@ def test_the_recipe_resolves_auto_and_records_it(tmp_path, tiny_llama_dir, data_
     assert summary["micro_batch"] == choice["micro_batch"]
 
 
-BUDGETED_RUN = """
-import json, resource, sys
-from llamaforge.config import load_config
-from llamaforge.train.recipe import run_training
-run_dir, summary = run_training(load_config(None, sys.argv[1:]))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-print(json.dumps({**summary["batch_choice"], "peak_rss": peak}))
-"""
-
-
 @pytest.mark.parametrize("allocator", ["glibc", "jemalloc"])
 def test_auto_batch_stays_within_its_budget_measured(tmp_path, tiny_llama_dir, allocator):
     """Planner vs a measured run: with a budget a full micro-batch does not fit, the chosen one keeps the
     process's measured peak RSS under the budget it was given, on glibc's malloc and on jemalloc (the
     planner counts the slack of the allocator the process runs on)."""
-    import os
-
     from llamaforge.hardware import available_memory_bytes, find_jemalloc
 
-    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD" and not k.startswith("MALLOC_")}
-    if allocator == "jemalloc":
-        if find_jemalloc() is None:
-            pytest.skip("needs libjemalloc (apt install libjemalloc2)")
-        env["LD_PRELOAD"] = find_jemalloc()
+    if allocator == "jemalloc" and find_jemalloc() is None:
+        pytest.skip("needs libjemalloc (apt install libjemalloc2)")
 
     rows = [
         {"instruction": " ".join(["word"] * 150), "output": " ".join(["answer"] * 150)} for _ in range(24)
@@ -146,16 +128,8 @@ def test_auto_batch_stays_within_its_budget_measured(tmp_path, tiny_llama_dir, a
         "eval.before_after=false",
         "eval.prompts=[]",
     ]
-    out = subprocess.run(
-        [sys.executable, "-c", BUDGETED_RUN, *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**env, "OMP_NUM_THREADS": "1"},
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    choice = json.loads(out.stdout.strip().splitlines()[-1])
-    peak_gib = choice["peak_rss"] / GiB
+    run = train_in_fresh_process(args, preload=find_jemalloc() if allocator == "jemalloc" else None)
+    choice, peak_gib = run["summary"]["batch_choice"], run["peak_rss"] / GiB
     assert choice["micro_batch"] < 16, choice  # the budget binds: the whole batch at once would not fit
     assert peak_gib <= choice["budget_gib"] * 1.05, (peak_gib, choice)
 

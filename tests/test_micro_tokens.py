@@ -3,16 +3,13 @@ gradient, a fraction of the activations (the quickstart's peak came from its two
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from conftest import chat_rows, step_losses, write_jsonl
+from fresh_process import train_in_fresh_process
 from llamaforge.config import load_config
 from llamaforge.planning.arch import load_arch
 from llamaforge.planning.autobatch import CPU_MAX_TOKENS, capped_peak, choose_batch, micro_tokens_for
@@ -113,36 +110,16 @@ def test_a_split_step_trains_like_the_whole_micro_batch(tmp_path, tiny_llama_dir
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)
 
 
-PEAK_RUN = """
-import json, resource, sys
-from llamaforge.config import load_config
-from llamaforge.train.recipe import run_training
-run_training(load_config(None, sys.argv[1:]))
-print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
-"""
-
-
 @pytest.mark.slow  # two fresh processes (~45 s on 2 cores)
 def test_the_split_lowers_the_measured_peak(tmp_path, tiny_llama_dir):
     """One micro-batch of 8 long rows (~2,600 padded tokens, a 128k vocabulary's loss chunks) against the
     same step split past 512 tokens, each run in a fresh process: the split one peaks lower, by most of
     the planner's difference between the two."""
-    rows = [
-        {"instruction": " ".join(["word"] * 150), "output": " ".join(["answer"] * 150)} for _ in range(8)
-    ]
+    rows = [{"instruction": " ".join(["word"] * 150), "output": " ".join(["answer"] * 150)} for _ in range(8)]
     data = write_jsonl(tmp_path / "long.jsonl", rows)
-    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD" and not k.startswith("MALLOC_")}
     peaks = {}
     for cap in ("null", "512"):
         args = _job(tmp_path, tiny_llama_dir, data, f"cap{cap}", "train.max_steps=1", "train.batch_size=8")
         args += ["data.max_length=512", f"train.micro_batch_tokens={cap}", "train.allocator=system"]
-        out = subprocess.run(
-            [sys.executable, "-c", PEAK_RUN, *args],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env={**env, "OMP_NUM_THREADS": "1"},
-        )
-        assert out.returncode == 0, out.stderr[-2000:]
-        peaks[cap] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss"]
+        peaks[cap] = train_in_fresh_process(args)["peak_rss"]
     assert peaks["512"] < 0.8 * peaks["null"], {k: f"{v / GiB:.2f} GiB" for k, v in peaks.items()}
