@@ -31,6 +31,7 @@ def test_split_keeps_every_row_once_within_the_cap():
     assert split_by_tokens(idx, lengths, 512) == parts  # deterministic: a resume splits alike
     assert split_by_tokens(idx, lengths, None) == [idx]
     assert split_by_tokens([1, 3, 4], lengths, 512) == [[1, 3, 4]]  # 3 x 40 fits: left whole
+    assert split_by_tokens([[0, 1], [5]], lengths, 512) == [[[0, 1], [5]]]  # packed bins: left whole
 
 
 def test_the_cap_resolves_per_job_and_device(caplog):

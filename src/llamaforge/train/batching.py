@@ -41,8 +41,11 @@ def split_by_tokens(idx: list[int], lengths, max_tokens: int | None) -> list[lis
     """A padded micro-batch as parts of at most `max_tokens` padded tokens (rows x longest row), longest
     rows first; a row longer than the cap is a part of its own. The parts train in the same optimizer
     step, whose loss is normalised over all of them (train/step.py), so the gradient is unchanged; only
-    the activations alive at once shrink. Deterministic in its inputs: a resumed run splits alike."""
-    if max_tokens is None or len(idx) < 2 or len(idx) * max(lengths[i] for i in idx) <= max_tokens:
+    the activations alive at once shrink. Deterministic in its inputs: a resumed run splits alike. A
+    packed micro-batch (bins of indices) is left whole: its rows are already sized by pack_length."""
+    if max_tokens is None or len(idx) < 2 or isinstance(idx[0], list):
+        return [idx]
+    if len(idx) * max(lengths[i] for i in idx) <= max_tokens:
         return [idx]
     parts: list[list[int]] = []
     for i in sorted(idx, key=lambda i: lengths[i], reverse=True):
