@@ -95,7 +95,8 @@ def test_the_recipe_resolves_auto_and_records_it(tmp_path, tiny_llama_dir, data_
     assert summary["micro_batch"] == choice["micro_batch"]
 
 
-@pytest.mark.parametrize("allocator", ["glibc", "jemalloc"])
+# glibc (every machine) in the default run; jemalloc's ~30 s in the opt-in slow run
+@pytest.mark.parametrize("allocator", ["glibc", pytest.param("jemalloc", marks=pytest.mark.slow)])
 def test_auto_batch_stays_within_its_budget_measured(tmp_path, tiny_llama_dir, allocator):
     """Planner vs a measured run: with a budget a full micro-batch does not fit, the chosen one keeps the
     process's measured peak RSS under the budget it was given, on glibc's malloc and on jemalloc (the
