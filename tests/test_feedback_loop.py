@@ -30,7 +30,10 @@ def test_the_feedback_loop_runs_end_to_end(tmp_path, capsys):
     steps = result["promote_steps"]
     assert not set(loop.HELD_OUT) & set(loop.ASKED)  # the metric is on questions nobody rated
     assert result["kto_examples"]["desirable"] > 0 and result["kto_examples"]["undesirable"] > 0
-    served, candidate = result["evaluation"]["contains"]["served"], result["evaluation"]["contains"]["candidate"]
+    served, candidate = (
+        result["evaluation"]["contains"]["served"],
+        result["evaluation"]["contains"]["candidate"],
+    )
     assert result["gate_passed"] and candidate > served, result["evaluation"]
     assert steps == ["start", "load", "evaluate", "canary", "promote"]
     route = result["route"]

@@ -244,18 +244,25 @@ def test_the_routing_table_survives_a_restart(engine, adapters, runs, tmp_path, 
         wait_healthy(url)
         load = {"lora_name": "a1-v2", "lora_path": str(runs / "v2")}
         assert httpx.post(url + "/v1/load_lora_adapter", json=load).status_code == 200
-        assert httpx.post(url + "/v1/routes", json={"name": "a1", "candidate": "a1-v2", "share": 0.5}).is_success
+        assert httpx.post(
+            url + "/v1/routes", json={"name": "a1", "candidate": "a1-v2", "share": 0.5}
+        ).is_success
         table = httpx.get(url + "/v1/routes").json()["data"]
     app.state.server.engine.shutdown()
     saved = json.loads((tmp_path / "state" / "routes.json").read_text())
-    assert saved["adapters"] == {"a1": str((adapters / "a1").resolve()), "a1-v2": str((runs / "v2").resolve())}
+    assert saved["adapters"] == {
+        "a1": str((adapters / "a1").resolve()),
+        "a1-v2": str((runs / "v2").resolve()),
+    }
 
     app, thread = start()  # the canary is back, its candidate hot-loaded again, callers split as before
     with thread as url:
         wait_healthy(url)
         assert httpx.get(url + "/v1/routes").json()["data"] == table
         answered = {
-            httpx.post(url + "/v1/chat/completions", json=chat_body("a1", user=f"u{i}", max_tokens=1)).json()["model"]
+            httpx.post(url + "/v1/chat/completions", json=chat_body("a1", user=f"u{i}", max_tokens=1)).json()[
+                "model"
+            ]
             for i in range(16)
         }
         assert answered == {"a1", "a1-v2"}
@@ -272,5 +279,14 @@ def test_the_routing_table_survives_a_restart(engine, adapters, runs, tmp_path, 
     app.state.server.engine.shutdown()
     assert "a1-v2" in caplog.text and "falls back to a1 itself" in caplog.text
     assert json.loads((tmp_path / "state" / "routes.json").read_text()) == {
-        **saved, "routes": {"a1": {**saved["routes"]["a1"], "stable": "a1-v2", "candidate": None, "share": 0.0, "previous": ["a1"]}}
+        **saved,
+        "routes": {
+            "a1": {
+                **saved["routes"]["a1"],
+                "stable": "a1-v2",
+                "candidate": None,
+                "share": 0.0,
+                "previous": ["a1"],
+            }
+        },
     }  # what the user's server wrote stays as it was until the table changes again

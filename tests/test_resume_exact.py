@@ -233,6 +233,8 @@ def test_two_processes_resume_exactly(tmp_path, tiny_llama_dir):
     torchrun_train(job_file, "output.name=straight", "train.max_steps=4")
     torchrun_train(job_file, "output.name=cut", "train.max_steps=2")
     assert (tmp_path / "runs" / "cut" / "checkpoints" / "rng-rank1-step-00000002.pt").is_file()
-    torchrun_train(job_file, "output.name=cut", "train.max_steps=4", "--resume", str(tmp_path / "runs" / "cut"))
+    torchrun_train(
+        job_file, "output.name=cut", "train.max_steps=4", "--resume", str(tmp_path / "runs" / "cut")
+    )
     got, want = step_losses(tmp_path / "runs" / "cut"), step_losses(tmp_path / "runs" / "straight")
     assert len(got) == 4 and got == pytest.approx(want, rel=1e-6, abs=1e-7)

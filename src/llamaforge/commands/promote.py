@@ -121,7 +121,9 @@ def run(args) -> int:
         from llamaforge.serve.promotion import ServerClient
         from llamaforge.serve.watch import watch
 
-        print(f"canary: {out['share']:.0%} of '{args.name}' callers get {out['candidate']}; watching {rule.seconds:g} s")
+        print(
+            f"canary: {out['share']:.0%} of '{args.name}' callers get {out['candidate']}; watching {rule.seconds:g} s"
+        )
         watched = watch(ServerClient(args.server, key), out["run_dir"], args.name, rule)
         print(f"{watched['status'].replace('_', ' ')}: {watched['reason']}")
         return 0 if watched["status"] == "promoted" else 1

@@ -101,7 +101,9 @@ class Routes:
             try:
                 load(adapter, folders[adapter])
             except Exception as exc:  # noqa: BLE001 - any failure leaves the adapter out, said why
-                log.warning("%s: adapter %s (%s) does not load: %s", self.state, adapter, folders[adapter], exc)
+                log.warning(
+                    "%s: adapter %s (%s) does not load: %s", self.state, adapter, folders[adapter], exc
+                )
                 return False
             have.add(adapter)
             return True
@@ -116,7 +118,9 @@ class Routes:
                 previous = tuple(p for p in r["previous"] if usable(p))
                 share = float(r["share"]) if candidate else 0.0
             except (KeyError, TypeError, ValueError) as exc:
-                log.warning("%s: route %s is malformed (%s); %s serves as itself", self.state, name, exc, name)
+                log.warning(
+                    "%s: route %s is malformed (%s); %s serves as itself", self.state, name, exc, name
+                )
                 continue
             table[name] = Route(name, r["stable"], candidate, share, previous)
         with self.lock:
