@@ -164,7 +164,7 @@ def llamaforge_micro_batches(a, work: Path) -> tuple[list[dict], dict, int]:
     while steps < a.steps:
         batches = recipe.batches(epoch)
         for k in range(0, len(batches), t.grad_accum):
-            for idx in batches[k : k + t.grad_accum]:
+            for idx in recipe.micro_parts(batches[k : k + t.grad_accum]):  # as trained: split too
                 batch, _ = recipe._collate(idx)
                 labels = batch["labels"]
                 micro.append(

@@ -416,9 +416,13 @@ class FineTuneRecipe:
         # a preference step: (summed example loss, example count), rewards kept for the log
         if self.objective:
             return self.objective.accumulate(self.model, self.amp, self.data.train, group, self.state)
-        lengths, cap = self.batches.lengths, self.cfg.train.micro_batch_tokens
-        micro = [self._collate(part) for idx in group for part in split_by_tokens(idx, lengths, cap)]
+        micro = [self._collate(part) for part in self.micro_parts(group)]
         return accumulate_tokens(self.train_loss, self.amp, micro, self.state)
+
+    def micro_parts(self, group: list[list]) -> list[list]:
+        """What one optimizer step's micro-batches run as: each split past train.micro_batch_tokens."""
+        cap = self.cfg.train.micro_batch_tokens
+        return [part for idx in group for part in split_by_tokens(idx, self.batches.lengths, cap)]
 
     def _collate(self, idx: list) -> tuple[dict[str, torch.Tensor], int]:
         flat = self.cfg.model.attn_implementation == "flash_attention_2"  # varlen needs one flat row
